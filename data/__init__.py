@@ -1,0 +1,1 @@
+"""Data preparation for the harness; see data/prepare_common.py."""

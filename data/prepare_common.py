@@ -1,0 +1,514 @@
+"""Shared data preparation for the character-level datasets (SPEC section 2).
+
+Each ``data/<dataset>/prepare.py`` is a thin wrapper around :func:`main`;
+experiment.py calls :func:`prepare`, :func:`is_prepared` and
+:func:`find_local_source` directly.
+
+Output of a preparation, all in one folder:
+
+* ``train.bin``, ``val.bin`` (and ``test.bin`` for enwik8/text8): raw
+  ``numpy.uint16`` token ids;
+* ``meta.pkl``: ``{'vocab_size', 'itos', 'stoi'}`` exactly as nanoGPT writes it,
+  for other tools;
+* ``meta.json``: the same vocabulary plus split sizes and provenance, for our own
+  loading (we never unpickle). It is written last and marks the folder complete.
+
+A failed preparation leaves nothing behind that a later run could mistake for
+data: outputs are written to temporary files and renamed into place only once
+everything has succeeded, and a download is renamed from ``.part`` only after
+its checksum has been verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import secrets
+import sys
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+from urllib.parse import urlsplit
+
+import numpy as np
+
+FORMAT_VERSION = 1
+DOWNLOAD_TIMEOUT_S = (15, 60)  # (connect, read between chunks): fail rather than hang
+CHUNK_BYTES = 1 << 20
+
+
+class PrepareError(Exception):
+    """A user-facing failure; the message is a single line."""
+
+    def __init__(self, message: str):
+        # Exception texts from libraries may span lines; the CLI promises one.
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    url: str
+    archive_member: str | None  # file inside the zip; None: the URL serves the plain text
+    standard_size: int  # bytes of the raw text
+    checksum: str  # "algo:hex" of the raw text bytes
+    encoding: str
+    splits: tuple[tuple[str, float], ...]  # (split name, fraction), in file order
+    local_names: tuple[str, ...]  # candidate names in a source folder, preferred first
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "shakespeare_char": DatasetSpec(
+        name="shakespeare_char",
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        archive_member=None,
+        standard_size=1_115_394,
+        checksum="sha256:86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        encoding="utf-8",
+        splits=(("train", 0.9), ("val", 0.1)),
+        local_names=("input.txt",),
+    ),
+    "enwik8": DatasetSpec(
+        name="enwik8",
+        url="http://mattmahoney.net/dc/enwik8.zip",
+        archive_member="enwik8",
+        standard_size=100_000_000,
+        checksum="md5:a1fa5ffddb56f4953e226637dabbb36a",
+        encoding="latin-1",  # one byte = one character; enwik8 has bytes >= 128
+        splits=(("train", 0.9), ("val", 0.05), ("test", 0.05)),
+        local_names=("enwik8.zip", "enwik8", "enwik8_prefix"),
+    ),
+    "text8": DatasetSpec(
+        name="text8",
+        url="http://mattmahoney.net/dc/text8.zip",
+        archive_member="text8",
+        standard_size=100_000_000,
+        checksum="crc32:7d6be66f",  # the only published value: the CRC in the zip header
+        encoding="latin-1",
+        splits=(("train", 0.9), ("val", 0.05), ("test", 0.05)),
+        local_names=("text8.zip", "text8", "text8_prefix"),
+    ),
+}
+
+
+def get_spec(dataset: str) -> DatasetSpec:
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise PrepareError(f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})") from None
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def parse_checksum(checksum: str) -> tuple[str, str]:
+    """Split "algo:hex" into (algo, lower-case hex); crc32 or any hashlib algorithm."""
+    algo, sep, digest = checksum.strip().partition(":")
+    algo, digest = algo.lower(), digest.lower()
+    if not sep or not digest or any(c not in "0123456789abcdef" for c in digest):
+        raise PrepareError(f"checksum {checksum!r} is not of the form algo:hex (e.g. md5:a1fa...)")
+    if algo != "crc32" and algo not in hashlib.algorithms_available:
+        raise PrepareError(f"checksum {checksum!r}: unknown algorithm {algo!r} (use crc32, md5, sha256, ...)")
+    return algo, digest
+
+
+def compute_checksum(data: bytes, algo: str) -> str:
+    if algo == "crc32":
+        return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    return hashlib.new(algo, data).hexdigest()
+
+
+def verify_checksum(data: bytes, checksum: str, what: str) -> str:
+    """Raise PrepareError unless data matches checksum; return the normalised "algo:hex"."""
+    algo, expected = parse_checksum(checksum)
+    actual = compute_checksum(data, algo)
+    if actual != expected:
+        raise PrepareError(f"{what}: {algo} checksum mismatch (expected {expected}, got {actual}); refusing to use it")
+    return f"{algo}:{expected}"
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- reading sources
+
+
+def read_text_bytes(spec: DatasetSpec, path: Path, is_zip: bool, label: str) -> bytes:
+    """The raw text bytes of a source file: the zip member, or the file itself."""
+    if not is_zip:
+        return path.read_bytes()
+    if spec.archive_member is None:
+        raise PrepareError(f"{label}: {spec.name} expects a plain text file, not a zip archive")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if spec.archive_member not in names:
+                shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "") or "nothing"
+                raise PrepareError(f"{label} has no member {spec.archive_member!r} (it contains: {shown})")
+            # zipfile checks the member's CRC-32 as it reads, so corruption raises here.
+            return archive.read(spec.archive_member)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+        raise PrepareError(f"{label} is not a readable zip archive: {exc}") from None
+
+
+def read_local_source(spec: DatasetSpec, source: Path) -> tuple[bytes, dict]:
+    """Read a user-given source (a .zip or the raw file); no checksum check yet."""
+    if not source.is_file():
+        raise PrepareError(f"source {source} does not exist or is not a file")
+    is_zip = source.suffix.lower() == ".zip"
+    try:
+        raw = read_text_bytes(spec, source, is_zip, label=str(source))
+        # For a plain file the text is the file, so hash it in memory instead of re-reading.
+        sha256 = sha256_of_file(source) if is_zip else hashlib.sha256(raw).hexdigest()
+        size = source.stat().st_size
+    except OSError as exc:
+        raise PrepareError(f"cannot read source {source}: {exc}") from None
+    info = {
+        "path": str(source.resolve()),
+        "bytes": size,
+        "sha256": sha256,
+        "member": spec.archive_member if is_zip else None,
+    }
+    return raw, info
+
+
+# ---------------------------------------------------------------- downloading
+
+
+def _progress(total: int | None, label: str, log: Callable[[str], None]) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """Return (advance(n_bytes), close()): tqdm on a terminal, else a log line every ~10%."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr)
+        return bar.update, bar.close
+
+    # Without a terminal (CI, log files) a bar would spam; log coarse milestones instead.
+    step = max(total // 10, 1) if total else 10 * CHUNK_BYTES
+    state = {"done": 0, "next": step}
+
+    def advance(n: int) -> None:
+        state["done"] += n
+        if state["done"] >= state["next"]:
+            while state["next"] <= state["done"]:
+                state["next"] += step
+            pct = f" ({100 * state['done'] // total}%)" if total else ""
+            log(f"  {label}: {state['done']:,} bytes{pct}")
+
+    return advance, lambda: None
+
+
+def download(url: str, dest: Path, log: Callable[[str], None]) -> int:
+    """Stream url to dest; raise PrepareError on HTTP/connection errors or truncation."""
+    import requests  # imported here so that importing this module stays cheap
+
+    log(f"downloading {url}")
+    try:
+        with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            response.raise_for_status()
+            length = response.headers.get("Content-Length")
+            # With a Content-Encoding, iter_content yields decoded bytes, which need not
+            # add up to Content-Length; urllib3 still enforces the raw length itself.
+            expected = int(length) if length and length.isdigit() and not response.headers.get("Content-Encoding") else None
+            received = 0
+            advance, close = _progress(expected, dest.name.removesuffix(".part"), log)
+            try:
+                with open(dest, "wb") as f:
+                    for chunk in response.iter_content(chunk_size=CHUNK_BYTES):
+                        f.write(chunk)
+                        received += len(chunk)
+                        advance(len(chunk))
+            finally:
+                close()
+    except requests.exceptions.ChunkedEncodingError as exc:
+        # urllib3 raises this when the connection closes before Content-Length bytes came.
+        raise PrepareError(f"download of {url} is truncated (connection broken): {exc}") from None
+    except requests.RequestException as exc:
+        raise PrepareError(f"download of {url} failed: {exc}") from None
+    except OSError as exc:
+        raise PrepareError(f"cannot write {dest}: {exc}") from None
+    if expected is not None and received != expected:
+        raise PrepareError(f"download of {url} is truncated: got {received:,} of {expected:,} bytes")
+    return received
+
+
+def fetch_source(spec: DatasetSpec, out_dir: Path, url: str, checksum: str, log: Callable[[str], None]) -> tuple[bytes, dict]:
+    """Download (or reuse the cached download of) url into out_dir and verify it.
+
+    The download goes to ``<name>.part`` and is renamed to ``<name>`` only after the
+    text checksum matched, so the cache never holds an unverified file.
+    """
+    name = Path(urlsplit(url).path).name or spec.local_names[0]
+    is_zip = name.lower().endswith(".zip")
+    final = out_dir / name
+    part = out_dir / (name + ".part")
+
+    def load_and_verify(path: Path) -> tuple[bytes, str]:
+        raw = read_text_bytes(spec, path, is_zip, label=name)
+        what = f"{name} member {spec.archive_member!r}" if is_zip else name
+        return raw, verify_checksum(raw, checksum, what)
+
+    raw = verified = None
+    if final.is_file():
+        try:
+            raw, verified = load_and_verify(final)
+            log(f"using cached {final} (checksum verified)")
+        except PrepareError as exc:
+            log(f"cached {final} is unusable ({exc}); downloading again")
+            final.unlink()
+    if raw is None:
+        try:
+            download(url, part, log)
+            raw, verified = load_and_verify(part)
+            os.replace(part, final)
+        except BaseException:  # includes KeyboardInterrupt: never leave a .part behind
+            part.unlink(missing_ok=True)
+            raise
+    info = {
+        "url": url,
+        "bytes": final.stat().st_size,
+        "sha256": sha256_of_file(final) if is_zip else hashlib.sha256(raw).hexdigest(),
+        "member": spec.archive_member if is_zip else None,
+        "checksum": verified,
+    }
+    return raw, info
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+def split_sizes(n: int, fractions: tuple[float, ...] | list[float]) -> list[int]:
+    """Token counts per split: int(n * f) for all but the last, which takes the rest.
+
+    This is nanoGPT's ``int(n*0.9)`` rule; for n = 100,000,000 and (0.9, 0.05, 0.05)
+    it gives exactly 90M / 5M / 5M.
+    """
+    sizes = [int(n * f) for f in fractions[:-1]]
+    sizes.append(n - sum(sizes))
+    return sizes
+
+
+def build_vocab_and_encode(text: str) -> tuple[list[str], np.ndarray]:
+    """Return (chars, ids) with chars = sorted(set(text)) and ids as uint16."""
+    try:
+        # Every char < 256 (always true for latin-1 text): one byte per char, so a
+        # 256-entry lookup table encodes 100 MB in a fraction of a second.
+        byte_view = np.frombuffer(text.encode("latin-1"), dtype=np.uint8)
+    except UnicodeEncodeError:
+        chars = sorted(set(text))
+        _check_vocab_fits(len(chars))
+        stoi = {c: i for i, c in enumerate(chars)}
+        return chars, np.array([stoi[c] for c in text], dtype=np.uint16)
+    present = np.flatnonzero(np.bincount(byte_view, minlength=256))  # sorted byte values == sorted chars
+    table = np.zeros(256, dtype=np.uint16)
+    table[present] = np.arange(len(present), dtype=np.uint16)
+    return [chr(b) for b in present], table[byte_view]
+
+
+def _check_vocab_fits(vocab_size: int) -> None:
+    assert vocab_size <= 65535, f"vocabulary of {vocab_size} does not fit uint16 token ids"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _tmp_name(out_dir: Path, name: str) -> Path:
+    # Unique per call so that two runs never write into each other's temp files.
+    return out_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def write_atomically(out_dir: Path, outputs: list[tuple[str, Callable[[BinaryIO], None]]]) -> None:
+    """Write every (name, writer) to a temp file, then rename all into place in order.
+
+    Put meta.json last: it marks the folder complete. The old meta.json is removed
+    before the first rename, so a crash half-way leaves an incomplete folder rather
+    than a complete-looking mix of old and new files.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, write in outputs:
+            tmp = _tmp_name(out_dir, name)
+            staged.append((tmp, out_dir / name))
+            with open(tmp, "xb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)  # no-op for those already renamed
+
+
+# ---------------------------------------------------------------- public API
+
+
+def prepare(
+    dataset: str,
+    out_dir: Path,
+    source: Path | None = None,
+    url: str | None = None,
+    checksum: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Prepare dataset into out_dir from source (a local file) or by download.
+
+    checksum ("algo:hex" of the raw text) overrides the spec's. A download is always
+    verified. A local source is verified when checksum is given or when it has the
+    standard size; a source of another size is split in proportion, with a warning.
+    Returns the meta.json dict. Raises PrepareError on any failure.
+    """
+    spec = get_spec(dataset)
+    out_dir = Path(out_dir)
+    if checksum is not None:
+        parse_checksum(checksum)  # reject a malformed value before any work
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrepareError(f"cannot create {out_dir}: {exc}") from None
+
+    if source is not None:
+        source = Path(source)
+        raw, source_info = read_local_source(spec, source)
+        label = source_info["member"] or source.name
+        # A prefix of the standard file cannot match its checksum; only check what can match.
+        if checksum is not None or len(raw) == spec.standard_size:
+            source_info["checksum"] = verify_checksum(raw, checksum or spec.checksum, str(source))
+        else:
+            source_info["checksum"] = None
+    else:
+        url = url or spec.url
+        raw, source_info = fetch_source(spec, out_dir, url, checksum or spec.checksum, log)
+        label = source_info["member"] or Path(urlsplit(url).path).name or url
+
+    warning = None
+    if len(raw) != spec.standard_size:
+        percents = "/".join(f"{100 * f:g}" for _, f in spec.splits)
+        warning = (
+            f"{label} is {len(raw):,} bytes, not the standard {spec.standard_size:,}: "
+            f"split {percents} in proportion; losses are not comparable with published results"
+        )
+        log(f"warning: {warning}")
+
+    try:
+        text = raw.decode(spec.encoding)
+    except UnicodeDecodeError as exc:
+        raise PrepareError(f"{label} is not valid {spec.encoding} text: {exc}") from None
+    del raw  # enwik8 is 100 MB; do not hold every copy at once
+
+    chars, ids = build_vocab_and_encode(text)
+    _check_vocab_fits(len(chars))
+    itos = dict(enumerate(chars))
+    stoi = {c: i for i, c in itos.items()}
+
+    names = [name for name, _ in spec.splits]
+    sizes = split_sizes(len(ids), [f for _, f in spec.splits])
+    bounds = np.cumsum([0] + sizes)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dataset": spec.name,
+        "vocab_size": len(chars),
+        "itos": {str(i): c for i, c in itos.items()},  # JSON keys must be strings
+        "stoi": stoi,
+        "dtype": "uint16",
+        "encoding": spec.encoding,
+        "splits": dict(zip(names, sizes)),
+        "standard_split": warning is None,
+        "warning": warning,
+        "source": source_info,
+    }
+
+    def bin_writer(start: int, stop: int) -> Callable[[BinaryIO], None]:
+        return lambda f: f.write(ids[start:stop].tobytes())
+
+    outputs = [(f"{name}.bin", bin_writer(bounds[i], bounds[i + 1])) for i, name in enumerate(names)]
+    nanogpt_meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
+    outputs.append(("meta.pkl", lambda f: pickle.dump(nanogpt_meta, f)))
+    outputs.append(("meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode("ascii"))))
+    try:
+        write_atomically(out_dir, outputs)
+    except OSError as exc:
+        raise PrepareError(f"cannot write the prepared data to {out_dir}: {exc}") from None
+    return meta
+
+
+def find_local_source(dataset: str, source_dir: Path) -> Path | None:
+    """The first of spec.local_names found in source_dir/<dataset>/, then source_dir/."""
+    spec = get_spec(dataset)
+    source_dir = Path(source_dir)
+    for folder in (source_dir / dataset, source_dir):
+        for name in spec.local_names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def is_prepared(dataset: str, out_dir: Path) -> bool:
+    """True when out_dir holds a complete preparation of dataset (meta.json + every .bin)."""
+    spec = get_spec(dataset)
+    out_dir = Path(out_dir)
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+        splits = meta["splits"]
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("dataset") != spec.name:
+            return False
+        if list(splits) != [name for name, _ in spec.splits]:
+            return False
+        return all((out_dir / f"{name}.bin").stat().st_size == 2 * int(n) for name, n in splits.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _checksum_arg(value: str) -> str:
+    try:
+        parse_checksum(value)
+    except PrepareError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def main(dataset: str, argv: list[str] | None = None) -> int:
+    """CLI of data/<dataset>/prepare.py. Returns 0, 1 on failure, 2 on bad arguments."""
+    spec = get_spec(dataset)
+    default_out = Path(__file__).resolve().parent / dataset  # beside that dataset's prepare.py
+    parser = argparse.ArgumentParser(
+        prog=f"data/{dataset}/prepare.py",
+        description=f"Prepare {dataset} (train/val{'/test' if len(spec.splits) > 2 else ''} .bin files, meta.pkl, meta.json).",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--source", type=Path, help="local source file: a .zip or the raw text (no download)")
+    where.add_argument("--source_dir", type=Path, help=f"folder to search for {', '.join(spec.local_names)} (also in <DIR>/{dataset}/)")
+    where.add_argument("--url", help=f"download from this mirror instead of {spec.url}")
+    parser.add_argument("--out_dir", type=Path, default=default_out, help=f"output folder (default: {default_out})")
+    parser.add_argument("--checksum", type=_checksum_arg, help=f"expected algo:hex of the raw text (default for the standard file: {spec.checksum})")
+    args = parser.parse_args(argv)
+
+    try:
+        source = args.source
+        if args.source_dir is not None:
+            source = find_local_source(dataset, args.source_dir)
+            if source is None:
+                raise PrepareError(f"no {dataset} source in {args.source_dir} or {args.source_dir / dataset} (looked for {', '.join(spec.local_names)})")
+        meta = prepare(dataset, args.out_dir, source=source, url=args.url, checksum=args.checksum)
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing partial was left behind", file=sys.stderr)
+        return 1
+
+    counts = ", ".join(f"{name} {n:,}" for name, n in meta["splits"].items())
+    split_kind = "standard split" if meta["standard_split"] else "NOT the standard split (see the warning above)"
+    print(f"prepared {dataset} in {args.out_dir}: {counts} tokens; vocab {meta['vocab_size']}; {split_kind}")
+    return 0

@@ -1,0 +1,949 @@
+"""
+Train small character-level GPTs while an agent controls the learning rate.
+
+    python experiment.py --out_dir run_0                 # default profile for this machine
+    python experiment.py --out_dir run_1 --profile cpu --datasets shakespeare_char
+
+One file, read top to bottom:
+  1. Config and profiles         (one dataclass; every field is a --flag)
+  2. Small utilities             (atomic writes, statistics, errors)
+  3. Data                        (prepared .bin files, batches, fixed evaluation batches)
+  4. Model                       (nanoGPT: pre-LN, tied embeddings, SDPA causal attention)
+  5. Learning rate               (base schedule x agent multiplier, clamped)
+  6. Agents                      (act after each evaluation)
+  7. Training one dataset/seed   (the loop, estimate_loss, progress)
+  8. Sampling and inference speed
+  9. The run folder              (final_info.json, all_results.npy, run.json, ...)
+ 10. CLI
+
+The run folder follows the AI-Scientist nanoGPT template's contract (see README), so its
+plot.py and perform_experiments.py read our runs unmodified.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DATASETS = ("shakespeare_char", "enwik8", "text8")
+SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw datasets
+RESULT_FILES = ("final_info.json", "all_results.npy", "run.json")  # plus final_info_<dataset>_<seed>.json
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config and profiles
+# ----------------------------------------------------------------------------------------------
+
+def _opt(default, help, choices=None):
+    """A config field with its --help text (and allowed values) kept next to it."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # --- the run ---
+    out_dir: str = _opt("run_0", "run folder to write (relative to the current directory)")
+    profile: str = _opt("auto", "settings bundle; auto = full with CUDA, else cpu", ("auto", "full", "cpu", "smoke"))
+    datasets: str = _opt(",".join(DATASETS), "comma-separated datasets to train on")
+    seeds: int = _opt(1, "seeds per dataset (seed = seed_base + index); profile-dependent")
+    seed_base: int = _opt(1337, "seed of the first seed index")
+    title: str = _opt("", "short title of the run (notes.txt)")
+    description: str = _opt("", "what this run does differently (recorded in run.json)")
+    data_dir: str = _opt("", "folder holding <dataset>/ with prepared data; default <project>/data")
+    source_dir: str = _opt("", f"folder with offline raw copies (else ${SOURCE_DIR_ENV}); used to prepare missing data")
+    overwrite: bool = _opt(False, "replace the results of a finished run folder")
+    # --- model (nanoGPT names) ---
+    n_layer: int = _opt(6, "transformer blocks")
+    n_head: int = _opt(6, "attention heads")
+    n_embd: int = _opt(384, "embedding width")
+    block_size: int = _opt(256, "context length in tokens")
+    dropout: float = _opt(0.2, "dropout probability")
+    bias: bool = _opt(False, "biases in Linear and LayerNorm layers")
+    # --- optimisation ---
+    batch_size: int = _opt(64, "sequences per micro-batch")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    max_iters: int = _opt(5000, "optimizer steps")
+    learning_rate: float = _opt(1e-3, "peak learning rate of the base schedule")
+    min_lr: float = _opt(1e-4, "final learning rate of the cosine schedule")
+    warmup_iters: int = _opt(100, "linear warmup steps")
+    lr_decay_iters: int = _opt(5000, "step at which the cosine schedule reaches min_lr")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on >=2-D weights")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.99, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip gradient norm to this (0 = off)")
+    # --- learning-rate control ---
+    schedule: str = _opt("cosine", "base learning-rate schedule", ("cosine", "constant"))
+    agent: str = _opt("none", "who sets the learning-rate multiplier after each evaluation", ("none",))
+    multiplier_min: float = _opt(0.125, "lower bound of the agent's learning-rate multiplier")
+    multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier")
+    lr_floor: float = _opt(0.0, "the learning rate never goes below this")
+    lr_ceiling: float = _opt(0.1, "the learning rate never goes above this")
+    # --- evaluation and logging ---
+    eval_interval: int = _opt(250, "steps between evaluations (the agent acts after each)")
+    eval_iters: int = _opt(200, "batches per split in each evaluation")
+    log_interval: int = _opt(10, "steps between training-loss records")
+    # --- inference-speed measurement (as the reference experiment) ---
+    inference_samples: int = _opt(10, "samples generated to measure inference speed (0 = skip)")
+    inference_new_tokens: int = _opt(500, "new tokens per sample")
+    temperature: float = _opt(0.8, "sampling temperature")
+    top_k: int = _opt(200, "sample among the top_k most likely tokens (0 = all)")
+    # --- system ---
+    device: str = _opt("auto", "where to train", ("auto", "cuda", "mps", "cpu"))
+    dtype: str = _opt("auto", "compute dtype; auto = bfloat16/float16 on CUDA, float32 elsewhere",
+                      ("auto", "float32", "bfloat16", "float16"))
+    compile: Optional[bool] = _opt(None, "torch.compile the model; default: only on CUDA with Triton")
+    debug: bool = _opt(False, "show full tracebacks for errors")
+
+
+# Profiles override Config defaults; "*" applies to every dataset, a dataset key on top of it.
+PROFILES: dict[str, dict[str, dict]] = {
+    # The AI-Scientist nanoGPT template's configuration (a GPU job).
+    "full": {
+        "*": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, bias=False,
+                  learning_rate=1e-3, min_lr=1e-4, max_iters=5000, lr_decay_iters=5000, warmup_iters=100,
+                  eval_interval=250, eval_iters=200, log_interval=10, seeds=3),
+        "enwik8": dict(batch_size=32, learning_rate=5e-4, min_lr=5e-5, max_iters=100000, lr_decay_iters=100000,
+                       warmup_iters=200, eval_interval=1000, log_interval=100, seeds=1),
+        "text8": dict(batch_size=32, learning_rate=5e-4, min_lr=5e-5, max_iters=100000, lr_decay_iters=100000,
+                      warmup_iters=200, eval_interval=1000, log_interval=100, seeds=1),
+    },
+    # nanoGPT's README CPU line (val ~1.88 on shakespeare_char): minutes per seed on a laptop.
+    "cpu": {
+        "*": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, bias=False,
+                  learning_rate=1e-3, min_lr=1e-4, max_iters=2000, lr_decay_iters=2000, warmup_iters=100,
+                  eval_interval=250, eval_iters=20, log_interval=10, seeds=3),
+        "enwik8": dict(seeds=1),
+        "text8": dict(seeds=1),
+    },
+    # Seconds in total: exercises every code path, learns nothing worth reporting.
+    "smoke": {
+        "*": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0, bias=False,
+                  learning_rate=1e-3, min_lr=1e-4, max_iters=30, lr_decay_iters=30, warmup_iters=5,
+                  eval_interval=10, eval_iters=2, log_interval=5, seeds=1,
+                  inference_samples=2, inference_new_tokens=16),
+    },
+}
+
+
+def resolve_profile(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "full" if torch.cuda.is_available() else "cpu"
+
+
+def config_for_dataset(base: Config, cli_overrides: dict, profile: str, dataset: str) -> Config:
+    """Config defaults < profile["*"] < profile[dataset] < what the user typed."""
+    values = dict(PROFILES[profile].get("*", {}))
+    values.update(PROFILES[profile].get(dataset, {}))
+    values.update(cli_overrides)
+    values["profile"] = profile
+    return dataclasses.replace(base, **values)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Small utilities
+# ----------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data, occupied run folder): one line, exit 2."""
+    exit_code = 2
+
+
+class RunFailed(Exception):
+    """The run could not go on for a reason outside the user's input (e.g. offline download): exit 1."""
+    exit_code = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, obj) -> None:
+    import io
+    buf = io.BytesIO()
+    np.save(buf, obj, allow_pickle=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def mean_and_stderr(values) -> tuple[float, Optional[float]]:
+    """Mean and standard error of the mean, std(ddof=1)/sqrt(n); None when n < 2 (no honest estimate)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, None
+    return mean, float(values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Data
+# ----------------------------------------------------------------------------------------------
+
+@functools.cache
+def load_prepare_module():
+    """data/prepare_common.py holds the download/prepare logic shared with data/<dataset>/prepare.py."""
+    path = PROJECT_ROOT / "data" / "prepare_common.py"
+    spec = importlib.util.spec_from_file_location("prepare_common", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["prepare_common"] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class CharDataset:
+    name: str
+    splits: dict  # split name -> np.ndarray of uint16 token ids, read into memory once
+    itos: list
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        stoi = self.meta["stoi"]
+        missing = sorted(set(text) - set(stoi))
+        if missing:
+            raise UserError(f"prompt has characters not in the {self.name} vocabulary: {missing!r}")
+        return [stoi[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[i] for i in ids)
+
+
+def dataset_dir(cfg: Config, dataset: str) -> Path:
+    root = Path(cfg.data_dir).expanduser() if cfg.data_dir else PROJECT_ROOT / "data"
+    return (root / dataset).resolve()
+
+
+def ensure_prepared(cfg: Config, dataset: str, log=print) -> Path:
+    """Prepare missing data: from an offline copy if one is configured, else by downloading it."""
+    prep = load_prepare_module()
+    out = dataset_dir(cfg, dataset)
+    if prep.is_prepared(dataset, out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    source_dir = cfg.source_dir or os.environ.get(SOURCE_DIR_ENV, "")
+    source = None
+    if source_dir:
+        source = prep.find_local_source(dataset, Path(source_dir).expanduser())
+        if source is None:
+            raise UserError(f"no offline copy of {dataset} in {source_dir} "
+                            f"(looked for {', '.join(prep.DATASETS[dataset].local_names)})")
+        log(f"[data] preparing {dataset} from {source}")
+    else:
+        log(f"[data] {dataset} is not prepared in {out}: downloading it")
+    try:
+        prep.prepare(dataset, out, source=source, log=log)
+    except prep.PrepareError as e:
+        if source is not None:
+            raise UserError(f"preparing {dataset} from {source} failed: {e}") from e
+        raise RunFailed(f"{e} -- offline? run: python data/{dataset}/prepare.py --source FILE "
+                        f"(or set {SOURCE_DIR_ENV}=DIR with offline copies)") from e
+    return out
+
+
+def load_dataset(cfg: Config, dataset: str) -> CharDataset:
+    """Read meta.json (never the pickle) and the .bin splits, checking each against the other."""
+    folder = dataset_dir(cfg, dataset)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        itos = [meta["itos"][str(i)] for i in range(meta["vocab_size"])]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{folder}/meta.json is missing or corrupt ({e}); re-run data/{dataset}/prepare.py") from e
+    splits = {}
+    for split, n_tokens in meta["splits"].items():
+        path = folder / f"{split}.bin"
+        size = path.stat().st_size if path.exists() else -1
+        if size != 2 * n_tokens:
+            raise UserError(f"{path} has {size} bytes, meta.json expects {2 * n_tokens} "
+                            f"(uint16); re-run data/{dataset}/prepare.py")
+        splits[split] = np.fromfile(path, dtype=np.uint16)
+    return CharDataset(dataset, splits, itos, meta)
+
+
+class BatchSampler:
+    """Random (x, y) windows from one split, drawn from its own generator so runs repeat exactly."""
+
+    def __init__(self, data: np.ndarray, block_size: int, batch_size: int, device: torch.device, seed: int):
+        if len(data) <= block_size + 1:
+            raise UserError(f"block_size {block_size} does not fit a split of {len(data)} tokens")
+        self.data, self.block_size, self.batch_size, self.device = data, block_size, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = np.arange(block_size + 1)
+
+    def draw_starts(self) -> np.ndarray:
+        return torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.generator).numpy()
+
+    def batch_at(self, starts: np.ndarray):
+        windows = torch.from_numpy(self.data[starts[:, None] + self.offsets].astype(np.int64))
+        x, y = windows[:, :-1], windows[:, 1:]
+        if self.device.type == "cuda":  # pinned + non_blocking: the copy overlaps the previous step
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def next_batch(self):
+        return self.batch_at(self.draw_starts())
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Model (nanoGPT's architecture)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float
+    bias: bool
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.resid_dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
+        self.c_proj = nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln_1, self.attn = LayerNorm(c.n_embd, c.bias), CausalSelfAttention(c)
+        self.ln_2, self.mlp = LayerNorm(c.n_embd, c.bias), MLP(c)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.config = c
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c.vocab_size, c.n_embd),
+            wpe=nn.Embedding(c.block_size, c.n_embd),
+            drop=nn.Dropout(c.dropout),
+            h=nn.ModuleList([Block(c) for _ in range(c.n_layer)]),
+            ln_f=LayerNorm(c.n_embd, c.bias),
+        ))
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Parameters without the position embeddings (as nanoGPT reports them)."""
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:  # generation needs only the last position's logits
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def make_optimizer(self, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+        """AdamW; weight decay only on >=2-D tensors (matmul weights, embeddings), not on norms/biases."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device.type == "cuda"  # one kernel for all parameters; foreach (the default) on CPU
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Learning rate: lr = clamp(base_schedule(iter) * multiplier, lr_floor, lr_ceiling)
+# ----------------------------------------------------------------------------------------------
+
+def base_lr(cfg: Config, it: int) -> float:
+    """The base schedule at step `it`. Warmup starts above 0 (nanoGPT's first step had lr = 0)."""
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def controlled_lr(cfg: Config, it: int, multiplier: float) -> float:
+    return min(max(base_lr(cfg, it) * multiplier, cfg.lr_floor), cfg.lr_ceiling)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Agents: after each evaluation, observe its numbers and return the next multiplier
+# ----------------------------------------------------------------------------------------------
+
+class NoAgent:
+    """The baseline: the multiplier stays 1, so the run is the plain base schedule."""
+
+    def __init__(self, cfg: Config, seed: int):
+        self.multiplier = 1.0
+
+    def observe(self, it: int, train_loss: float, val_loss: float) -> dict:
+        """Called after each evaluation; returns the fields logged with it."""
+        return {"multiplier": self.multiplier, "action": None, "reward": None, "epsilon": None, "state": None}
+
+
+AGENTS = {"none": NoAgent}
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Training one dataset and seed
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """What the machine decides: device, compute dtype, autocast context, compile."""
+    device: torch.device
+    dtype: torch.dtype
+    autocast: object
+    compile: bool
+
+    @staticmethod
+    def choose(cfg: Config) -> "Runtime":
+        if cfg.device == "auto":
+            name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        else:
+            name = cfg.device
+            if name == "cuda" and not torch.cuda.is_available():
+                raise UserError("--device cuda requested but CUDA is not available")
+            if name == "mps" and not torch.backends.mps.is_available():
+                raise UserError("--device mps requested but MPS is not available")
+        device = torch.device(name)
+        dtype_name = cfg.dtype
+        if dtype_name == "auto":
+            dtype_name = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if name == "cuda" else "float32"
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+        if name == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=name, dtype=dtype)
+        use_compile = cfg.compile
+        if use_compile is None:
+            use_compile = name == "cuda" and importlib.util.find_spec("triton") is not None
+        return Runtime(device, dtype, ctx, bool(use_compile))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA; dropout draws from this global generator
+
+
+class Progress:
+    """A live bar on a terminal; plain periodic lines when stderr is a file or CI log."""
+
+    def __init__(self, label: str, total: int, interactive: bool, every_s: float = 15.0):
+        self.label, self.total, self.every_s = label, total, every_s
+        self.t0 = self.last_print = time.time()
+        self.bar = None
+        if interactive:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=label, dynamic_ncols=True, leave=True, file=sys.stderr)
+
+    def update(self, it: int, loss: float, lr: float, force: bool = False) -> None:
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(it, 1) * (self.total - it)
+        if self.bar is not None:
+            self.bar.n = it
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e}", refresh=True)
+        elif force or time.time() - self.last_print >= self.every_s:
+            self.last_print = time.time()
+            print(f"[{self.label}] iter {it}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                  f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}", file=sys.stderr, flush=True)
+
+    def write(self, line: str) -> None:
+        (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime) -> dict:
+    """Mean loss over the run's fixed evaluation batches, per split (one host sync per split)."""
+    model.eval()
+    out = {}
+    for split, starts_list in eval_starts.items():
+        total = torch.zeros((), device=rt.device)
+        for starts in starts_list:
+            x, y = samplers[split].batch_at(starts)
+            with rt.autocast:
+                _, loss = model(x, y)
+            total += loss.float()
+        out[split] = (total / len(starts_list)).item()
+    model.train()
+    return out
+
+
+def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, interactive: bool) -> dict:
+    """Train one model; return its final_info, train log and val log (the all_results.npy records)."""
+    seed = cfg.seed_base + seed_index
+    seed_everything(seed)
+    model_cfg = GPTConfig(vocab_size=data.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model = GPT(model_cfg).to(rt.device)
+    optimizer = model.make_optimizer(cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    compile_time = 0.0
+    step_model = model
+    if rt.compile:
+        t = time.time()
+        step_model = torch.compile(model)
+        compile_time = time.time() - t  # the lazy compile itself lands in the first steps' time
+
+    # Separate generators: training batches, and the fixed evaluation batches drawn once per run,
+    # so every evaluation (and every agent reward) compares the model on the same text.
+    samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device, seed + 1000 * k)
+                for k, split in enumerate(("train", "val"))}
+    eval_generator_seed = seed + 7919
+    eval_samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device,
+                                         eval_generator_seed + k) for k, split in enumerate(("train", "val"))}
+    eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)] for split, s in eval_samplers.items()}
+    agent = AGENTS[cfg.agent](cfg, seed)
+
+    train_log, val_log = [], []
+    best_val_loss, best_val_iter = float("inf"), 0
+    last_logged_loss = float("nan")
+    eval_time = 0.0
+    progress = Progress(f"{data.name} seed {seed_index}", cfg.max_iters, interactive)
+    t_start = t_window = time.time()
+    window_iters = 0
+    for it in range(cfg.max_iters + 1):
+        lr = controlled_lr(cfg, it, agent.multiplier)
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            t = time.time()
+            losses = estimate_loss(step_model, eval_samplers, eval_starts, rt)
+            if losses["val"] < best_val_loss:
+                best_val_loss, best_val_iter = losses["val"], it
+            decision = agent.observe(it, losses["train"], losses["val"])
+            lr = controlled_lr(cfg, it, agent.multiplier)  # the agent's choice applies from this step on
+            val_log.append({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
+                            **decision})
+            progress.write(f"[{data.name} seed {seed_index}] iter {it}: train {losses['train']:.4f} "
+                           f"val {losses['val']:.4f} lr {lr:.2e}")
+            eval_time += time.time() - t
+            t_window = time.time()  # keep evaluation out of the per-iteration step times
+        if it == cfg.max_iters:
+            break
+
+        set_lr(optimizer, lr)
+        for _ in range(cfg.gradient_accumulation_steps):
+            x, y = samplers["train"].next_batch()
+            with rt.autocast:
+                _, loss = step_model(x, y)
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        window_iters += 1
+
+        if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
+            last_logged_loss = loss.item()  # the only host sync of the step, once per log_interval
+            now = time.time()
+            train_log.append({"iter": it, "loss": last_logged_loss, "time": (now - t_window) * 1000 / window_iters})
+            t_window, window_iters = now, 0
+            progress.update(it + 1, last_logged_loss, lr, force=it == cfg.max_iters - 1)
+    progress.close()
+    total_train_time = time.time() - t_start
+
+    speed = measure_inference_speed(model, data, cfg, rt, seed)
+    final_info = {
+        "final_train_loss": last_logged_loss,
+        "best_val_loss": best_val_loss,
+        "total_train_time": total_train_time,
+        "avg_inference_tokens_per_second": speed["avg_tokens_per_second"],
+        "inference_tokens_per_second_aggregate": speed["aggregate_tokens_per_second"],
+        "best_val_iter": best_val_iter,
+        "final_val_loss": val_log[-1]["val/loss"],
+        "train_time": total_train_time - eval_time,
+        "eval_time": eval_time,
+        "compile_time": compile_time,
+        "sample_time": speed["sample_time"],
+        "seed": seed,
+        "num_params": model.num_params(),
+    }
+    return {"final_info": final_info, "train_info": train_log, "val_info": val_log, "sample": speed["sample"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Sampling and inference speed
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample tokens one at a time, re-running the (cropped) context each step."""
+    for _ in range(max_new_tokens):
+        context = idx if idx.size(1) <= model.config.block_size else idx[:, -model.config.block_size:]
+        logits, _ = model(context)
+        logits = logits[:, -1, :].float() / temperature
+        if top_k:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        probs = F.softmax(logits, dim=-1)
+        next_id = torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(idx.device)
+        idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+def measure_inference_speed(model: GPT, data: CharDataset, cfg: Config, rt: Runtime, seed: int) -> dict:
+    """The reference experiment's measurement: prompt " ", batch 1, tokens/s per sample, averaged."""
+    result = {"avg_tokens_per_second": 0.0, "aggregate_tokens_per_second": 0.0, "sample_time": 0.0, "sample": ""}
+    if cfg.inference_samples <= 0:
+        return result
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.tensor([data.encode(" ")], dtype=torch.long, device=rt.device)
+    rates, total_time = [], 0.0
+    for k in range(cfg.inference_samples):
+        t = time.time()
+        with rt.autocast:
+            out = generate(model, prompt, cfg.inference_new_tokens, cfg.temperature, cfg.top_k, generator)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t
+        rates.append(cfg.inference_new_tokens / dt)
+        total_time += dt
+        if k == 0:
+            result["sample"] = data.decode(out[0].tolist())
+    model.train()
+    result.update(avg_tokens_per_second=float(np.mean(rates)), sample_time=total_time,
+                  aggregate_tokens_per_second=cfg.inference_samples * cfg.inference_new_tokens / total_time)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. The run folder
+# ----------------------------------------------------------------------------------------------
+
+def summarize(per_seed: list[dict]) -> dict:
+    """final_info.json's entry for one dataset: means, stderrs (ddof=1; null for n=1), per-seed lists."""
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and k != "seed"]
+    final_info_dict = {k: [s[k] for s in per_seed] for k in keys}
+    means, stderrs = {}, {}
+    for k, values in final_info_dict.items():
+        means[f"{k}_mean"], stderrs[f"{k}_stderr"] = mean_and_stderr(values)
+    return {"means": means, "stderrs": stderrs, "final_info_dict": final_info_dict,
+            "seeds": [s["seed"] for s in per_seed], "n": len(per_seed)}
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_record(rt: Runtime) -> dict:
+    import importlib.metadata as md
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    device = {"type": rt.device.type, "dtype": str(rt.dtype).replace("torch.", ""), "compile": rt.compile,
+              "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+              "processor": platform.processor() or platform.machine()}
+    if rt.device.type == "cuda":
+        device["name"] = torch.cuda.get_device_name()
+    return {"versions": versions, "device": device, "git_commit": git_commit()}
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to touch a folder holding results unless --overwrite; then clear our files from it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} exists and is not a folder")
+    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES or p.name.startswith("final_info_")] \
+        if out_dir.exists() else []
+    if ours and not overwrite:
+        state = "finished results" if (out_dir / "final_info.json").exists() else "an unfinished run"
+        raise UserError(f"{out_dir} already holds {state} ({', '.join(sorted(p.name for p in ours))}); "
+                        f"use --overwrite to replace it, or choose another --out_dir")
+    for p in ours:
+        p.unlink()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from e
+
+
+def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interactive: bool) -> dict:
+    """Every dataset and seed; per-seed files are written as soon as each seed ends."""
+    all_results, final_infos = {}, {}
+    for dataset, cfg in configs.items():
+        per_seed = []
+        for seed_index in range(cfg.seeds):
+            result = train_one_seed(cfg, loaded[dataset], seed_index, rt, interactive)
+            info = result["final_info"]
+            per_seed.append(info)
+            for kind in ("final_info", "train_info", "val_info"):
+                all_results[f"{dataset}_{seed_index}_{kind}"] = result[kind]
+            atomic_write_json(out_dir / f"final_info_{dataset}_{seed_index}.json",
+                              {**info, "dataset": dataset, "seed_index": seed_index, "sample": result["sample"]})
+            atomic_save_npy(out_dir / "all_results.npy", all_results)  # after every seed: a crash loses one seed
+            print(f"[{dataset} seed {seed_index}] best val {info['best_val_loss']:.4f} at iter "
+                  f"{info['best_val_iter']} | final train {info['final_train_loss']:.4f} | "
+                  f"{info['total_train_time']:.1f}s | {info['avg_inference_tokens_per_second']:.0f} tok/s sampling",
+                  flush=True)
+        final_infos[dataset] = summarize(per_seed)
+    return final_infos
+
+
+def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
+    datasets = [d.strip() for d in base.datasets.split(",") if d.strip()]
+    unknown = [d for d in datasets if d not in DATASETS]
+    if not datasets or unknown:
+        raise UserError(f"unknown dataset(s) {unknown or base.datasets!r}; choose from {', '.join(DATASETS)}")
+    profile = resolve_profile(base.profile)
+    configs = {d: config_for_dataset(base, cli_overrides, profile, d) for d in datasets}
+    for c in configs.values():
+        validate(c)
+    rt = Runtime.choose(configs[datasets[0]])
+    loaded = {}
+    for dataset in datasets:  # all data first: a missing dataset must fail before the run folder is touched
+        ensure_prepared(configs[dataset], dataset)
+        loaded[dataset] = load_dataset(configs[dataset], dataset)
+        check_fits(configs[dataset], loaded[dataset])
+    out_dir = Path(base.out_dir)
+    prepare_run_folder(out_dir, base.overwrite)
+    interactive = sys.stderr.isatty()
+    print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile} | "
+          f"datasets {', '.join(datasets)} | out_dir {out_dir}", flush=True)
+
+    run_record = {"title": base.title, "description": base.description, "profile": profile, "datasets": datasets,
+                  "command": [sys.executable] + argv, "cwd": os.getcwd(), "started": now_iso(), "finished": None,
+                  "status": "running", "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
+                  **environment_record(rt)}
+    atomic_write_json(out_dir / "run.json", run_record)
+    try:
+        final_infos = train_all(configs, loaded, rt, out_dir, interactive)
+    except BaseException as e:  # record how the run ended; the finished seeds' files stay
+        run_record.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                          error=f"{type(e).__name__}: {e}", finished=now_iso())
+        atomic_write_json(out_dir / "run.json", run_record)
+        raise
+    atomic_write_json(out_dir / "final_info.json", final_infos)
+    run_record.update(status="finished", finished=now_iso())
+    atomic_write_json(out_dir / "run.json", run_record)
+    for dataset, s in final_infos.items():
+        mean, err = s["means"]["best_val_loss_mean"], s["stderrs"]["best_val_loss_stderr"]
+        spread = f" ± {err:.4f} (stderr, n={s['n']})" if err is not None else f" (n={s['n']}, no stderr)"
+        print(f"{dataset}: best val loss {mean:.4f}{spread}", flush=True)
+    return final_infos
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. CLI
+# ----------------------------------------------------------------------------------------------
+
+def validate(c: Config) -> None:
+    """Reject settings that cannot work, with one line naming the flag."""
+    positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                "max_iters", "eval_interval", "eval_iters", "log_interval", "seeds"]
+    for name in positive:
+        if getattr(c, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(c, name)}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "lr_floor", "warmup_iters",
+                 "lr_decay_iters", "inference_samples", "inference_new_tokens", "top_k"):
+        if getattr(c, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(c, name)}")
+    if c.n_embd % c.n_head:
+        raise UserError(f"--n_embd {c.n_embd} must be divisible by --n_head {c.n_head}")
+    if not 0.0 <= c.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {c.dropout}")
+    if not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
+        raise UserError(f"--beta1/--beta2 must be in [0, 1), got {c.beta1}, {c.beta2}")
+    if c.temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {c.temperature}")
+    if not 0 < c.multiplier_min <= 1 <= c.multiplier_max:
+        raise UserError(f"need 0 < --multiplier_min <= 1 <= --multiplier_max, got {c.multiplier_min}, "
+                        f"{c.multiplier_max}")
+    if c.lr_floor > c.lr_ceiling:
+        raise UserError(f"--lr_floor {c.lr_floor} is above --lr_ceiling {c.lr_ceiling}")
+    if c.learning_rate > c.lr_ceiling:
+        raise UserError(f"--learning_rate {c.learning_rate} is above --lr_ceiling {c.lr_ceiling}")
+
+
+def check_fits(c: Config, data: CharDataset) -> None:
+    for split in ("train", "val"):
+        if len(data.splits[split]) <= c.block_size + 1:
+            raise UserError(f"--block_size {c.block_size} is larger than {data.name}'s {split} split "
+                            f"({len(data.splits[split])} tokens)")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on errors; we print one line and exit 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        usage="%(prog)s [--out_dir DIR] [--profile {auto,full,cpu,smoke}] [--datasets LIST] [--FIELD VALUE ...]",
+        description="Train small GPTs on char-level datasets while an agent controls the learning rate. "
+                    "Every setting below overrides the chosen --profile (shown defaults are Config's; "
+                    "profiles change most of them).")
+    for f in dataclasses.fields(Config):
+        flag, meta = f"--{f.name}", f.metadata
+        kwargs = dict(dest=f.name, default=None, help=meta["help"] + f" [Config: {f.default}]")
+        if f.type in ("bool", "Optional[bool]"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, choices=meta["choices"], metavar=f.name.upper()
+                                if not meta["choices"] else None, **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[Config, dict]:
+    """Return the base Config (run-level values filled in) and the fields the user actually typed."""
+    args = build_parser().parse_args(argv)
+    typed = {k: v for k, v in vars(args).items() if v is not None}
+    base = dataclasses.replace(Config(), **typed)
+    return base, typed
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        base, typed = parse_args(argv)
+        run_experiment(base, typed, argv)
+        return 0
+    except (UserError, RunFailed) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
