@@ -48,7 +48,7 @@ from torch.nn import functional as F
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
 SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw datasets
-RESULT_FILES = ("final_info.json", "all_results.npy", "run.json")  # plus final_info_<dataset>_<seed>.json
+RESULT_FILES = ("final_info.json", "all_results.npy", "run.json")  # plus final_info_*.json, agent_*.json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,9 +92,26 @@ class Config:
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.99, "AdamW beta2")
     grad_clip: float = _opt(1.0, "clip gradient norm to this (0 = off)")
-    # --- learning-rate control ---
-    schedule: str = _opt("cosine", "base learning-rate schedule", ("cosine", "constant"))
-    agent: str = _opt("none", "who sets the learning-rate multiplier after each evaluation", ("none",))
+    # --- learning-rate control (SPEC section 5) ---
+    optimizer: str = _opt("adamw", "adamw, or schedulefree (schedule-free AdamW; use with --schedule constant)",
+                          ("adamw", "schedulefree"))
+    schedule: str = _opt("cosine", "base learning-rate schedule", ("cosine", "constant", "step", "wsd"))
+    step_gamma: float = _opt(0.1, "step schedule: factor applied every step_interval steps")
+    step_interval: int = _opt(1000, "step schedule: steps between factors")
+    step_epochs: float = _opt(0.0, "step schedule: interval in epochs of the train split (overrides step_interval)")
+    wsd_decay_frac: float = _opt(0.2, "wsd schedule: final fraction of max_iters decaying linearly to min_lr")
+    agent: str = _opt("none", "who sets the learning-rate multiplier after each evaluation",
+                      ("none", "random", "replay", "qlearning"))
+    agent_actions: str = _opt("0.5,0.8,1,1.25,2", "the agent's action factors on the multiplier")
+    reward: str = _opt("neg_val_loss", "qlearning reward: -val loss, or previous minus current val loss",
+                       ("neg_val_loss", "improvement"))
+    epsilon: float = _opt(0.1, "qlearning: exploration probability")
+    epsilon_decay: float = _opt(1.0, "qlearning: epsilon is multiplied by this after each decision")
+    epsilon_min: float = _opt(0.01, "qlearning: epsilon never decays below this")
+    agent_lr: float = _opt(0.1, "qlearning: step size alpha of the TD update")
+    gamma: float = _opt(0.9, "qlearning: discount")
+    agent_init: str = _opt("", "qlearning: start from this agent file or run folder's Q-table; replay: the run to replay")
+    agent_freeze: bool = _opt(False, "qlearning: act from the table but never update it")
     multiplier_min: float = _opt(0.125, "lower bound of the agent's learning-rate multiplier")
     multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier")
     lr_floor: float = _opt(0.0, "the learning rate never goes below this")
@@ -156,7 +173,11 @@ def config_for_dataset(base: Config, cli_overrides: dict, profile: str, dataset:
     """Config defaults < profile["*"] < profile[dataset] < what the user typed."""
     values = dict(PROFILES[profile].get("*", {}))
     values.update(PROFILES[profile].get(dataset, {}))
-    values.update(cli_overrides)
+    for name, value in cli_overrides.items():  # a per-dataset value applies only to its dataset
+        if not isinstance(value, dict):
+            values[name] = value
+        elif dataset in value:
+            values[name] = value[dataset]
     values["profile"] = profile
     return dataclasses.replace(base, **values)
 
@@ -267,15 +288,12 @@ def ensure_prepared(cfg: Config, dataset: str, log=print) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     source_dir = cfg.source_dir or os.environ.get(SOURCE_DIR_ENV, "")
-    source = None
-    if source_dir:
-        source = prep.find_local_source(dataset, Path(source_dir).expanduser())
-        if source is None:
-            raise UserError(f"no offline copy of {dataset} in {source_dir} "
-                            f"(looked for {', '.join(prep.DATASETS[dataset].local_names)})")
+    source = prep.find_local_source(dataset, Path(source_dir).expanduser()) if source_dir else None
+    if source is not None:
         log(f"[data] preparing {dataset} from {source}")
     else:
-        log(f"[data] {dataset} is not prepared in {out}: downloading it")
+        looked = f" (no copy in {source_dir})" if source_dir else ""
+        log(f"[data] {dataset} is not prepared in {out}{looked}: downloading it")
     try:
         prep.prepare(dataset, out, source=source, log=log)
     except prep.PrepareError as e:
@@ -447,6 +465,10 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        if cfg.optimizer == "schedulefree":  # averages iterates itself: needs .train()/.eval() switching
+            import schedulefree
+            return schedulefree.AdamWScheduleFree(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                                  warmup_steps=cfg.warmup_iters)
         fused = device.type == "cuda"  # one kernel for all parameters; foreach (the default) on CPU
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -456,12 +478,20 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def base_lr(cfg: Config, it: int) -> float:
-    """The base schedule at step `it`. Warmup starts above 0 (nanoGPT's first step had lr = 0)."""
+    """The base schedule at step `it`. Warmup starts above 0 (nanoGPT once had lr = 0 at step 0)."""
     if cfg.schedule == "constant":
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
+    if cfg.schedule == "step":  # x step_gamma every step_interval steps after warmup
+        return cfg.learning_rate * cfg.step_gamma ** ((it - cfg.warmup_iters) // cfg.step_interval)
+    if cfg.schedule == "wsd":  # warmup, stable, then linear decay to min_lr over the last wsd_decay_frac
+        decay_start = cfg.max_iters - int(round(cfg.wsd_decay_frac * cfg.max_iters))
+        if it < decay_start:
+            return cfg.learning_rate
+        progress = (it - decay_start) / max(1, cfg.max_iters - decay_start)
+        return cfg.learning_rate + min(progress, 1.0) * (cfg.min_lr - cfg.learning_rate)
+    if it >= cfg.lr_decay_iters:  # cosine
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
@@ -476,22 +506,219 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
+    """Schedule-free AdamW evaluates at the averaged weights: switch before evaluating and back after."""
+    if hasattr(optimizer, "train") and hasattr(optimizer, "eval"):
+        optimizer.train() if training else optimizer.eval()
+
+
 # ----------------------------------------------------------------------------------------------
-# 6. Agents: after each evaluation, observe its numbers and return the next multiplier
+# 6. Agents: after each evaluation, observe its numbers and set the next multiplier
 # ----------------------------------------------------------------------------------------------
+# The interface, all the training loop knows of an agent:
+#   agent.multiplier                  the factor applied to the base schedule until the next decision
+#   agent.observe(Observation) -> dict  called after every evaluation; updates multiplier; returns the
+#                                     fields logged with that evaluation (state, action, reward, epsilon)
+#   agent.state_dict() / load_state_dict(d)   JSON-safe, saved as agent_<dataset>_<seed>.json
+
+@dataclass
+class Observation:
+    it: int
+    max_iters: int
+    train_loss: float
+    val_loss: float
+
+
+def parse_actions(text: str) -> list[float]:
+    try:
+        actions = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise UserError(f"--agent_actions must be comma-separated numbers, got {text!r}") from None
+    if not actions or any(a <= 0 or not math.isfinite(a) for a in actions):
+        raise UserError(f"--agent_actions must be positive factors, got {text!r}")
+    return actions
+
 
 class NoAgent:
     """The baseline: the multiplier stays 1, so the run is the plain base schedule."""
 
     def __init__(self, cfg: Config, seed: int):
-        self.multiplier = 1.0
+        self.cfg, self.multiplier, self.trajectory = cfg, 1.0, []
 
-    def observe(self, it: int, train_loss: float, val_loss: float) -> dict:
-        """Called after each evaluation; returns the fields logged with it."""
-        return {"multiplier": self.multiplier, "action": None, "reward": None, "epsilon": None, "state": None}
+    def clip(self, multiplier: float) -> float:
+        return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
+
+    def observe(self, obs: Observation) -> dict:
+        return self.record(obs, action=None, reward=None, epsilon=None, state=None)
+
+    def record(self, obs: Observation, **fields) -> dict:
+        self.trajectory.append({"iter": obs.it, "multiplier": self.multiplier})
+        return {"multiplier": self.multiplier, **fields}
+
+    def state_dict(self) -> dict:
+        return {"agent": self.cfg.agent, "multiplier": self.multiplier, "trajectory": self.trajectory}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.multiplier, self.trajectory = state["multiplier"], list(state["trajectory"])
 
 
-AGENTS = {"none": NoAgent}
+class RandomAgent(NoAgent):
+    """Control: multiplies by a uniformly random action factor after each evaluation."""
+
+    def __init__(self, cfg: Config, seed: int):
+        super().__init__(cfg, seed)
+        self.actions = parse_actions(cfg.agent_actions)
+        self.rng = np.random.default_rng(seed)
+
+    def observe(self, obs: Observation) -> dict:
+        action = int(self.rng.integers(len(self.actions)))
+        self.multiplier = self.clip(self.multiplier * self.actions[action])
+        return self.record(obs, action=action, reward=None, epsilon=None, state=None)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rng.bit_generator.state = state["rng"]
+
+
+class ReplayAgent(NoAgent):
+    """Control: plays back the multipliers an earlier run chose, open loop (--agent_init that run)."""
+
+    def __init__(self, cfg: Config, seed: int, recorded: dict):
+        super().__init__(cfg, seed)
+        self.plan = {step["iter"]: step["multiplier"] for step in recorded["trajectory"]}
+
+    def observe(self, obs: Observation) -> dict:
+        if obs.it not in self.plan:
+            raise UserError(f"replay: the recorded run has no decision at iteration {obs.it} "
+                            f"(its evaluations were at {sorted(self.plan)[:5]}...); use the same eval_interval")
+        self.multiplier = self.clip(self.plan[obs.it])
+        return self.record(obs, action=None, reward=None, epsilon=None, state=None)
+
+
+class QLearningAgent(NoAgent):
+    """Tabular Q-learning over a small state space that recurs within and across runs.
+
+    State = (trend of val loss since the last evaluation, log2 multiplier bucket, third of training).
+    Action = a factor applied to the multiplier. Reward = -val loss, or the improvement in val loss.
+    Update (one-step TD): Q[s,a] += alpha * (r + gamma * max_a' Q[s',a'] - Q[s,a]); the last
+    evaluation is terminal (no bootstrap, no action).
+    """
+
+    TREND_EDGES = (-0.01, 0.001, 0.01)  # relative change: worse | flat | improving | improving fast
+    MULT_BUCKETS = 7                     # round(log2 multiplier) in -3..3
+
+    def __init__(self, cfg: Config, seed: int):
+        super().__init__(cfg, seed)
+        self.actions = parse_actions(cfg.agent_actions)
+        shape = (1 + len(self.TREND_EDGES) + 1, self.MULT_BUCKETS, 3, len(self.actions))
+        self.q = np.zeros(shape)
+        self.visits = np.zeros(shape, dtype=np.int64)
+        self.rng = np.random.default_rng(seed)
+        self.epsilon = cfg.epsilon
+        self.prev_val, self.prev_state, self.prev_action = None, None, None
+
+    def discretise(self, obs: Observation) -> tuple:
+        if self.prev_val is None:
+            trend = 0  # first evaluation: no trend yet
+        else:
+            change = (self.prev_val - obs.val_loss) / max(abs(self.prev_val), 1e-12)
+            trend = 1 + int(np.searchsorted(self.TREND_EDGES, change, side="right"))
+        half = self.MULT_BUCKETS // 2
+        mult = int(np.clip(round(math.log2(self.multiplier)), -half, half)) + half
+        third = min(2, 3 * obs.it // max(1, obs.max_iters))
+        return trend, mult, third
+
+    def reward(self, obs: Observation) -> Optional[float]:
+        if self.cfg.reward == "neg_val_loss":
+            return -obs.val_loss
+        return None if self.prev_val is None else self.prev_val - obs.val_loss
+
+    def td_update(self, reward: float, state: tuple, terminal: bool) -> None:
+        sa = self.prev_state + (self.prev_action,)
+        target = reward if terminal else reward + self.cfg.gamma * self.q[state].max()
+        self.q[sa] += self.cfg.agent_lr * (target - self.q[sa])
+        self.visits[sa] += 1
+
+    def choose(self, state: tuple) -> int:
+        if self.rng.random() < self.epsilon:
+            return int(self.rng.integers(len(self.actions)))
+        values = self.q[state]
+        best = np.flatnonzero(values == values.max())  # ties broken at random, not towards action 0
+        return int(self.rng.choice(best))
+
+    def observe(self, obs: Observation) -> dict:
+        state = self.discretise(obs)
+        reward = self.reward(obs)
+        terminal = obs.it >= obs.max_iters
+        if self.prev_state is not None and reward is not None and not self.cfg.agent_freeze:
+            self.td_update(reward, state, terminal)
+        action, epsilon = None, self.epsilon
+        if not terminal:
+            action = self.choose(state)
+            self.multiplier = self.clip(self.multiplier * self.actions[action])
+            self.epsilon = max(self.cfg.epsilon_min, self.epsilon * self.cfg.epsilon_decay)
+        self.prev_val, self.prev_state, self.prev_action = obs.val_loss, state, action
+        return self.record(obs, action=action, reward=reward, epsilon=epsilon, state=list(state))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "actions": self.actions, "q": self.q.tolist(),
+                "visits": self.visits.tolist(), "rng": self.rng.bit_generator.state, "epsilon": self.epsilon,
+                "prev_val": self.prev_val, "prev_state": self.prev_state and list(self.prev_state),
+                "prev_action": self.prev_action}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.load_table(state)
+        self.rng.bit_generator.state = state["rng"]
+        self.epsilon, self.prev_val, self.prev_action = state["epsilon"], state["prev_val"], state["prev_action"]
+        self.prev_state = tuple(state["prev_state"]) if state["prev_state"] is not None else None
+
+    def load_table(self, state: dict) -> None:
+        """What a later run inherits from an earlier one: the Q-table and visit counts."""
+        if state.get("actions") != self.actions:
+            raise UserError(f"--agent_init has actions {state.get('actions')}, this run {self.actions}")
+        q, visits = np.asarray(state["q"], dtype=np.float64), np.asarray(state["visits"], dtype=np.int64)
+        if q.shape != self.q.shape or visits.shape != self.q.shape:
+            raise UserError(f"--agent_init Q-table has shape {q.shape}, expected {self.q.shape}")
+        self.q, self.visits = q, visits
+
+
+AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearning": QLearningAgent}
+
+
+def agent_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
+    return Path(run_dir) / f"agent_{dataset}_{seed_index}.json"
+
+
+def read_agent_init(path: str, dataset: str, seed_index: int) -> dict:
+    """--agent_init: an agent JSON file, or a run folder (its agent file for this dataset and seed)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        candidates = [agent_file(p, dataset, seed_index), agent_file(p, dataset, 0)]
+        p = next((c for c in candidates if c.exists()), candidates[0])
+    try:
+        state = json.loads(p.read_text())
+        if not isinstance(state, dict) or "trajectory" not in state:
+            raise ValueError("not an agent state file")
+        return state
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --agent_init {p}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
+    if cfg.agent == "replay":
+        if not cfg.agent_init:
+            raise UserError("--agent replay needs --agent_init RUN_DIR (or an agent_<dataset>_<seed>.json)")
+        return ReplayAgent(cfg, seed, read_agent_init(cfg.agent_init, dataset, seed_index))
+    agent = AGENTS[cfg.agent](cfg, seed)
+    if cfg.agent_init:
+        if not isinstance(agent, QLearningAgent):
+            raise UserError("--agent_init initialises a qlearning agent (or names the run to replay)")
+        agent.load_table(read_agent_init(cfg.agent_init, dataset, seed_index))
+    return agent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,12 +836,13 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     eval_samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device,
                                          eval_generator_seed + k) for k, split in enumerate(("train", "val"))}
     eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)] for split, s in eval_samplers.items()}
-    agent = AGENTS[cfg.agent](cfg, seed)
+    agent = make_agent(cfg, seed, data.name, seed_index)
 
     train_log, val_log = [], []
     best_val_loss, best_val_iter = float("inf"), 0
     last_logged_loss = float("nan")
-    eval_time = 0.0
+    eval_time = agent_time = 0.0
+    optimizer_mode(optimizer, training=True)
     progress = Progress(f"{data.name} seed {seed_index}", cfg.max_iters, interactive)
     t_start = t_window = time.time()
     window_iters = 0
@@ -622,10 +850,14 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         lr = controlled_lr(cfg, it, agent.multiplier)
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             t = time.time()
+            optimizer_mode(optimizer, training=False)
             losses = estimate_loss(step_model, eval_samplers, eval_starts, rt)
+            optimizer_mode(optimizer, training=True)
             if losses["val"] < best_val_loss:
                 best_val_loss, best_val_iter = losses["val"], it
-            decision = agent.observe(it, losses["train"], losses["val"])
+            t_agent = time.perf_counter()
+            decision = agent.observe(Observation(it, cfg.max_iters, losses["train"], losses["val"]))
+            agent_time += time.perf_counter() - t_agent
             lr = controlled_lr(cfg, it, agent.multiplier)  # the agent's choice applies from this step on
             val_log.append({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
                             **decision})
@@ -659,6 +891,7 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     progress.close()
     total_train_time = time.time() - t_start
 
+    optimizer_mode(optimizer, training=False)  # sample from the weights that were evaluated
     speed = measure_inference_speed(model, data, cfg, rt, seed)
     final_info = {
         "final_train_loss": last_logged_loss,
@@ -671,11 +904,13 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         "train_time": total_train_time - eval_time,
         "eval_time": eval_time,
         "compile_time": compile_time,
+        "agent_time": agent_time,
         "sample_time": speed["sample_time"],
         "seed": seed,
         "num_params": model.num_params(),
     }
-    return {"final_info": final_info, "train_info": train_log, "val_info": val_log, "sample": speed["sample"]}
+    return {"final_info": final_info, "train_info": train_log, "val_info": val_log, "sample": speed["sample"],
+            "agent_state": agent.state_dict()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,7 +1009,7 @@ def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
     """Refuse to touch a folder holding results unless --overwrite; then clear our files from it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} exists and is not a folder")
-    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES or p.name.startswith("final_info_")] \
+    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES or p.name.startswith(("final_info_", "agent_"))] \
         if out_dir.exists() else []
     if ours and not overwrite:
         state = "finished results" if (out_dir / "final_info.json").exists() else "an unfinished run"
@@ -804,6 +1039,7 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
                 all_results[f"{dataset}_{seed_index}_{kind}"] = result[kind]
             atomic_write_json(out_dir / f"final_info_{dataset}_{seed_index}.json",
                               {**info, "dataset": dataset, "seed_index": seed_index, "sample": result["sample"]})
+            atomic_write_json(agent_file(out_dir, dataset, seed_index), result["agent_state"])
             atomic_save_npy(out_dir / "all_results.npy", all_results)  # after every seed: a crash loses one seed
             print(f"[{dataset} seed {seed_index}] best val {info['best_val_loss']:.4f} at iter "
                   f"{info['best_val_iter']} | final train {info['final_train_loss']:.4f} | "
@@ -828,6 +1064,7 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         ensure_prepared(configs[dataset], dataset)
         loaded[dataset] = load_dataset(configs[dataset], dataset)
         check_fits(configs[dataset], loaded[dataset])
+        configs[dataset] = with_step_interval_from_epochs(configs[dataset], loaded[dataset])
     out_dir = Path(base.out_dir)
     prepare_run_folder(out_dir, base.overwrite)
     interactive = sys.stderr.isatty()
@@ -882,10 +1119,28 @@ def validate(c: Config) -> None:
     if not 0 < c.multiplier_min <= 1 <= c.multiplier_max:
         raise UserError(f"need 0 < --multiplier_min <= 1 <= --multiplier_max, got {c.multiplier_min}, "
                         f"{c.multiplier_max}")
+    for name in ("epsilon", "epsilon_min", "epsilon_decay", "agent_lr", "gamma"):
+        if not 0.0 <= getattr(c, name) <= 1.0:
+            raise UserError(f"--{name} must be in [0, 1], got {getattr(c, name)}")
+    if c.step_interval <= 0 or not 0 < c.step_gamma <= 1 or not 0 <= c.wsd_decay_frac <= 1:
+        raise UserError("need --step_interval > 0, 0 < --step_gamma <= 1 and 0 <= --wsd_decay_frac <= 1")
+    parse_actions(c.agent_actions)
+    if c.optimizer == "schedulefree" and c.schedule != "constant":
+        raise UserError("--optimizer schedulefree replaces the schedule (it warms up itself): use --schedule constant")
+    if c.agent_init and not Path(c.agent_init).expanduser().exists():
+        raise UserError(f"--agent_init {c.agent_init} does not exist")
     if c.lr_floor > c.lr_ceiling:
         raise UserError(f"--lr_floor {c.lr_floor} is above --lr_ceiling {c.lr_ceiling}")
     if c.learning_rate > c.lr_ceiling:
         raise UserError(f"--learning_rate {c.learning_rate} is above --lr_ceiling {c.lr_ceiling}")
+
+
+def with_step_interval_from_epochs(c: Config, data: CharDataset) -> Config:
+    """A plan's "x0.1 every 10 epochs" in steps: an epoch is one pass over the train split's tokens."""
+    if c.step_epochs <= 0:
+        return c
+    tokens_per_step = c.batch_size * c.block_size * c.gradient_accumulation_steps
+    return dataclasses.replace(c, step_interval=max(1, round(c.step_epochs * len(data.splits["train"]) / tokens_per_step)))
 
 
 def check_fits(c: Config, data: CharDataset) -> None:
@@ -902,29 +1157,53 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
+                    "overwrite", "debug", "device", "dtype", "compile"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         usage="%(prog)s [--out_dir DIR] [--profile {auto,full,cpu,smoke}] [--datasets LIST] [--FIELD VALUE ...]",
         description="Train small GPTs on char-level datasets while an agent controls the learning rate. "
-                    "Every setting below overrides the chosen --profile (shown defaults are Config's; "
-                    "profiles change most of them).")
+                    "Every setting below overrides the chosen --profile (the [Config: ...] defaults are "
+                    "the dataclass's; profiles change most of them). Training settings also take "
+                    "per-dataset values: --learning_rate shakespeare_char=2e-3,enwik8=1e-3,text8=1e-3.")
     for f in dataclasses.fields(Config):
         flag, meta = f"--{f.name}", f.metadata
-        kwargs = dict(dest=f.name, default=None, help=meta["help"] + f" [Config: {f.default}]")
+        choices = f" {{{','.join(meta['choices'])}}}" if meta["choices"] else ""
+        kwargs = dict(dest=f.name, default=None, help=meta["help"] + choices + f" [Config: {f.default}]")
         if f.type in ("bool", "Optional[bool]"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, choices=meta["choices"], metavar=f.name.upper()
-                                if not meta["choices"] else None, **kwargs)
+        else:  # converted (and checked against choices) by parse_value, which knows per-dataset values
+            parser.add_argument(flag, metavar=f.name.upper() if not meta["choices"] else "CHOICE", **kwargs)
     return parser
+
+
+def parse_value(f: dataclasses.Field, text: str):
+    """'2e-3' -> 0.002; 'shakespeare_char=2e-3,enwik8=1e-3' -> {dataset: value} for training settings."""
+    items = [item.split("=", 1) for item in text.split(",")] if "=" in text else None
+    if items and f.name not in RUN_LEVEL_FIELDS and all(len(i) == 2 and i[0].strip() in DATASETS for i in items):
+        return {name.strip(): parse_value(f, value.strip()) for name, value in items}
+    kind = {"int": int, "float": float, "str": str}[f.type]
+    try:
+        value = kind(text)
+    except ValueError:
+        raise UserError(f"argument --{f.name}: invalid {f.type} value: {text!r} (see --help)") from None
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise UserError(f"argument --{f.name}: invalid choice: {text!r} "
+                        f"(choose from {', '.join(f.metadata['choices'])})")
+    return value
 
 
 def parse_args(argv: list[str]) -> tuple[Config, dict]:
     """Return the base Config (run-level values filled in) and the fields the user actually typed."""
-    args = build_parser().parse_args(argv)
-    typed = {k: v for k, v in vars(args).items() if v is not None}
-    base = dataclasses.replace(Config(), **typed)
+    args = vars(build_parser().parse_args(argv))
+    typed = {}
+    for f in dataclasses.fields(Config):
+        value = args[f.name]
+        if value is not None:
+            typed[f.name] = parse_value(f, value) if isinstance(value, str) else value
+    base = dataclasses.replace(Config(), **{k: v for k, v in typed.items() if not isinstance(v, dict)})
     return base, typed
 
 
