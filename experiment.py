@@ -26,11 +26,13 @@ import dataclasses
 import datetime
 import functools
 import importlib.util
+import io
 import json
 import math
 import os
 import platform
-import shutil
+import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +50,7 @@ from torch.nn import functional as F
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
 SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw datasets
-RESULT_FILES = ("final_info.json", "all_results.npy", "run.json")  # plus final_info_*.json, agent_*.json
+RESULT_FILES = ("final_info.json", "all_results.npy", "all_results.json", "run.json")  # plus final_info_*.json, agent_*.json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,6 +75,7 @@ class Config:
     data_dir: str = _opt("", "folder holding <dataset>/ with prepared data; default <project>/data")
     source_dir: str = _opt("", f"folder with offline raw copies (else ${SOURCE_DIR_ENV}); used to prepare missing data")
     overwrite: bool = _opt(False, "replace the results of a finished run folder")
+    download: bool = _opt(True, "download missing datasets (--no-download: fail with the command to run instead)")
     # --- model (nanoGPT names) ---
     n_layer: int = _opt(6, "transformer blocks")
     n_head: int = _opt(6, "attention heads")
@@ -116,6 +119,13 @@ class Config:
     multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier")
     lr_floor: float = _opt(0.0, "the learning rate never goes below this")
     lr_ceiling: float = _opt(0.1, "the learning rate never goes above this")
+    # --- reliability ---
+    resume: bool = _opt(False, "continue an interrupted run folder from its checkpoints (its config is reused)")
+    max_rollbacks: int = _opt(3, "divergence guard: rollbacks allowed per seed before it ends as 'diverged'")
+    divergence_factor: float = _opt(2.0, "divergence guard: a loss above this x the first evaluation's train loss "
+                                         "(or not finite) rolls back (0 = only non-finite)")
+    rollback_cut: float = _opt(0.5, "divergence guard: the multiplier is multiplied by this on a rollback")
+    divergence_penalty: float = _opt(-5.0, "divergence guard: reward the agent receives for the action that diverged")
     # --- evaluation and logging ---
     eval_interval: int = _opt(250, "steps between evaluations (the agent acts after each)")
     eval_iters: int = _opt(200, "batches per split in each evaluation")
@@ -216,7 +226,6 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_save_npy(path: Path, obj) -> None:
-    import io
     buf = io.BytesIO()
     np.save(buf, obj, allow_pickle=True)
     atomic_write_bytes(path, buf.getvalue())
@@ -284,7 +293,7 @@ def ensure_prepared(cfg: Config, dataset: str, log=print) -> Path:
     """Prepare missing data: from an offline copy if one is configured, else by downloading it."""
     prep = load_prepare_module()
     out = dataset_dir(cfg, dataset)
-    if prep.is_prepared(dataset, out):
+    if (out / "meta.json").exists():  # written last by prepare: data is there (load_dataset checks it)
         return out
     out.mkdir(parents=True, exist_ok=True)
     source_dir = cfg.source_dir or os.environ.get(SOURCE_DIR_ENV, "")
@@ -293,6 +302,9 @@ def ensure_prepared(cfg: Config, dataset: str, log=print) -> Path:
         log(f"[data] preparing {dataset} from {source}")
     else:
         looked = f" (no copy in {source_dir})" if source_dir else ""
+        if not cfg.download:
+            raise UserError(f"{dataset} is not prepared in {out}{looked} and --no-download is set; run: "
+                            f"python data/{dataset}/prepare.py --source FILE (or set {SOURCE_DIR_ENV}=DIR)")
         log(f"[data] {dataset} is not prepared in {out}{looked}: downloading it")
     try:
         prep.prepare(dataset, out, source=source, log=log)
@@ -312,6 +324,9 @@ def load_dataset(cfg: Config, dataset: str) -> CharDataset:
         itos = [meta["itos"][str(i)] for i in range(meta["vocab_size"])]
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{folder}/meta.json is missing or corrupt ({e}); re-run data/{dataset}/prepare.py") from e
+    if len(meta.get("stoi", {})) != meta["vocab_size"] or sorted(meta["stoi"].values()) != list(range(len(itos))):
+        raise UserError(f"{folder}/meta.json is inconsistent: vocab_size {meta['vocab_size']} but "
+                        f"{len(meta.get('stoi', {}))} stoi entries; re-run data/{dataset}/prepare.py")
     splits = {}
     for split, n_tokens in meta["splits"].items():
         path = folder / f"{split}.bin"
@@ -320,6 +335,9 @@ def load_dataset(cfg: Config, dataset: str) -> CharDataset:
             raise UserError(f"{path} has {size} bytes, meta.json expects {2 * n_tokens} "
                             f"(uint16); re-run data/{dataset}/prepare.py")
         splits[split] = np.fromfile(path, dtype=np.uint16)
+        if n_tokens and int(splits[split].max()) >= len(itos):
+            raise UserError(f"{path} holds token id {int(splits[split].max())}, outside the vocabulary of "
+                            f"{len(itos)}; re-run data/{dataset}/prepare.py")
     return CharDataset(dataset, splits, itos, meta)
 
 
@@ -551,6 +569,10 @@ class NoAgent:
     def observe(self, obs: Observation) -> dict:
         return self.record(obs, action=None, reward=None, epsilon=None, state=None)
 
+    def on_rollback(self, penalty: float, cut: float) -> None:
+        """The run diverged after this agent's last decision and was rolled back: take a smaller step."""
+        self.multiplier = self.clip(self.multiplier * cut)
+
     def record(self, obs: Observation, **fields) -> dict:
         self.trajectory.append({"iter": obs.it, "multiplier": self.multiplier})
         return {"multiplier": self.multiplier, **fields}
@@ -663,6 +685,13 @@ class QLearningAgent(NoAgent):
         self.prev_val, self.prev_state, self.prev_action = obs.val_loss, state, action
         return self.record(obs, action=action, reward=reward, epsilon=epsilon, state=list(state))
 
+    def on_rollback(self, penalty: float, cut: float) -> None:
+        """The last action led to divergence: learn that (a terminal penalty), then cut the multiplier."""
+        if self.prev_action is not None and not self.cfg.agent_freeze:
+            self.prev_state = tuple(self.prev_state)
+            self.td_update(penalty, self.prev_state, terminal=True)
+        super().on_rollback(penalty, cut)
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "actions": self.actions, "q": self.q.tolist(),
                 "visits": self.visits.tolist(), "rng": self.rng.bit_generator.state, "epsilon": self.epsilon,
@@ -691,6 +720,10 @@ AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearn
 
 def agent_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
     return Path(run_dir) / f"agent_{dataset}_{seed_index}.json"
+
+
+def checkpoint_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
+    return Path(run_dir) / f"ckpt_{dataset}_{seed_index}.pt"
 
 
 def read_agent_init(path: str, dataset: str, seed_index: int) -> dict:
@@ -759,26 +792,57 @@ class Runtime:
 
 
 def seed_everything(seed: int) -> None:
-    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA; dropout draws from this global generator
 
 
+class StopRequest:
+    """Set by SIGTERM / Ctrl-C; the loop checkpoints at the next step and exits cleanly."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+
+    def __call__(self, signum, frame):
+        if self.signal_name is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+
+class Interrupted(Exception):
+    exit_code = 130
+
+
+class FaultInjector:
+    """Test hook: $GPT_RL_TEST_NAN_AT="15,40" poisons the loss once at those steps; "15+" at every step >= 15."""
+
+    def __init__(self, spec: str):
+        self.once = {int(x) for x in spec.split(",") if x.strip() and not x.endswith("+")}
+        self.from_it = min([int(x[:-1]) for x in spec.split(",") if x.endswith("+")], default=None)
+
+    def poison(self, it: int) -> bool:
+        if self.from_it is not None and it >= self.from_it:
+            return True
+        if it in self.once:
+            self.once.discard(it)
+            return True
+        return False
+
+
 class Progress:
     """A live bar on a terminal; plain periodic lines when stderr is a file or CI log."""
 
-    def __init__(self, label: str, total: int, interactive: bool, every_s: float = 15.0):
-        self.label, self.total, self.every_s = label, total, every_s
+    def __init__(self, label: str, total: int, start: int, interactive: bool, every_s: float = 15.0):
+        self.label, self.total, self.start, self.every_s = label, total, start, every_s
         self.t0 = self.last_print = time.time()
         self.bar = None
         if interactive:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=label, dynamic_ncols=True, leave=True, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True, file=sys.stderr)
 
     def update(self, it: int, loss: float, lr: float, force: bool = False) -> None:
         elapsed = time.time() - self.t0
-        eta = elapsed / max(it, 1) * (self.total - it)
+        eta = elapsed / max(it - self.start, 1) * (self.total - it)
         if self.bar is not None:
             self.bar.n = it
             self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e}", refresh=True)
@@ -812,7 +876,81 @@ def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runti
     return out
 
 
-def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, interactive: bool) -> dict:
+@dataclass
+class SeedState:
+    """Everything about one seed's training that is not a tensor; saved in every checkpoint."""
+    next_it: int = 0               # the next optimizer step to take
+    last_eval_it: int = -1         # the last evaluated iteration (its agent decision is made)
+    train_log: list = field(default_factory=list)
+    val_log: list = field(default_factory=list)
+    best_val_loss: Optional[float] = None
+    best_val_iter: int = 0
+    last_logged_loss: Optional[float] = None
+    reference_loss: Optional[float] = None  # first evaluation's train loss: the divergence yardstick
+    rollbacks: int = 0
+    elapsed: float = 0.0           # training-loop seconds spent before this process (resume)
+    eval_time: float = 0.0
+    agent_time: float = 0.0
+    checkpoint_time: float = 0.0
+
+
+@dataclass
+class SeedRun:
+    """The live objects of one seed's training, and how to checkpoint and restore all of them."""
+    cfg: Config
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BatchSampler
+    agent: NoAgent
+    state: SeedState
+    checkpoint: Path
+
+    def save(self) -> None:
+        """Atomically (temp file + rename); loads with torch.load(weights_only=True)."""
+        t = time.perf_counter()
+        py_rng = random.getstate()
+        np_rng = np.random.get_state()
+        meta = {"state": dataclasses.asdict(self.state), "agent": self.agent.state_dict(),
+                "config": dataclasses.asdict(self.cfg), "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
+                "numpy_rng": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]]}
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                   "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta)}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write_bytes(self.checkpoint, buf.getvalue())
+        self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
+
+    def restore(self) -> None:
+        try:
+            payload = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            meta = json.loads(payload["meta"])
+        except Exception as e:  # a truncated or foreign file: say which, do not guess
+            raise UserError(f"checkpoint {self.checkpoint} is unreadable ({type(e).__name__}); "
+                            f"delete it to restart this seed") from e
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        torch.set_rng_state(payload["torch_rng"])
+        if payload["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        self.sampler.generator.set_state(payload["sampler_rng"])
+        py = meta["python_rng"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np_rng = meta["numpy_rng"]
+        np.random.set_state((np_rng[0], np.array(np_rng[1], dtype=np.uint32), *np_rng[2:]))
+        self.agent.load_state_dict(meta["agent"])
+        self.state = SeedState(**meta["state"])
+
+
+def is_diverged(loss: float, reference: Optional[float], factor: float) -> bool:
+    return not math.isfinite(loss) or (reference is not None and factor > 0 and loss > factor * reference)
+
+
+def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, out_dir: Path,
+                   interactive: bool, stop: StopRequest, resume: bool = False) -> dict:
     """Train one model; return its final_info, train log and val log (the all_results.npy records)."""
     seed = cfg.seed_base + seed_index
     seed_everything(seed)
@@ -830,49 +968,84 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
 
     # Separate generators: training batches, and the fixed evaluation batches drawn once per run,
     # so every evaluation (and every agent reward) compares the model on the same text.
-    samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device, seed + 1000 * k)
-                for k, split in enumerate(("train", "val"))}
-    eval_generator_seed = seed + 7919
+    sampler = BatchSampler(data.splits["train"], cfg.block_size, cfg.batch_size, rt.device, seed)
     eval_samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device,
-                                         eval_generator_seed + k) for k, split in enumerate(("train", "val"))}
+                                         seed + 7919 + k) for k, split in enumerate(("train", "val"))}
     eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)] for split, s in eval_samplers.items()}
-    agent = make_agent(cfg, seed, data.name, seed_index)
+    run = SeedRun(cfg, model, optimizer, scaler, sampler, make_agent(cfg, seed, data.name, seed_index),
+                  SeedState(), checkpoint_file(out_dir, data.name, seed_index))
+    if resume and run.checkpoint.exists():
+        run.restore()
+    faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
+    label = f"{data.name} seed {seed_index}"
+    progress = Progress(label, cfg.max_iters, run.state.next_it, interactive)
+    if run.state.next_it:
+        progress.write(f"[{label}] resuming at iter {run.state.next_it}")
 
-    train_log, val_log = [], []
-    best_val_loss, best_val_iter = float("inf"), 0
-    last_logged_loss = float("nan")
-    eval_time = agent_time = 0.0
+    def rollback(why: str) -> bool:
+        """Back to the last checkpoint with a smaller multiplier; False once the rollbacks are spent."""
+        rollbacks = run.state.rollbacks + 1
+        run.restore()  # even when giving up: the seed ends with its last good weights, not NaNs
+        run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
+        if rollbacks > cfg.max_rollbacks:
+            progress.write(f"[{label}] {why}: {cfg.max_rollbacks} rollbacks spent, the seed ends as diverged")
+            return False
+        progress.write(f"[{label}] {why}: rollback {rollbacks}/{cfg.max_rollbacks}")
+        run.agent.on_rollback(cfg.divergence_penalty, cfg.rollback_cut)
+        run.save()
+        return True
+
+    status = "finished"
     optimizer_mode(optimizer, training=True)
-    progress = Progress(f"{data.name} seed {seed_index}", cfg.max_iters, interactive)
     t_start = t_window = time.time()
     window_iters = 0
-    for it in range(cfg.max_iters + 1):
-        lr = controlled_lr(cfg, it, agent.multiplier)
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+    it = run.state.next_it
+    while True:
+        s = run.state
+        lr = controlled_lr(cfg, it, run.agent.multiplier)
+        if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and s.last_eval_it < it:
             t = time.time()
             optimizer_mode(optimizer, training=False)
             losses = estimate_loss(step_model, eval_samplers, eval_starts, rt)
             optimizer_mode(optimizer, training=True)
-            if losses["val"] < best_val_loss:
-                best_val_loss, best_val_iter = losses["val"], it
+            s.eval_time += time.time() - t
+            if is_diverged(losses["val"], s.reference_loss, cfg.divergence_factor):
+                if rollback(f"val loss {losses['val']:.4g} at iter {it}"):
+                    it = run.state.next_it
+                    continue
+                status = "diverged"
+                break
+            s.reference_loss = s.reference_loss or losses["train"]
+            if s.best_val_loss is None or losses["val"] < s.best_val_loss:
+                s.best_val_loss, s.best_val_iter = losses["val"], it
             t_agent = time.perf_counter()
-            decision = agent.observe(Observation(it, cfg.max_iters, losses["train"], losses["val"]))
-            agent_time += time.perf_counter() - t_agent
-            lr = controlled_lr(cfg, it, agent.multiplier)  # the agent's choice applies from this step on
-            val_log.append({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
-                            **decision})
-            progress.write(f"[{data.name} seed {seed_index}] iter {it}: train {losses['train']:.4f} "
-                           f"val {losses['val']:.4f} lr {lr:.2e}")
-            eval_time += time.time() - t
-            t_window = time.time()  # keep evaluation out of the per-iteration step times
+            decision = run.agent.observe(Observation(it, cfg.max_iters, losses["train"], losses["val"]))
+            s.agent_time += time.perf_counter() - t_agent
+            lr = controlled_lr(cfg, it, run.agent.multiplier)  # the agent's choice applies from this step on
+            s.val_log.append({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
+                              **decision})
+            progress.write(f"[{label}] iter {it}: train {losses['train']:.4f} val {losses['val']:.4f} lr {lr:.2e}")
+            s.last_eval_it = s.next_it = it
+            s.elapsed += time.time() - t_start
+            t_start = time.time()
+            run.save()
+            t_window, window_iters = time.time(), 0  # keep evaluation and checkpoint out of step times
         if it == cfg.max_iters:
             break
+        if stop.signal_name:
+            s.next_it = it
+            s.elapsed += time.time() - t_start
+            run.save()
+            progress.close()
+            raise Interrupted(f"{stop.signal_name}: checkpoint saved at iter {it}; continue with --resume")
 
         set_lr(optimizer, lr)
         for _ in range(cfg.gradient_accumulation_steps):
-            x, y = samplers["train"].next_batch()
+            x, y = sampler.next_batch()
             with rt.autocast:
                 _, loss = step_model(x, y)
+            if faults.poison(it):
+                loss = loss * float("nan")
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -883,34 +1056,47 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         window_iters += 1
 
         if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
-            last_logged_loss = loss.item()  # the only host sync of the step, once per log_interval
+            lossf = loss.item()  # the only host sync of the step, once per log_interval
+            if is_diverged(lossf, s.reference_loss, cfg.divergence_factor):
+                if rollback(f"train loss {lossf:.4g} at iter {it}"):
+                    it = run.state.next_it
+                    t_window, window_iters = time.time(), 0
+                    continue
+                status = "diverged"
+                break
             now = time.time()
-            train_log.append({"iter": it, "loss": last_logged_loss, "time": (now - t_window) * 1000 / window_iters})
+            s.train_log.append({"iter": it, "loss": lossf, "time": (now - t_window) * 1000 / window_iters})
+            s.last_logged_loss = lossf
             t_window, window_iters = now, 0
-            progress.update(it + 1, last_logged_loss, lr, force=it == cfg.max_iters - 1)
+            progress.update(it + 1, lossf, lr, force=it == cfg.max_iters - 1)
+        it += 1
     progress.close()
-    total_train_time = time.time() - t_start
+    s = run.state
+    s.elapsed += time.time() - t_start
 
     optimizer_mode(optimizer, training=False)  # sample from the weights that were evaluated
     speed = measure_inference_speed(model, data, cfg, rt, seed)
     final_info = {
-        "final_train_loss": last_logged_loss,
-        "best_val_loss": best_val_loss,
-        "total_train_time": total_train_time,
+        "final_train_loss": s.last_logged_loss if s.last_logged_loss is not None else s.val_log[-1]["train/loss"],
+        "best_val_loss": s.best_val_loss,
+        "total_train_time": s.elapsed,
         "avg_inference_tokens_per_second": speed["avg_tokens_per_second"],
         "inference_tokens_per_second_aggregate": speed["aggregate_tokens_per_second"],
-        "best_val_iter": best_val_iter,
-        "final_val_loss": val_log[-1]["val/loss"],
-        "train_time": total_train_time - eval_time,
-        "eval_time": eval_time,
+        "best_val_iter": s.best_val_iter,
+        "final_val_loss": s.val_log[-1]["val/loss"],
+        "train_time": s.elapsed - s.eval_time,
+        "eval_time": s.eval_time,
         "compile_time": compile_time,
-        "agent_time": agent_time,
+        "agent_time": s.agent_time,
+        "checkpoint_time": s.checkpoint_time,
         "sample_time": speed["sample_time"],
+        "rollbacks": s.rollbacks,
         "seed": seed,
         "num_params": model.num_params(),
+        "status": status,
     }
-    return {"final_info": final_info, "train_info": train_log, "val_info": val_log, "sample": speed["sample"],
-            "agent_state": agent.state_dict()}
+    return {"final_info": final_info, "train_info": s.train_log, "val_info": s.val_log, "sample": speed["sample"],
+            "agent_state": run.agent.state_dict()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -966,13 +1152,15 @@ def measure_inference_speed(model: GPT, data: CharDataset, cfg: Config, rt: Runt
 
 def summarize(per_seed: list[dict]) -> dict:
     """final_info.json's entry for one dataset: means, stderrs (ddof=1; null for n=1), per-seed lists."""
-    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and k != "seed"]
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k != "seed"]
     final_info_dict = {k: [s[k] for s in per_seed] for k in keys}
     means, stderrs = {}, {}
     for k, values in final_info_dict.items():
         means[f"{k}_mean"], stderrs[f"{k}_stderr"] = mean_and_stderr(values)
     return {"means": means, "stderrs": stderrs, "final_info_dict": final_info_dict,
-            "seeds": [s["seed"] for s in per_seed], "n": len(per_seed)}
+            "seeds": [s["seed"] for s in per_seed], "statuses": [s.get("status", "finished") for s in per_seed],
+            "n": len(per_seed)}
 
 
 def git_commit() -> Optional[str]:
@@ -988,7 +1176,7 @@ def git_commit() -> Optional[str]:
 def environment_record(rt: Runtime) -> dict:
     import importlib.metadata as md
     versions = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm"):
+    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm", "schedulefree", "scipy"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -1009,7 +1197,7 @@ def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
     """Refuse to touch a folder holding results unless --overwrite; then clear our files from it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} exists and is not a folder")
-    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES or p.name.startswith(("final_info_", "agent_"))] \
+    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES or p.name.startswith(("final_info_", "agent_", "ckpt_"))] \
         if out_dir.exists() else []
     if ours and not overwrite:
         state = "finished results" if (out_dir / "final_info.json").exists() else "an unfinished run"
@@ -1026,38 +1214,113 @@ def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
         raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from e
 
 
-def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interactive: bool) -> dict:
+def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interactive: bool, stop: StopRequest,
+              resume: bool) -> dict:
     """Every dataset and seed; per-seed files are written as soon as each seed ends."""
-    all_results, final_infos = {}, {}
+    all_results = read_json(out_dir / "all_results.json") if resume and (out_dir / "all_results.json").exists() else {}
+    final_infos = {}
     for dataset, cfg in configs.items():
         per_seed = []
         for seed_index in range(cfg.seeds):
-            result = train_one_seed(cfg, loaded[dataset], seed_index, rt, interactive)
+            done = finished_seed(out_dir, all_results, dataset, seed_index) if resume else None
+            if done is not None:
+                print(f"[{dataset} seed {seed_index}] finished earlier: kept", flush=True)
+                per_seed.append(done)
+                continue
+            result = train_one_seed(cfg, loaded[dataset], seed_index, rt, out_dir, interactive, stop, resume)
             info = result["final_info"]
             per_seed.append(info)
             for kind in ("final_info", "train_info", "val_info"):
                 all_results[f"{dataset}_{seed_index}_{kind}"] = result[kind]
-            atomic_write_json(out_dir / f"final_info_{dataset}_{seed_index}.json",
-                              {**info, "dataset": dataset, "seed_index": seed_index, "sample": result["sample"]})
             atomic_write_json(agent_file(out_dir, dataset, seed_index), result["agent_state"])
             atomic_save_npy(out_dir / "all_results.npy", all_results)  # after every seed: a crash loses one seed
-            print(f"[{dataset} seed {seed_index}] best val {info['best_val_loss']:.4f} at iter "
+            atomic_write_json(out_dir / "all_results.json", all_results)  # the same, readable without unpickling
+            atomic_write_json(out_dir / f"final_info_{dataset}_{seed_index}.json",  # last: marks the seed done
+                              {**info, "dataset": dataset, "seed_index": seed_index, "sample": result["sample"]})
+            checkpoint_file(out_dir, dataset, seed_index).unlink(missing_ok=True)  # disk use stays bounded
+            print(f"[{dataset} seed {seed_index}] {info['status']}: best val {info['best_val_loss']:.4f} at iter "
                   f"{info['best_val_iter']} | final train {info['final_train_loss']:.4f} | "
-                  f"{info['total_train_time']:.1f}s | {info['avg_inference_tokens_per_second']:.0f} tok/s sampling",
-                  flush=True)
+                  f"{info['total_train_time']:.1f}s | {info['avg_inference_tokens_per_second']:.0f} tok/s sampling"
+                  + (f" | {info['rollbacks']} rollbacks" if info["rollbacks"] else ""), flush=True)
         final_infos[dataset] = summarize(per_seed)
     return final_infos
 
 
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: int) -> Optional[dict]:
+    """A seed whose per-seed file and logs are on disk is kept as it is on --resume."""
+    path = out_dir / f"final_info_{dataset}_{seed_index}.json"
+    keys = [f"{dataset}_{seed_index}_{kind}" for kind in ("final_info", "train_info", "val_info")]
+    if not path.exists() or not all(k in all_results for k in keys):
+        return None
+    checkpoint_file(out_dir, dataset, seed_index).unlink(missing_ok=True)  # killed between the two writes
+    return all_results[keys[0]]
+
+
+# Flags that may differ on --resume: they change where files are, not what is computed.
+IGNORED_ON_RESUME = {"resume", "debug", "overwrite", "out_dir", "title", "description", "data_dir", "source_dir",
+                     "download"}
+
+
+def resume_configs(out_dir: Path, run_record: dict, typed: dict) -> dict:
+    """The interrupted run's own configs; refuse if a flag typed now would change any of them."""
+    try:
+        stored = {d: Config(**c) for d, c in run_record["configs"].items()}
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{out_dir}/run.json does not describe a run of this version ({e})") from e
+    diffs = []
+    for name, value in typed.items():
+        if name in IGNORED_ON_RESUME:
+            continue
+        if name == "profile" and value not in ("auto", run_record.get("profile")):
+            diffs.append(f"profile: {run_record.get('profile')!r} -> {value!r}")
+        elif name == "datasets" and [d.strip() for d in value.split(",") if d.strip()] != list(stored):
+            diffs.append(f"datasets: {','.join(stored)!r} -> {value!r}")
+        elif name not in ("profile", "datasets"):
+            for d, old in stored.items():
+                new = value.get(d, getattr(old, name)) if isinstance(value, dict) else value
+                if getattr(old, name) != new:
+                    diffs.append(f"{d}.{name}: {getattr(old, name)!r} -> {new!r}")
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise UserError(f"--resume: {out_dir} was made with a different config ({shown}); "
+                        f"resume with just --out_dir {out_dir} --resume")
+    keep = {k: v for k, v in typed.items() if k in ("data_dir", "source_dir", "download")}
+    return {d: dataclasses.replace(c, resume=True, **keep) for d, c in stored.items()}
+
+
 def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
-    datasets = [d.strip() for d in base.datasets.split(",") if d.strip()]
-    unknown = [d for d in datasets if d not in DATASETS]
-    if not datasets or unknown:
-        raise UserError(f"unknown dataset(s) {unknown or base.datasets!r}; choose from {', '.join(DATASETS)}")
+    out_dir = Path(base.out_dir)
     profile = resolve_profile(base.profile)
-    configs = {d: config_for_dataset(base, cli_overrides, profile, d) for d in datasets}
+    run_record = None
+    if base.resume:
+        if base.overwrite:
+            raise UserError("--resume and --overwrite contradict each other")
+        if not (out_dir / "run.json").exists():
+            raise UserError(f"--resume: {out_dir} holds no run to resume (no run.json)")
+        if (out_dir / "final_info.json").exists():
+            print(f"{out_dir} is already finished: nothing to resume", flush=True)
+            return read_json(out_dir / "final_info.json")
+        run_record = read_json(out_dir / "run.json")
+        for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
+            stale.unlink()
+        profile = run_record.get("profile", profile)
+        configs = resume_configs(out_dir, run_record, cli_overrides)
+    else:
+        datasets = [d.strip() for d in base.datasets.split(",") if d.strip()]
+        unknown = [d for d in datasets if d not in DATASETS]
+        if not datasets or unknown:
+            raise UserError(f"unknown dataset(s) {unknown or base.datasets!r}; choose from {', '.join(DATASETS)}")
+        configs = {d: config_for_dataset(base, cli_overrides, profile, d) for d in datasets}
     for c in configs.values():
         validate(c)
+    datasets = list(configs)
     rt = Runtime.choose(configs[datasets[0]])
     loaded = {}
     for dataset in datasets:  # all data first: a missing dataset must fail before the run folder is touched
@@ -1065,31 +1328,47 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         loaded[dataset] = load_dataset(configs[dataset], dataset)
         check_fits(configs[dataset], loaded[dataset])
         configs[dataset] = with_step_interval_from_epochs(configs[dataset], loaded[dataset])
-    out_dir = Path(base.out_dir)
-    prepare_run_folder(out_dir, base.overwrite)
+    if not base.resume:
+        prepare_run_folder(out_dir, base.overwrite)
     interactive = sys.stderr.isatty()
     print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile} | "
-          f"datasets {', '.join(datasets)} | out_dir {out_dir}", flush=True)
+          f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
 
-    run_record = {"title": base.title, "description": base.description, "profile": profile, "datasets": datasets,
-                  "command": [sys.executable] + argv, "cwd": os.getcwd(), "started": now_iso(), "finished": None,
-                  "status": "running", "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
-                  **environment_record(rt)}
+    if run_record is None:
+        run_record = {"title": base.title, "description": base.description, "profile": profile,
+                      "datasets": datasets, "command": [sys.executable] + argv, "cwd": os.getcwd(),
+                      "started": now_iso(), "finished": None,
+                      "configs": {d: dataclasses.asdict(c) for d, c in configs.items()}, **environment_record(rt)}
+    else:
+        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": [sys.executable] + argv})
+    run_record.update(status="running", error=None)
     atomic_write_json(out_dir / "run.json", run_record)
+
+    stop = StopRequest()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        final_infos = train_all(configs, loaded, rt, out_dir, interactive)
-    except BaseException as e:  # record how the run ended; the finished seeds' files stay
-        run_record.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                          error=f"{type(e).__name__}: {e}", finished=now_iso())
-        atomic_write_json(out_dir / "run.json", run_record)
+        final_infos = train_all(configs, loaded, rt, out_dir, interactive, stop, base.resume)
+    except BaseException as e:  # record how the run ended; finished seeds and checkpoints stay
+        interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
+        run_record.update(status="interrupted" if interrupted else "failed", error=f"{type(e).__name__}: {e}",
+                          finished=now_iso())
+        try:
+            atomic_write_json(out_dir / "run.json", run_record)
+        except OSError:
+            pass  # the original error (a full disk, say) is the one to report
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     atomic_write_json(out_dir / "final_info.json", final_infos)
     run_record.update(status="finished", finished=now_iso())
     atomic_write_json(out_dir / "run.json", run_record)
     for dataset, s in final_infos.items():
         mean, err = s["means"]["best_val_loss_mean"], s["stderrs"]["best_val_loss_stderr"]
         spread = f" ± {err:.4f} (stderr, n={s['n']})" if err is not None else f" (n={s['n']}, no stderr)"
-        print(f"{dataset}: best val loss {mean:.4f}{spread}", flush=True)
+        diverged = s["statuses"].count("diverged")
+        print(f"{dataset}: best val loss {mean:.4f}{spread}" + (f", {diverged} seed(s) diverged" if diverged else ""),
+              flush=True)
     return final_infos
 
 
@@ -1158,7 +1437,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
-                    "overwrite", "debug", "device", "dtype", "compile"}
+                    "overwrite", "download", "resume", "debug", "device", "dtype", "compile"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1214,11 +1493,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         base, typed = parse_args(argv)
         run_experiment(base, typed, argv)
         return 0
-    except (UserError, RunFailed) as e:
+    except (UserError, RunFailed, Interrupted) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a full disk, a vanished folder: earlier results are intact (atomic writes)
+        if debug:
+            raise
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

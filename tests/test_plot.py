@@ -1,0 +1,393 @@
+"""Specification of plot.py: figures, the comparison table and notes.txt (SPEC sections 4 and 6).
+
+Run folders here are synthetic, written with known numbers in the format experiment.py writes
+(run.json, final_info.json, all_results.json), so every expected number can be worked out by hand.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import plot  # noqa: E402
+
+DATASETS = ("shakespeare_char", "text8")
+SEEDS = (1337, 1338, 1339)
+# Baseline per-seed values (seed 1337, 1338, 1339), the same on every dataset.
+BASE = {"best_val_loss": [1.50, 1.46, 1.48], "final_train_loss": [1.20, 1.18, 1.22],
+        "total_train_time": [60.0, 61.0, 62.0], "avg_inference_tokens_per_second": [600.0, 605.0, 610.0]}
+
+
+def write_run(folder: Path, *, title: str = "", description: str = "", seeds=SEEDS, metrics=None,
+              eval_iters=None, max_iters: int = 100, datasets=DATASETS) -> Path:
+    """A finished run folder. metrics: {metric: per-seed values} (default BASE, cut to len(seeds));
+    eval_iters: one list of evaluation iterations per seed (default every 20 iterations)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = metrics or {k: v[:len(seeds)] for k, v in BASE.items()}
+    eval_iters = eval_iters or [list(range(0, max_iters + 1, 20))] * len(seeds)
+    final, results = {}, {}
+    for d, dataset in enumerate(datasets):
+        means = {f"{k}_mean": float(np.mean(v)) for k, v in metrics.items()}
+        stderrs = {f"{k}_stderr": float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+                   for k, v in metrics.items()}
+        final[dataset] = {"means": means, "stderrs": stderrs, "final_info_dict": metrics, "seeds": list(seeds),
+                          "n": len(seeds)}
+        for i, seed in enumerate(seeds):
+            wiggle = 0.05 * (i + 1) + 0.1 * d
+            results[f"{dataset}_{i}_train_info"] = [
+                {"iter": it, "loss": 1.0 + wiggle + 3.0 * math.exp(-it / 30) + 0.05 * math.sin(it + i),
+                 "time": 5.0} for it in range(0, max_iters + 1, 5)]
+            results[f"{dataset}_{i}_val_info"] = [
+                {"iter": it, "train/loss": 1.0 + wiggle + 3.0 * math.exp(-it / 30),
+                 "val/loss": 1.2 + wiggle + 3.0 * math.exp(-it / 30),
+                 "lr": 1e-3 * 2.0 ** (-((k + i) % 4)), "multiplier": 1.0, "action": 0, "reward": 0.0,
+                 "epsilon": 0.1, "state": [0, 0, 0]} for k, it in enumerate(eval_iters[i])]
+            results[f"{dataset}_{i}_final_info"] = {k: v[i] for k, v in metrics.items()}
+    config = {"max_iters": max_iters, "eval_interval": eval_iters[0][1] - eval_iters[0][0], "seeds": len(seeds)}
+    run_json = {"title": title, "description": description, "profile": "smoke", "datasets": list(datasets),
+                "status": "finished", "configs": {d: config for d in datasets}}
+    (folder / "run.json").write_text(json.dumps(run_json))
+    (folder / "final_info.json").write_text(json.dumps(final))
+    (folder / "all_results.json").write_text(json.dumps(results))
+    return folder
+
+
+def run_plot(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "plot.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def shifted(values, by):
+    return [v + b for v, b in zip(values, by)]
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """run_0 baseline (3 seeds), run_1 (3 seeds), run_2 broken, run_3 (1 seed), run_4 (3 seeds evaluated at
+    other iterations than the rest, and not all at the same ones)."""
+    write_run(tmp_path / "run_0", title="Baseline", description="Cosine schedule, no agent.")
+    write_run(tmp_path / "run_1", title="Q-learning", description="Tabular Q-learning agent.",
+              metrics={"best_val_loss": [1.45, 1.44, 1.47], "final_train_loss": [1.10, 1.12, 1.11],
+                       "total_train_time": [70.0, 71.5, 72.0],
+                       "avg_inference_tokens_per_second": [650.0, 660.0, 655.0]})
+    broken = tmp_path / "run_2"
+    broken.mkdir()
+    (broken / "final_info.json").write_text("{not json")
+    write_run(tmp_path / "run_3", title="One seed", seeds=(1337,),
+              metrics={"best_val_loss": [1.47], "final_train_loss": [1.2], "total_train_time": [60.0],
+                       "avg_inference_tokens_per_second": [600.0]})
+    write_run(tmp_path / "run_4", title="Other eval iterations",
+              eval_iters=[[0, 25, 50, 75, 100], [0, 25, 50, 75, 100], [0, 25, 40, 50, 100]])
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+def distinct_colours(pixels: np.ndarray) -> int:
+    rgba = np.round(pixels * 255).astype(np.uint32) if pixels.dtype.kind == "f" else pixels.astype(np.uint32)
+    packed = rgba[..., 0] << 16 | rgba[..., 1] << 8 | rgba[..., 2]  # one integer per colour: fast unique
+    return len(np.unique(packed))
+
+
+def table_line(table: str, dataset: str, run: str, metric: str) -> str:
+    block = table.split(f"{dataset}:\n", 1)[1].split("\n\n", 1)[0]
+    (line,) = [x for x in block.splitlines() if x.split()[:2] == [metric, run]]
+    return line
+
+
+def test_plot_writes_every_figure_and_skips_the_broken_run_with_one_warning(runs, tmp_path):
+    from matplotlib.image import imread
+
+    out = tmp_path / "plots"
+    result = run_plot("--out_dir", out, cwd=runs)
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: skipping run_2: "), result.stderr
+    assert "final_info.json" in warnings[0]
+    expected = [f"{kind}_{d}.png" for d in DATASETS for kind in ("train_loss", "val_loss", "lr")] + ["summary.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)  # and no temporary files left behind
+    for name in expected:
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), name
+        assert len(data) > 10_000, name
+        pixels = imread(out / name)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 500, name
+        assert distinct_colours(pixels) > 50, f"{name} looks empty ({distinct_colours(pixels)} colours)"
+
+
+def test_mean_curve_averages_only_iterations_every_seed_logged():
+    seeds = [(np.array([0.0, 25, 50, 100]), np.array([4.0, 3.0, 2.0, 1.0])),
+             (np.array([0.0, 25, 40, 50, 100]), np.array([5.0, 4.0, 9.0, 3.0, 2.0])),
+             (np.array([0.0, 50, 100]), np.array([6.0, 4.0, 3.0]))]
+    iters, mean, spread = plot.mean_curve(seeds)
+    assert iters.tolist() == [0, 50, 100]
+    assert mean.tolist() == pytest.approx([5.0, 3.0, 2.0])
+    # stderr = std(ddof=1) / sqrt(n): values 4,5,6 -> std 1 -> 1/sqrt(3), and so on
+    assert spread.tolist() == pytest.approx([1 / math.sqrt(3)] * 3)
+    one_iters, one_mean, one_spread = plot.mean_curve(seeds[:1])
+    assert one_spread is None and one_mean.tolist() == [4.0, 3.0, 2.0, 1.0]
+
+
+def test_a_run_with_missing_keys_is_unusable_with_a_reason(tmp_path):
+    run = write_run(tmp_path / "run_0")
+    (run / "final_info.json").write_text(json.dumps({"shakespeare_char": {"stderrs": {}}}))
+    with pytest.raises(plot.RunError, match="means"):
+        plot.load_run(run)
+    run = write_run(tmp_path / "run_1")
+    results = json.loads((run / "all_results.json").read_text())
+    del results["text8_0_val_info"], results["text8_1_val_info"], results["text8_2_val_info"]
+    (run / "all_results.json").write_text(json.dumps(results))
+    with pytest.raises(plot.RunError, match="val_info for text8"):
+        plot.load_run(run)
+    assert plot.load_run(run, curves=False).name == "run_1"  # the table needs no curves
+
+
+def test_an_unfinished_run_is_skipped_with_one_warning(tmp_path, monkeypatch, capsys):
+    write_run(tmp_path / "run_0", title="Baseline")
+    (tmp_path / "run_1").mkdir()
+    (tmp_path / "run_1" / "run.json").write_text(json.dumps({"title": "x", "status": "running"}))
+    monkeypatch.chdir(tmp_path)
+    assert plot.main(["--table"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: skipping run_1: no final_info.json (run not finished, status 'running')"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison numbers, by hand
+# ----------------------------------------------------------------------------------------------
+
+def row_for(rows, run, metric="best_val_loss", dataset="shakespeare_char"):
+    (row,) = [r for r in rows if r["run"] == run and r["metric"] == metric and r["dataset"] == dataset]
+    return row
+
+
+def t975_df2() -> float:
+    """Student t quantile 0.975 with 2 degrees of freedom, closed form: (2p-1)/sqrt(2p(1-p))."""
+    p = 0.975
+    return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+
+
+def test_paired_difference_interval_and_p_value_match_the_hand_computation(runs):
+    from scipy import stats
+
+    rows = plot.comparison_rows(plot.load_runs(plot.find_run_dirs(runs), warn=None))
+    base, run1 = row_for(rows, "run_0"), row_for(rows, "run_1")
+    assert base["verdict"] == "baseline" and base["n"] == 3
+    assert base["mean"] == pytest.approx(1.48)
+    # baseline deviations from the mean are +0.02, -0.02, 0: sd = sqrt(0.0008/2) = 0.02, stderr = 0.02/sqrt(3)
+    assert base["stderr"] == pytest.approx(0.02 / math.sqrt(3))
+    # paired by seed: 1.45-1.50, 1.44-1.46, 1.47-1.48
+    d = [-0.05, -0.02, -0.01]
+    mean_d = sum(d) / 3
+    sd_d = math.sqrt(sum((x - mean_d) ** 2 for x in d) / 2)
+    se_d = sd_d / math.sqrt(3)
+    half = t975_df2() * se_d
+    assert run1["method"] == "paired" and run1["shared_seeds"] == 3
+    assert run1["diff"] == pytest.approx(mean_d)
+    assert (run1["ci_low"], run1["ci_high"]) == (pytest.approx(mean_d - half), pytest.approx(mean_d + half))
+    t_stat = mean_d / se_d
+    p_by_hand = 1 - abs(t_stat) / math.sqrt(2 + t_stat ** 2)  # two-sided, t distribution with 2 df
+    assert run1["p_value"] == pytest.approx(p_by_hand)
+    assert run1["p_value"] == pytest.approx(stats.ttest_rel([1.45, 1.44, 1.47], [1.50, 1.46, 1.48]).pvalue)
+    assert t975_df2() == pytest.approx(stats.t.ppf(0.975, 2))
+    assert run1["ci_low"] < 0 < run1["ci_high"] and run1["verdict"] == "within noise"
+
+
+def test_verdicts_name_the_direction_per_metric(runs):
+    rows = plot.comparison_rows(plot.load_runs(plot.find_run_dirs(runs), warn=None))
+    # train loss 1.10,1.12,1.11 vs 1.20,1.18,1.22: clearly lower, and lower loss is better
+    assert row_for(rows, "run_1", "final_train_loss")["verdict"] == "better (lower)"
+    # +10, +10.5, +10 seconds: slower
+    assert row_for(rows, "run_1", "total_train_time")["verdict"] == "slower (higher)"
+    # +50, +55, +45 tokens/s: faster
+    assert row_for(rows, "run_1", "avg_inference_tokens_per_second")["verdict"] == "faster (higher)"
+
+
+def test_runs_sharing_two_seeds_are_paired_on_those_seeds_only(tmp_path):
+    base = write_run(tmp_path / "run_0")
+    other = write_run(tmp_path / "run_1", seeds=(1337, 1338, 9999),
+                      metrics={k: [1.40, 1.43, 1.00] for k in BASE})
+    row = row_for(plot.comparison_rows([base, other]), "run_1")
+    d = [1.40 - 1.50, 1.43 - 1.46]
+    mean_d = sum(d) / 2
+    se_d = abs(d[0] - d[1]) / math.sqrt(2) / math.sqrt(2)
+    t975_df1 = math.tan(math.pi * (0.975 - 0.5))  # t with 1 df is the Cauchy distribution
+    t_stat = mean_d / se_d
+    assert row["method"] == "paired" and row["shared_seeds"] == 2
+    assert row["diff"] == pytest.approx(mean_d)
+    assert row["ci_high"] - row["diff"] == pytest.approx(t975_df1 * se_d)
+    assert row["p_value"] == pytest.approx(1 - 2 / math.pi * math.atan(abs(t_stat)))
+
+
+def test_runs_without_shared_seeds_get_a_welch_interval_and_no_p_value(tmp_path):
+    from scipy import stats
+
+    base = write_run(tmp_path / "run_0")
+    other = write_run(tmp_path / "run_1", seeds=(2001, 2002, 2003), metrics={k: [1.30, 1.34, 1.32] for k in BASE})
+    row = row_for(plot.comparison_rows([base, other]), "run_1")
+    var_each = 0.0004 / 3  # both: sd 0.02 over n = 3
+    se = math.sqrt(2 * var_each)
+    df = (2 * var_each) ** 2 / (var_each ** 2 / 2 + var_each ** 2 / 2)  # Welch-Satterthwaite: 4
+    assert df == pytest.approx(4)
+    half = 2.7764451051977987 * se  # t quantile 0.975, 4 df (tables)
+    assert half == pytest.approx(stats.t.ppf(0.975, 4) * se)
+    assert row["method"] == "Welch" and row["p_value"] is None
+    assert row["diff"] == pytest.approx(1.32 - 1.48)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(-0.16 - half), pytest.approx(-0.16 + half))
+    assert row["verdict"] == "better (lower)"
+
+
+def test_a_single_seed_has_no_stderr_and_no_interval(runs):
+    rows = plot.comparison_rows(plot.load_runs(plot.find_run_dirs(runs), warn=None))
+    row = row_for(rows, "run_3")
+    assert row["n"] == 1 and row["stderr"] is None
+    assert row["diff"] == pytest.approx(1.47 - 1.48)
+    assert row["ci_low"] is None and row["ci_high"] is None and row["p_value"] is None
+    assert row["verdict"] == "n=1, no interval"
+    table = plot.format_table(rows)
+    line = table_line(table, "shakespeare_char", "run_3", "best_val_loss")
+    assert "1.4700 (n=1)" in line and "n=1, no interval" in line and "±" not in line
+
+
+def test_format_table_shows_mean_stderr_n_interval_and_p(runs):
+    rows = plot.comparison_rows(plot.load_runs(plot.find_run_dirs(runs), warn=None))
+    table = plot.format_table(rows)
+    assert "shakespeare_char:" in table and "text8:" in table
+    line = table_line(table, "shakespeare_char", "run_1", "best_val_loss")
+    assert "1.4533 ± 0.0088 (n=3)" in line  # mean 1.45333, stderr 0.00882
+    # the hand computation above: diff -0.02667, interval -0.02667 -+ 0.05171, p 0.157
+    assert "-0.0267 [-0.0784, +0.0250] paired, 3 seeds" in line
+    assert "0.157" in line and line.endswith("within noise")
+
+
+# ----------------------------------------------------------------------------------------------
+# notes.txt
+# ----------------------------------------------------------------------------------------------
+
+def test_notes_get_the_reference_format(runs):
+    notes = runs / "notes.txt"
+    plot.append_run_to_notes(notes, runs / "run_0")
+    lines = notes.read_text().splitlines()
+    assert lines[0] == f"# Title: {plot.DEFAULT_TITLE}"
+    assert lines[1].startswith("# Experiment description: ")
+    assert lines[2] == "## Run 0: Baseline"
+    assert lines[3].startswith("Results: {'shakespeare_char': {'final_train_loss_mean': ")
+    results = ast.literal_eval(lines[3][len("Results: "):])
+    assert list(results) == list(DATASETS)
+    assert list(results["text8"]) == [f"{k}_mean" for k in plot.CONTRACT_METRICS]
+    assert results["text8"]["best_val_loss_mean"] == pytest.approx(1.48)
+    assert lines[4] == "Description: Cosine schedule, no agent."
+
+
+def test_update_notes_replaces_a_run_section_and_keeps_one_table(runs):
+    notes = runs / "notes.txt"
+    for run in ("run_0", "run_1", "run_3"):
+        plot.update_notes(notes, runs / run)
+    write_run(runs / "run_1", title="Q-learning, rerun", description="Again.")
+    plot.update_notes(notes, runs / "run_1")
+    text = notes.read_text()
+    assert text.count("## Run 1:") == 1 and "## Run 1: Q-learning, rerun" in text
+    assert text.count(plot.TABLE_BEGIN) == 1 and text.count(plot.TABLE_END) == 1
+    lines = text.splitlines()
+    assert lines[2] == plot.TABLE_BEGIN  # right after the header
+    # run_2 is broken and run_4 is in the folder: the table covers every usable run, sections only those added
+    assert [x for x in lines if x.startswith("## Run")] == ["## Run 0: Baseline", "## Run 1: Q-learning, rerun",
+                                                            "## Run 3: One seed"]
+    table = text[text.index(plot.TABLE_BEGIN):text.index(plot.TABLE_END)]
+    assert "run_4" in table and "run_2" not in table
+
+
+def _update_notes_at_once(barrier, notes: str, run_dir: str) -> None:
+    barrier.wait()  # every process starts its read-modify-write at the same moment
+    plot.update_notes(Path(notes), Path(run_dir))
+
+
+def test_concurrent_updates_lose_nothing_and_rerunning_is_idempotent(tmp_path):
+    n = 8
+    for i in range(n):
+        write_run(tmp_path / f"run_{i}", title=f"Run number {i}", datasets=("shakespeare_char",))
+    notes = tmp_path / "notes.txt"
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=_update_notes_at_once, args=(barrier, str(notes), str(tmp_path / f"run_{i}")))
+             for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * n
+    text = notes.read_text()
+    for i in range(n):
+        assert text.count(f"## Run {i}: Run number {i}\n") == 1, text
+    assert text.count(plot.TABLE_BEGIN) == 1 and text.count(plot.TABLE_END) == 1
+    assert [x for x in text.splitlines() if x.startswith("## Run")] == [f"## Run {i}: Run number {i}"
+                                                                        for i in range(n)]
+    before = notes.read_bytes()
+    plot.update_notes(notes, tmp_path / "run_3")
+    plot.append_run_to_notes(notes, tmp_path / "run_5")
+    assert notes.read_bytes() == before
+
+
+def test_update_notes_keeps_text_others_added_below_a_section(runs):
+    notes = runs / "notes.txt"
+    plot.update_notes(notes, runs / "run_0")
+    notes.write_text(notes.read_text() + "\nPlot Descriptions:\n1. A figure.\n")
+    plot.update_notes(notes, runs / "run_1")
+    plot.update_notes(notes, runs / "run_0")
+    text = notes.read_text()
+    assert text.count("Plot Descriptions:") == 1
+    assert text.index("## Run 0:") < text.index("Plot Descriptions:") < text.index("## Run 1:")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def test_table_flag_prints_the_table_and_draws_nothing(runs):
+    labels = runs / "labels.json"
+    labels.write_text(json.dumps({"run_1": "RL agent"}))
+    result = run_plot("--table", "--labels", labels, cwd=runs)
+    assert result.returncode == 0, result.stderr
+    assert "shakespeare_char:" in result.stdout and "diff vs run_0 [95% CI]" in result.stdout
+    assert "run_1 RL agent" in result.stdout and "n=1, no interval" in result.stdout
+    assert not list(runs.glob("*.png"))
+
+
+def test_bad_input_is_one_error_line(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(runs)
+    assert plot.main(["no_such_run"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: no such run folder: no_such_run"]
+    (runs / "labels.json").write_text("{oops")
+    assert plot.main(["--table", "--labels", "labels.json"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot read labels file labels.json")
+    assert plot.main(["--bogus"]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert plot.main(["--table"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no finished run folder found")
+
+
+def test_notes_flag_rewrites_sections_and_table(runs, monkeypatch, capsys):
+    monkeypatch.chdir(runs)
+    assert plot.main(["--notes", "notes.txt"]) == 0
+    assert capsys.readouterr().err.startswith("warning: skipping run_2: ")
+    text = (runs / "notes.txt").read_text()
+    assert [x for x in text.splitlines() if x.startswith("## Run")] == [
+        "## Run 0: Baseline", "## Run 1: Q-learning", "## Run 3: One seed", "## Run 4: Other eval iterations"]
+    assert text.count(plot.TABLE_BEGIN) == 1
