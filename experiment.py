@@ -76,6 +76,9 @@ class Config:
     source_dir: str = _opt("", f"folder with offline raw copies (else ${SOURCE_DIR_ENV}); used to prepare missing data")
     overwrite: bool = _opt(False, "replace the results of a finished run folder")
     download: bool = _opt(True, "download missing datasets (--no-download: fail with the command to run instead)")
+    notes: str = _opt("", "lab notebook this run's section and the comparison table go to "
+                          "(default: notes.txt beside the run folder; 'off' to skip)")
+    plot: bool = _opt(False, "regenerate the plots of every run_* beside the run folder when the run ends")
     # --- model (nanoGPT names) ---
     n_layer: int = _opt(6, "transformer blocks")
     n_head: int = _opt(6, "attention heads")
@@ -1265,7 +1268,7 @@ def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: in
 
 # Flags that may differ on --resume: they change where files are, not what is computed.
 IGNORED_ON_RESUME = {"resume", "debug", "overwrite", "out_dir", "title", "description", "data_dir", "source_dir",
-                     "download"}
+                     "download", "notes", "plot"}
 
 
 def resume_configs(out_dir: Path, run_record: dict, typed: dict) -> dict:
@@ -1291,8 +1294,31 @@ def resume_configs(out_dir: Path, run_record: dict, typed: dict) -> dict:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
         raise UserError(f"--resume: {out_dir} was made with a different config ({shown}); "
                         f"resume with just --out_dir {out_dir} --resume")
-    keep = {k: v for k, v in typed.items() if k in ("data_dir", "source_dir", "download")}
+    keep = {k: v for k, v in typed.items() if k in ("data_dir", "source_dir", "download", "notes", "plot")}
     return {d: dataclasses.replace(c, resume=True, **keep) for d, c in stored.items()}
+
+
+def record_in_notebook(cfg: Config, out_dir: Path) -> None:
+    """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
+
+    Both come after final_info.json: a failure here is reported and costs nothing already written.
+    """
+    spec = importlib.util.spec_from_file_location("plot", PROJECT_ROOT / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    sys.modules["plot"] = plot
+    spec.loader.exec_module(plot)
+    runs_folder = out_dir.resolve().parent
+    if cfg.notes != "off":
+        notes = Path(cfg.notes) if cfg.notes else runs_folder / "notes.txt"
+        try:
+            plot.update_notes(notes, out_dir)
+            print(f"notes: {notes} updated", flush=True)
+        except Exception as e:  # noqa: BLE001 -- the run's results are safe; say what went wrong
+            print(f"warning: could not update {notes}: {e}", file=sys.stderr, flush=True)
+    if cfg.plot:
+        code = plot.main([str(runs_folder), "--out_dir", str(runs_folder)])
+        if code != 0:
+            print("warning: plot.py could not draw the runs (see above)", file=sys.stderr, flush=True)
 
 
 def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
@@ -1363,6 +1389,7 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
     atomic_write_json(out_dir / "final_info.json", final_infos)
     run_record.update(status="finished", finished=now_iso())
     atomic_write_json(out_dir / "run.json", run_record)
+    record_in_notebook(configs[datasets[0]], out_dir)
     for dataset, s in final_infos.items():
         mean, err = s["means"]["best_val_loss_mean"], s["stderrs"]["best_val_loss_stderr"]
         spread = f" ± {err:.4f} (stderr, n={s['n']})" if err is not None else f" (n={s['n']}, no stderr)"
@@ -1437,7 +1464,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
-                    "overwrite", "download", "resume", "debug", "device", "dtype", "compile"}
+                    "overwrite", "download", "notes", "plot", "resume", "debug", "device", "dtype", "compile"}
 
 
 def build_parser() -> argparse.ArgumentParser:

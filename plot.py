@@ -437,8 +437,20 @@ def run_section(run: Run) -> list[str]:
                          if f"{k}_mean" in entry["means"]}
                for dataset, entry in run.final.items()}
     number = run.number if run.number is not None else run.name
-    return [f"## Run {number}: {run.title}", f"Results: {results!r}",
+    return [f"## Run {number}: {run.title}", f"Results: {results!r}", *_rollback_line(run),
             f"Description: {run.description or '(no description recorded)'}", ""]
+
+
+def _rollback_line(run: Run) -> list[str]:
+    """The divergence guard's work, when it had any: a reader must know the numbers survived rollbacks."""
+    parts = []
+    for dataset, entry in run.final.items():
+        rollbacks = entry.get("final_info_dict", {}).get("rollbacks", [])
+        diverged = entry.get("statuses", []).count("diverged")
+        if sum(rollbacks) or diverged:
+            parts.append(f"{dataset}: {int(sum(rollbacks))} rollback(s) over {len(rollbacks)} seed(s), "
+                         f"{diverged} seed(s) ended as diverged")
+    return [f"Rollbacks: {'; '.join(parts)}"] if parts else []
 
 
 def _with_section(lines: list[str], run: Run) -> list[str]:
@@ -449,7 +461,7 @@ def _with_section(lines: list[str], run: Run) -> list[str]:
     for i, line in enumerate(lines):
         if line.startswith(header):
             j = i + 1
-            while j < len(lines) and lines[j].startswith(("Results:", "Description:")):
+            while j < len(lines) and lines[j].startswith(("Results:", "Rollbacks:", "Description:")):
                 j += 1
             if j < len(lines) and lines[j] == "":
                 j += 1
