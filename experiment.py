@@ -403,11 +403,20 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
         self.resid_dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache: Optional[dict] = None):
+        """cache (sampling only): this layer's keys/values so far; filled from empty, then one token at a time."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        causal = True
+        if cache is not None:
+            if "k" in cache:  # one new token attends to every cached position: no mask needed
+                assert T == 1, "the KV cache takes the prompt from empty, then one token per call"
+                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
+                causal = False
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -431,8 +440,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = LayerNorm(c.n_embd, c.bias), CausalSelfAttention(c)
         self.ln_2, self.mlp = LayerNorm(c.n_embd, c.bias), MLP(c)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache: Optional[dict] = None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -467,12 +476,13 @@ class GPT(nn.Module):
         """Parameters without the position embeddings (as nanoGPT reports them)."""
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, caches: Optional[list] = None, start_pos: int = 0):
+        """Logits (and the loss when targets are given). caches/start_pos: KV-cached sampling, see generate."""
         T = idx.shape[1]
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, caches[i] if caches is not None else None)
         x = self.transformer.ln_f(x)
         if targets is None:  # generation needs only the last position's logits
             return self.lm_head(x[:, [-1], :]), None
@@ -1106,20 +1116,44 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
 # 8. Sampling and inference speed
 # ----------------------------------------------------------------------------------------------
 
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row from the last position's logits: temperature, top-k, then a multinomial draw."""
+    logits = logits[:, -1, :].float() / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    # Drawn on the CPU from an explicit generator: the same tokens on every device for a seed.
+    return torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(logits.device)
+
+
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Sample tokens one at a time, re-running the (cropped) context each step."""
+             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Sample max_new_tokens after idx (B, T); the model always sees the last block_size tokens.
+
+    use_cache=False is nanoGPT's loop: re-run the whole (cropped) context for every token.
+    use_cache=True gives the same tokens faster: while the context fits in block_size, each step runs
+    only the new token and attends to cached keys/values. Once it no longer fits, the window slides:
+    every position embedding changes, so the cache is rebuilt from the cropped context each step
+    (exactly the cache-free computation; positions are absolute, so nothing cheaper is exact).
+    """
+    block_size = model.config.block_size
+    caches, cached_len = None, 0
     for _ in range(max_new_tokens):
-        context = idx if idx.size(1) <= model.config.block_size else idx[:, -model.config.block_size:]
-        logits, _ = model(context)
-        logits = logits[:, -1, :].float() / temperature
-        if top_k:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float("inf")
-        probs = F.softmax(logits, dim=-1)
-        next_id = torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(idx.device)
-        idx = torch.cat((idx, next_id), dim=1)
+        if not use_cache:
+            logits, _ = model(idx[:, -block_size:])
+        elif caches is None or cached_len >= block_size:  # first step, or the window has slid
+            context = idx[:, -block_size:]
+            caches = [{} for _ in model.transformer.h]
+            logits, _ = model(context, caches=caches)
+            cached_len = context.size(1)
+        else:
+            logits, _ = model(idx[:, -1:], caches=caches, start_pos=cached_len)
+            cached_len += 1
+        idx = torch.cat((idx, sample_next(logits, temperature, top_k, generator)), dim=1)
     return idx
 
 
