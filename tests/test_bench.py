@@ -1,0 +1,20 @@
+"""The benchmark runs end to end in its reduced mode, so it cannot rot (its figures are not asserted)."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_quick_benchmark_writes_every_figure(prepared_data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out),
+                           "--data_dir", str(prepared_data_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    naive, harness = [v for k, v in report["training"].items() if k.startswith("cpu: ") and "peak" not in k][:2]
+    assert naive["speedup_vs_naive"] == 1.0 and harness["ms_per_iter"] > 0 and 0 < harness["mfu"]
+    sampling = report["sampling"]["cpu block 64"]
+    assert sampling["kv_cache_tok_s"] > 0 and sampling["cache_free_tok_s"] > 0
+    assert 0 < report["shares"]["eval_share"] < 1 and 0 <= report["shares"]["agent_share"] < 1
+    assert "ms/iter" in proc.stdout and "KV cache" in proc.stdout
