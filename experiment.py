@@ -1465,6 +1465,8 @@ def validate(c: Config) -> None:
     if c.step_interval <= 0 or not 0 < c.step_gamma <= 1 or not 0 <= c.wsd_decay_frac <= 1:
         raise UserError("need --step_interval > 0, 0 < --step_gamma <= 1 and 0 <= --wsd_decay_frac <= 1")
     parse_actions(c.agent_actions)
+    if c.max_rollbacks < 0 or c.divergence_factor < 0 or not 0 < c.rollback_cut <= 1:
+        raise UserError("need --max_rollbacks >= 0, --divergence_factor >= 0 and 0 < --rollback_cut <= 1")
     if c.optimizer == "schedulefree" and c.schedule != "constant":
         raise UserError("--optimizer schedulefree replaces the schedule (it warms up itself): use --schedule constant")
     if c.agent_init and not Path(c.agent_init).expanduser().exists():
