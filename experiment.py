@@ -1078,7 +1078,8 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
                 status = "diverged"
                 break
             now = time.time()
-            s.train_log.append({"iter": it, "loss": lossf, "time": (now - t_window) * 1000 / window_iters})
+            s.train_log.append({"iter": it, "loss": lossf, "time": (now - t_window) * 1000 / window_iters,
+                                "lr": lr})
             s.last_logged_loss = lossf
             t_window, window_iters = now, 0
             progress.update(it + 1, lossf, lr, force=it == cfg.max_iters - 1)

@@ -192,6 +192,11 @@ def _read_curves(path: Path, datasets: list[str]) -> dict:
             iters = np.array(sorted(points), dtype=float)
             values = np.array([points[i] for i in sorted(points)], dtype=float)
             curves.setdefault(dataset, {}).setdefault(series, {})[seed] = (iters, values)
+        if match["kind"] == "train_info" and records and all(isinstance(r.get("lr"), (int, float)) for r in records):
+            # Newer runs log the LR of every recorded step: the warmup and the decay as they happened.
+            steps = sorted((int(r["iter"]), float(r["lr"])) for r in records)
+            curves.setdefault(dataset, {}).setdefault("step_lr", {})[seed] = (
+                np.array([i for i, _ in steps], dtype=float), np.array([v for _, v in steps], dtype=float))
     for dataset in datasets:
         missing = [s for s in SERIES if not curves.get(dataset, {}).get(s)]
         if missing:
@@ -596,7 +601,7 @@ def plot_loss(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, dat
 
 
 def plot_lr(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, dataset: str, path: Path) -> None:
-    """The learning rate each seed used, as recorded at each evaluation, held until the next one."""
+    """The learning rate each seed used: per logged step when recorded, else per evaluation, held until the next."""
     fig = _new_figure()
     ax = fig.add_subplot()
     drawn = 0
@@ -606,6 +611,13 @@ def plot_lr(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, datas
             continue
         config = run.configs.get(dataset)
         end = config.get("max_iters") if isinstance(config, dict) else None
+        step_lr = run.curves.get(dataset, {}).get("step_lr")
+        if step_lr and all(np.all(v > 0) for _, v in step_lr.values()):
+            for k, seed in enumerate(sorted(step_lr)):
+                ax.plot(*step_lr[seed], color=colour, lw=1.0, alpha=0.75,
+                        label=f"{label} ({len(step_lr)} seed{'s' * (len(step_lr) > 1)})" if k == 0 else None)
+            drawn += 1
+            continue
         for k, seed in enumerate(sorted(seeds)):
             iters, lr = seeds[seed]
             # The value set at evaluation i is used until evaluation i+1 (or the end of training). The value
@@ -618,7 +630,8 @@ def plot_lr(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, datas
         drawn += 1
     ax.set_yscale("log")
     ax.set_title(f"Learning rate used on {dataset}: base schedule × agent multiplier\n"
-                 "one thin line per seed; the rate set at each evaluation, drawn as a step until the next one")
+                 "one thin line per seed: the rate the optimizer used at each logged step "
+                 "(older runs: the rate set at each evaluation)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("learning rate (log scale)")
     ax.grid(alpha=0.3, which="both")

@@ -68,7 +68,8 @@ def test_a_neutral_agent_leaves_the_run_unchanged(prepared_data_dir, tmp_path):
 def test_forced_doubling_reaches_every_param_group(prepared_data_dir, tmp_path, optimizer_lrs):
     baseline, _, _ = run(tmp_path, prepared_data_dir, "base", "--agent", "none")
     optimizer_lrs.clear()
-    doubled, _, out = run(tmp_path, prepared_data_dir, "double", "--agent", "random", "--agent_actions", "2")
+    doubled, doubled_train, out = run(tmp_path, prepared_data_dir, "double", "--agent", "random",
+                                      "--agent_actions", "2")
     cfg = ex.Config(**json.loads((out / "run.json").read_text())["configs"]["shakespeare_char"])
     assert [r["multiplier"] for r in doubled][:4] == [2.0, 4.0, 8.0, 8.0]  # x2 per decision, capped at 8
     assert len(optimizer_lrs) == cfg.max_iters
@@ -76,6 +77,8 @@ def test_forced_doubling_reaches_every_param_group(prepared_data_dir, tmp_path, 
         expected = ex.controlled_lr(cfg, it, multiplier_at(doubled, it))
         assert group_lrs == [expected] * len(group_lrs)
     for record in doubled[:-1]:  # the logged lr is what the optimizer used at that step
+        assert record["lr"] == optimizer_lrs[record["iter"]][0]
+    for record in doubled_train:  # the per-step log carries the LR that step used
         assert record["lr"] == optimizer_lrs[record["iter"]][0]
     assert losses(doubled)[1:] != losses(baseline)[1:]
 
