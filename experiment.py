@@ -133,6 +133,9 @@ class Config:
     eval_interval: int = _opt(250, "steps between evaluations (the agent acts after each)")
     eval_iters: int = _opt(200, "batches per split in each evaluation")
     log_interval: int = _opt(10, "steps between training-loss records")
+    final_eval_tokens: int = _opt(1_000_000, "after training, the final model's loss over the first N tokens of "
+                                             "the val (and test) split, read in consecutive windows: "
+                                             "full_val_loss / test_loss without sampling noise (0 = skip)")
     # --- inference-speed measurement (as the reference experiment) ---
     inference_samples: int = _opt(10, "samples generated to measure inference speed (0 = skip)")
     inference_new_tokens: int = _opt(500, "new tokens per sample")
@@ -171,7 +174,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "*": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0, bias=False,
                   learning_rate=1e-3, min_lr=1e-4, max_iters=30, lr_decay_iters=30, warmup_iters=5,
                   eval_interval=10, eval_iters=2, log_interval=5, seeds=1,
-                  inference_samples=2, inference_new_tokens=16),
+                  inference_samples=2, inference_new_tokens=16, final_eval_tokens=4096),
     },
 }
 
@@ -889,6 +892,47 @@ def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runti
     return out
 
 
+def final_eval_windows(n_tokens: int, cfg: Config) -> int:
+    """Consecutive block_size windows the final evaluation reads from a split: final_eval_tokens at most."""
+    return max(0, (min(n_tokens, cfg.final_eval_tokens + 1) - 1) // cfg.block_size)
+
+
+@torch.no_grad()
+def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime) -> float:
+    """Mean loss over the first windows of a split, read in consecutive block_size windows.
+
+    The quantity estimate_loss samples (every window position counts equally), read once instead of
+    sampled: no noise from which batches were drawn, so runs compare on the same text. Tokens that do
+    not fill a last window are left out.
+    """
+    model.eval()
+    n_windows, block = final_eval_windows(len(tokens), cfg), cfg.block_size
+    offsets = np.arange(block + 1)
+    total = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for first in range(0, n_windows, cfg.batch_size):
+        starts = np.arange(first, min(first + cfg.batch_size, n_windows)) * block
+        windows = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64)).to(rt.device)
+        with rt.autocast:
+            _, loss = model(windows[:, :-1], windows[:, 1:])
+        total += loss.double() * len(starts)
+    model.train()
+    return (total / n_windows).item()
+
+
+def final_evaluation(model: nn.Module, data: CharDataset, cfg: Config, rt: Runtime) -> dict:
+    """full_val_loss (and test_loss where the dataset has a test split) of the final model; {} when off."""
+    val_windows = final_eval_windows(len(data.splits["val"]), cfg)
+    if val_windows == 0:  # final_eval_tokens 0 (off) or shorter than one window
+        return {}
+    t = time.time()
+    out = {"full_val_loss": split_loss(model, data.splits["val"], cfg, rt),
+           "full_val_tokens": val_windows * cfg.block_size}
+    if final_eval_windows(len(data.splits.get("test", ())), cfg):
+        out["test_loss"] = split_loss(model, data.splits["test"], cfg, rt)
+    out["final_eval_time"] = time.time() - t
+    return out
+
+
 @dataclass
 class SeedState:
     """Everything about one seed's training that is not a tensor; saved in every checkpoint."""
@@ -1088,7 +1132,8 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     s = run.state
     s.elapsed += time.time() - t_start
 
-    optimizer_mode(optimizer, training=False)  # sample from the weights that were evaluated
+    optimizer_mode(optimizer, training=False)  # evaluate and sample the weights that were evaluated
+    final_eval = final_evaluation(model, data, cfg, rt)
     speed = measure_inference_speed(model, data, cfg, rt, seed)
     final_info = {
         "final_train_loss": s.last_logged_loss if s.last_logged_loss is not None else s.val_log[-1]["train/loss"],
@@ -1098,6 +1143,7 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         "inference_tokens_per_second_aggregate": speed["aggregate_tokens_per_second"],
         "best_val_iter": s.best_val_iter,
         "final_val_loss": s.val_log[-1]["val/loss"],
+        **final_eval,
         "train_time": s.elapsed - s.eval_time,
         "eval_time": s.eval_time,
         "compile_time": compile_time,
@@ -1278,6 +1324,8 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
             checkpoint_file(out_dir, dataset, seed_index).unlink(missing_ok=True)  # disk use stays bounded
             print(f"[{dataset} seed {seed_index}] {info['status']}: best val {info['best_val_loss']:.4f} at iter "
                   f"{info['best_val_iter']} | final train {info['final_train_loss']:.4f} | "
+                  + (f"full val {info['full_val_loss']:.4f} | " if "full_val_loss" in info else "")
+                  + (f"test {info['test_loss']:.4f} | " if "test_loss" in info else "") +
                   f"{info['total_train_time']:.1f}s | {info['avg_inference_tokens_per_second']:.0f} tok/s sampling"
                   + (f" | {info['rollbacks']} rollbacks" if info["rollbacks"] else ""), flush=True)
         final_infos[dataset] = summarize(per_seed)
@@ -1446,7 +1494,8 @@ def validate(c: Config) -> None:
         if getattr(c, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(c, name)}")
     for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "lr_floor", "warmup_iters",
-                 "lr_decay_iters", "inference_samples", "inference_new_tokens", "top_k"):
+                 "lr_decay_iters", "inference_samples", "inference_new_tokens", "top_k",
+                 "final_eval_tokens"):
         if getattr(c, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(c, name)}")
     if c.n_embd % c.n_head:

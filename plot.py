@@ -59,6 +59,9 @@ CONTRACT_METRICS = ("final_train_loss", "best_val_loss", "total_train_time", "av
 # Table order: the headline metric first. Per metric: unit, word for a higher value, word for a lower value.
 TABLE_METRICS = {
     "best_val_loss": ("nats/char", "worse", "better"),
+    # The final model on the whole val (and test) split: no sampling noise, the sharper comparison.
+    "full_val_loss": ("nats/char", "worse", "better"),
+    "test_loss": ("nats/char", "worse", "better"),
     "final_train_loss": ("nats/char", "worse", "better"),
     "total_train_time": ("s", "slower", "faster"),
     "avg_inference_tokens_per_second": ("tokens/s", "faster", "slower"),

@@ -56,6 +56,18 @@ def test_final_info_has_means_stderrs_and_per_seed_lists(smoke_run):
     assert results["text8"]["best_val_loss_mean"] > 0
 
 
+
+def test_final_model_is_scored_on_the_whole_val_and_test_split(smoke_run):
+    final_info = json.loads((smoke_run / "final_info.json").read_text())
+    cfg = ex.Config(**json.loads((smoke_run / "run.json").read_text())["configs"]["enwik8"])
+    for dataset, entry in final_info.items():
+        values = entry["final_info_dict"]["full_val_loss"]
+        assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+        assert entry["final_info_dict"]["full_val_tokens"][0] == cfg.final_eval_tokens // cfg.block_size * cfg.block_size
+        # enwik8 and text8 have a test split (their standard 90/5/5 split); shakespeare_char does not.
+        assert ("test_loss" in entry["final_info_dict"]) == (dataset != "shakespeare_char")
+
+
 def test_all_results_npy_has_train_and_val_records(smoke_run):
     results = np.load(smoke_run / "all_results.npy", allow_pickle=True).item()
     for dataset in ex.DATASETS:
@@ -218,6 +230,25 @@ def test_gpt_ties_embeddings_and_uses_causal_attention():
     logits_changed, _ = model(changed, changed)
     assert torch.allclose(logits_full[0, :5], logits_changed[0, :5], atol=1e-6)  # the future is invisible
     assert not torch.allclose(logits_full[0, 5:], logits_changed[0, 5:])
+
+
+
+def test_split_loss_is_the_mean_over_consecutive_windows_and_reads_no_further():
+    torch.manual_seed(0)
+    model = ex.GPT(ex.GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=False))
+    cfg = ex.Config(block_size=8, batch_size=3, final_eval_tokens=40)  # 5 windows: batches of 3 and 2
+    rt = ex.Runtime(torch.device("cpu"), torch.float32, ex.nullcontext(), False)
+    tokens = np.random.default_rng(0).integers(0, 11, size=100).astype(np.uint16)
+    by_hand = []
+    with torch.no_grad():
+        for start in range(0, 40, 8):
+            window = torch.from_numpy(tokens[start:start + 9].astype(np.int64))[None]
+            by_hand.append(model(window[:, :-1], window[:, 1:])[1].item())
+    assert ex.split_loss(model, tokens, cfg, rt) == pytest.approx(np.mean(by_hand), rel=1e-6)
+    later_changed = tokens.copy()
+    later_changed[41:] = (later_changed[41:] + 1) % 11  # beyond the 40 targets (the last one is token 40)
+    assert ex.split_loss(model, later_changed, cfg, rt) == ex.split_loss(model, tokens, cfg, rt)
+    assert model.training  # handed back in training mode
 
 
 def test_weight_decay_only_on_matrices():
