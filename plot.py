@@ -15,7 +15,8 @@ Figures, for each dataset D:
     summary.png       best validation loss per run, one panel per dataset, error bars = ±1 standard error
 Standard error = std(ddof=1)/sqrt(n); with one seed there is no band and no error bar.
 Seeds of a run may have been evaluated at different iterations: a run's mean curve uses only the iterations
-that all its seeds logged. Each run keeps its own x values. A run keeps the same colour in every figure.
+that all its seeds logged. Each run keeps its own x values. A run keeps the same colour and line style in
+every figure.
 
 Which runs
     The RUN_DIR arguments in the order given (a folder that holds run_* folders stands for them), else every
@@ -548,6 +549,16 @@ def run_colours(n: int) -> list:
     return [colormaps["hsv"](i / n) for i in range(n)]
 
 
+# Line style by run order, beside the colour: two runs with identical curves (a finding worth seeing,
+# e.g. a control that matches the agent) stay visible as one line drawn over the other.
+LINESTYLES = ("-", "--", "-.", ":", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)))
+
+
+def run_linestyle(index: int):
+    """Solid for the first run (the baseline); after it, broken styles, so a later run never hides one below."""
+    return LINESTYLES[0] if index == 0 else LINESTYLES[1 + (index - 1) % (len(LINESTYLES) - 1)]
+
+
 def _new_figure(width: float = 9.0, height: float = 5.2):
     # A bare Figure on an Agg canvas: no pyplot, so no global backend or figure state is touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -582,19 +593,23 @@ def plot_loss(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, dat
     """Mean loss over seeds with a ±1 stderr band, one line per run."""
     fig = _new_figure()
     ax = fig.add_subplot()
-    drawn = 0
-    for run, label, colour in zip(runs, labels, colours):
+    drawn, curves = 0, []
+    for index, (run, label, colour) in enumerate(zip(runs, labels, colours)):
         seeds = run.curves.get(dataset, {}).get(series)
         if not seeds:
             continue
         iters, mean, spread = mean_curve([seeds[s] for s in sorted(seeds)])
         marker = "o" if series == "val" else None  # evaluations are sparse: show where the points are
-        ax.plot(iters, mean, color=colour, lw=1.6, marker=marker, ms=3, label=f"{label} (n={len(seeds)})")
+        ax.plot(iters, mean, color=colour, ls=run_linestyle(index), lw=1.6, marker=marker, ms=3,
+                label=f"{label} (n={len(seeds)})")
         if spread is not None:
             ax.fill_between(iters, mean - spread, mean + spread, color=colour, alpha=0.2, lw=0)
+        curves.append((iters, mean))
         drawn += 1
     what = {"train": "Training loss (minibatch)", "val": "Validation loss"}[series]
-    ax.set_title(f"{what} on {dataset}\nmean over seeds; shaded band = ±1 standard error (none for n=1)")
+    zoomed = _zoom_on_later_training(ax, curves)
+    ax.set_title(f"{what} on {dataset}\nmean over seeds; shaded band = ±1 standard error (none for n=1)"
+                 + ("\ny axis fitted to the last 80% of training: the first drop runs off the top" if zoomed else ""))
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"{what.split(' (')[0].lower()} (nats/char)")
     ax.grid(alpha=0.3)
@@ -603,12 +618,30 @@ def plot_loss(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, dat
     save_figure(fig, path)
 
 
+def _zoom_on_later_training(ax, curves: list, later: float = 0.2) -> bool:
+    """Fit the y axis to the points after the first `later` of training, where runs differ.
+
+    The first few hundred steps fall from ln(vocab) ~ 4 to ~2.5 and would squeeze every difference
+    that matters into a sliver of the plot. False (axis left alone) when the early points would not.
+    """
+    last = max((float(i[-1]) for i, _ in curves if len(i)), default=0.0)
+    tail = np.concatenate([m[i >= later * last] for i, m in curves]) if curves else np.array([])
+    everything = np.concatenate([m for _, m in curves]) if curves else np.array([])
+    tail, everything = tail[np.isfinite(tail)], everything[np.isfinite(everything)]
+    span = max(tail.max() - tail.min(), 1e-3) if len(tail) else 0.0
+    if len(tail) < 2 or everything.max() - tail.max() < span:  # the rest would keep over half the height
+        return False
+    margin = 0.1 * span
+    ax.set_ylim(tail.min() - margin, tail.max() + margin)
+    return True
+
+
 def plot_lr(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, dataset: str, path: Path) -> None:
     """The learning rate each seed used: per logged step when recorded, else per evaluation, held until the next."""
     fig = _new_figure()
     ax = fig.add_subplot()
     drawn = 0
-    for run, label, colour in zip(runs, labels, colours):
+    for index, (run, label, colour) in enumerate(zip(runs, labels, colours)):
         seeds = run.curves.get(dataset, {}).get("lr")
         if not seeds:
             continue
@@ -617,7 +650,7 @@ def plot_lr(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, datas
         step_lr = run.curves.get(dataset, {}).get("step_lr")
         if step_lr and all(np.all(v > 0) for _, v in step_lr.values()):
             for k, seed in enumerate(sorted(step_lr)):
-                ax.plot(*step_lr[seed], color=colour, lw=1.0, alpha=0.75,
+                ax.plot(*step_lr[seed], color=colour, ls=run_linestyle(index), lw=1.0, alpha=0.75,
                         label=f"{label} ({len(step_lr)} seed{'s' * (len(step_lr) > 1)})" if k == 0 else None)
             drawn += 1
             continue
@@ -628,13 +661,13 @@ def plot_lr(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, datas
             edges = np.append(iters, end) if isinstance(end, (int, float)) and end > iters[-1] else iters
             if len(edges) < 2 or np.any(lr[:len(edges) - 1] <= 0):  # a log axis cannot show 0
                 continue
-            ax.stairs(lr[:len(edges) - 1], edges, baseline=None, color=colour, lw=1.0, alpha=0.75,
+            ax.stairs(lr[:len(edges) - 1], edges, baseline=None, color=colour, ls=run_linestyle(index), lw=1.0,
+                      alpha=0.75,
                       label=f"{label} ({len(seeds)} seed{'s' * (len(seeds) > 1)})" if k == 0 else None)
         drawn += 1
     ax.set_yscale("log")
     ax.set_title(f"Learning rate used on {dataset}: base schedule × agent multiplier\n"
-                 "one thin line per seed: the rate the optimizer used at each logged step "
-                 "(older runs: the rate set at each evaluation)")
+                 "one thin line per seed: the rate the optimizer used at each logged step")
     ax.set_xlabel("iteration")
     ax.set_ylabel("learning rate (log scale)")
     ax.grid(alpha=0.3, which="both")

@@ -140,6 +140,29 @@ def test_mean_curve_averages_only_iterations_every_seed_logged():
     assert one_spread is None and one_mean.tolist() == [4.0, 3.0, 2.0, 1.0]
 
 
+
+def test_loss_axes_zoom_past_the_first_drop_only_when_it_would_squeeze_the_rest():
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    iters = np.arange(0, 1001, 100, dtype=float)
+    falling = np.array([4.2, 2.6, 2.3, 2.1, 2.0, 1.95, 1.92, 1.9, 1.88, 1.87, 1.86])
+    ax = Figure().add_subplot()
+    assert plot._zoom_on_later_training(ax, [(iters, falling), (iters, falling + 0.05)])
+    low, high = ax.get_ylim()
+    later = np.concatenate([falling[2:], falling[2:] + 0.05])  # iterations >= 200, 20% of 1000
+    assert low < later.min() and later.max() < high < 2.6  # every later point shown, the first drop cut
+    flat = Figure().add_subplot()
+    assert not plot._zoom_on_later_training(flat, [(iters, np.linspace(2.0, 1.9, len(iters)))])
+
+
+def test_runs_keep_distinct_line_styles_so_identical_curves_stay_visible():
+    styles = [plot.run_linestyle(i) for i in range(6)]
+    assert styles[0] == "-"  # the baseline is the solid line
+    assert "-" not in styles[1:]  # no later run draws a solid line over an earlier one
+    assert len({str(s) for s in styles[1:]}) == 5
+
+
 def test_a_run_with_missing_keys_is_unusable_with_a_reason(tmp_path):
     run = write_run(tmp_path / "run_0")
     (run / "final_info.json").write_text(json.dumps({"shakespeare_char": {"stderrs": {}}}))
