@@ -26,7 +26,8 @@ Which runs
     The baseline for comparisons is the run named run_0, else the first run.
 
 Exit status
-    0 done; 1 no usable run folder found (nothing to draw or compare); 2 bad command line (a RUN_DIR that
+    0 done; 1 no usable run folder found (nothing to draw or compare), or an output that cannot be
+    written (a --notes path that is a folder, a full disk); 2 bad command line (a RUN_DIR that
     does not exist, an unreadable --labels file, an unknown option). Errors are one `error: ...` line on stderr.
 
 Python API (experiment.py calls the notes functions when a run finishes; neither imports torch):
@@ -734,7 +735,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = _Parser(description="Figures and comparison table for experiment.py run folders.",
-                     epilog="Exit status: 0 done, 1 no usable run found, 2 bad command line.")
+                     epilog="Exit status: 0 done, 1 no usable run found or an output not writable, 2 bad command line.")
     parser.add_argument("run_dirs", nargs="*", type=Path, metavar="RUN_DIR",
                         help="run folders (default: every run_* folder in the current directory)")
     parser.add_argument("--out_dir", type=Path, default=Path("."), help="where the PNGs go (default: .)")
@@ -784,6 +785,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = ", ".join(map(str, args.run_dirs)) or f"run_* folders in {Path.cwd()}"
         print(f"error: no finished run folder found ({where})", file=sys.stderr)
         return 1
+    try:
+        return _write_outputs(args, runs, labels, offline)
+    except OSError as e:  # a notes path that is a folder, a full disk, no permission: one line, nothing half-written
+        print(f"error: cannot write {e.filename or args.notes or args.out_dir}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _write_outputs(args, runs: list, labels: dict, offline: bool) -> int:
     if args.notes is not None:
         table = format_table(comparison_rows(runs, labels))
 

@@ -406,6 +406,16 @@ def test_bad_input_is_one_error_line(runs, tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("error: no finished run folder found")
 
 
+
+def test_an_output_that_cannot_be_written_is_one_error_line(runs, capsys):
+    folder_as_notes = runs / "notes_is_a_folder"
+    folder_as_notes.mkdir()
+    assert plot.main(["--notes", str(folder_as_notes), str(runs / "run_0"), str(runs / "run_1")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write") and str(folder_as_notes) in err and "\n" not in err
+    assert list(folder_as_notes.iterdir()) == []
+
+
 def test_notes_flag_rewrites_sections_and_table(runs, monkeypatch, capsys):
     monkeypatch.chdir(runs)
     assert plot.main(["--notes", "notes.txt"]) == 0
