@@ -347,6 +347,15 @@ def load_dataset(cfg: Config, dataset: str) -> CharDataset:
     return CharDataset(dataset, splits, itos, meta)
 
 
+def windows_at(data: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device):
+    """(x, y): the block_size tokens from each start, and the same shifted by one (the targets)."""
+    windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    if device.type == "cuda":  # pinned + non_blocking: the copy overlaps the previous step
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
 class BatchSampler:
     """Random (x, y) windows from one split, drawn from its own generator so runs repeat exactly."""
 
@@ -355,17 +364,12 @@ class BatchSampler:
             raise UserError(f"block_size {block_size} does not fit a split of {len(data)} tokens")
         self.data, self.block_size, self.batch_size, self.device = data, block_size, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
-        self.offsets = np.arange(block_size + 1)
 
     def draw_starts(self) -> np.ndarray:
         return torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.generator).numpy()
 
     def batch_at(self, starts: np.ndarray):
-        windows = torch.from_numpy(self.data[starts[:, None] + self.offsets].astype(np.int64))
-        x, y = windows[:, :-1], windows[:, 1:]
-        if self.device.type == "cuda":  # pinned + non_blocking: the copy overlaps the previous step
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        return windows_at(self.data, starts, self.block_size, self.device)
 
     def next_batch(self):
         return self.batch_at(self.draw_starts())
@@ -907,13 +911,12 @@ def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime) -
     """
     model.eval()
     n_windows, block = final_eval_windows(len(tokens), cfg), cfg.block_size
-    offsets = np.arange(block + 1)
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
     for first in range(0, n_windows, cfg.batch_size):
         starts = np.arange(first, min(first + cfg.batch_size, n_windows)) * block
-        windows = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64)).to(rt.device)
+        x, y = windows_at(tokens, starts, block, rt.device)
         with rt.autocast:
-            _, loss = model(windows[:, :-1], windows[:, 1:])
+            _, loss = model(x, y)
         total += loss.double() * len(starts)
     model.train()
     return (total / n_windows).item()

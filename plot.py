@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import io
 import json
 import math
 import os
@@ -571,15 +572,9 @@ def _new_figure(width: float = 9.0, height: float = 5.2):
 
 def save_figure(fig, path: Path) -> None:
     """Write the PNG atomically: a reader (or a crash) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    png = io.BytesIO()
+    fig.savefig(png, format="png", bbox_inches="tight")
+    _atomic_write_bytes(path, png.getvalue())
 
 
 def _legend(ax, n_runs: int) -> None:
