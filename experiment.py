@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -57,9 +58,12 @@ RESULT_FILES = ("final_info.json", "all_results.npy", "all_results.json", "run.j
 # 1. Config and profiles
 # ----------------------------------------------------------------------------------------------
 
-def _opt(default, help, choices=None):
-    """A config field with its --help text (and allowed values) kept next to it."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default, help, choices=None, bounds=None):
+    """A config field with its --help text, allowed values and allowed range kept next to it.
+
+    bounds: an interval such as "[0, 1)" or "(0, inf)"; validate() checks every field against its own,
+    and a number must be finite unless its upper bound is inf."""
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
 
 
 @dataclass
@@ -68,79 +72,94 @@ class Config:
     out_dir: str = _opt("run_0", "run folder to write (relative to the current directory)")
     profile: str = _opt("auto", "settings bundle; auto = full with CUDA, else cpu", ("auto", "full", "cpu", "smoke"))
     datasets: str = _opt(",".join(DATASETS), "comma-separated datasets to train on")
-    seeds: int = _opt(1, "seeds per dataset (seed = seed_base + index); profile-dependent")
-    seed_base: int = _opt(1337, "seed of the first seed index")
+    seeds: int = _opt(1, "seeds per dataset (seed = seed_base + index); profile-dependent", bounds="[1, inf)")
+    seed_base: int = _opt(1337, "seed of the first seed index", bounds="[0, inf)")
     title: str = _opt("", "short title of the run (notes.txt)")
     description: str = _opt("", "what this run does differently (recorded in run.json)")
     data_dir: str = _opt("", "folder holding <dataset>/ with prepared data; default <project>/data")
     source_dir: str = _opt("", f"folder with offline raw copies (else ${SOURCE_DIR_ENV}); used to prepare missing data")
+    allow_nonstandard_data: bool = _opt(False, "accept a source named as the standard enwik8/text8 file that is not "
+                                               "its standard size (it is split 90/5/5 in proportion and labelled)")
     overwrite: bool = _opt(False, "replace the results of a finished run folder")
     download: bool = _opt(True, "download missing datasets (--no-download: fail with the command to run instead)")
     notes: str = _opt("", "lab notebook this run's section and the comparison table go to "
                           "(default: notes.txt beside the run folder; 'off' to skip)")
     plot: bool = _opt(False, "regenerate the plots of every run_* beside the run folder when the run ends")
     # --- model (nanoGPT names) ---
-    n_layer: int = _opt(6, "transformer blocks")
-    n_head: int = _opt(6, "attention heads")
-    n_embd: int = _opt(384, "embedding width")
-    block_size: int = _opt(256, "context length in tokens")
-    dropout: float = _opt(0.2, "dropout probability")
+    n_layer: int = _opt(6, "transformer blocks", bounds="[1, inf)")
+    n_head: int = _opt(6, "attention heads", bounds="[1, inf)")
+    n_embd: int = _opt(384, "embedding width", bounds="[1, inf)")
+    block_size: int = _opt(256, "context length in tokens", bounds="[1, inf)")
+    dropout: float = _opt(0.2, "dropout probability", bounds="[0, 1)")
     bias: bool = _opt(False, "biases in Linear and LayerNorm layers")
     # --- optimisation ---
-    batch_size: int = _opt(64, "sequences per micro-batch")
-    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
-    max_iters: int = _opt(5000, "optimizer steps")
-    learning_rate: float = _opt(1e-3, "peak learning rate of the base schedule")
-    min_lr: float = _opt(1e-4, "final learning rate of the cosine schedule")
-    warmup_iters: int = _opt(100, "linear warmup steps")
-    lr_decay_iters: int = _opt(5000, "step at which the cosine schedule reaches min_lr")
-    weight_decay: float = _opt(0.1, "AdamW weight decay on >=2-D weights")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.99, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip gradient norm to this (0 = off)")
+    batch_size: int = _opt(64, "sequences per micro-batch", bounds="[1, inf)")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step", bounds="[1, inf)")
+    max_iters: int = _opt(5000, "optimizer steps", bounds="[1, inf)")
+    learning_rate: float = _opt(1e-3, "peak learning rate of the base schedule", bounds="(0, inf)")
+    min_lr: float = _opt(1e-4, "final learning rate of the cosine/wsd decay (refused above learning_rate)",
+                         bounds="[0, inf)")
+    warmup_iters: int = _opt(100, "linear warmup steps (a warning, recorded in run.json, if >= max_iters)",
+                             bounds="[0, inf)")
+    lr_decay_iters: int = _opt(5000, "step at which the cosine schedule reaches min_lr (refused below "
+                                     "warmup_iters; a warning if above max_iters)", bounds="[0, inf)")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on >=2-D weights", bounds="[0, inf)")
+    beta1: float = _opt(0.9, "AdamW beta1", bounds="[0, 1)")
+    beta2: float = _opt(0.99, "AdamW beta2", bounds="[0, 1)")
+    grad_clip: float = _opt(1.0, "clip gradient norm to this (0 = off)", bounds="[0, inf)")
     # --- learning-rate control (SPEC section 5) ---
     optimizer: str = _opt("adamw", "adamw, or schedulefree (schedule-free AdamW; use with --schedule constant)",
                           ("adamw", "schedulefree"))
     schedule: str = _opt("cosine", "base learning-rate schedule", ("cosine", "constant", "step", "wsd"))
-    step_gamma: float = _opt(0.1, "step schedule: factor applied every step_interval steps")
-    step_interval: int = _opt(1000, "step schedule: steps between factors")
-    step_epochs: float = _opt(0.0, "step schedule: interval in epochs of the train split (overrides step_interval)")
-    wsd_decay_frac: float = _opt(0.2, "wsd schedule: final fraction of max_iters decaying linearly to min_lr")
+    step_gamma: float = _opt(0.1, "step schedule: factor applied every step_interval steps", bounds="(0, 1]")
+    step_interval: int = _opt(1000, "step schedule: steps between factors", bounds="[1, inf)")
+    step_epochs: float = _opt(0.0, "step schedule: interval in epochs of the train split (overrides step_interval)",
+                              bounds="[0, inf)")
+    wsd_decay_frac: float = _opt(0.2, "wsd schedule: final fraction of max_iters decaying linearly to min_lr",
+                                 bounds="[0, 1]")
     agent: str = _opt("none", "who sets the learning-rate multiplier after each evaluation",
                       ("none", "random", "replay", "qlearning"))
     agent_actions: str = _opt("0.5,0.8,1,1.25,2", "the agent's action factors on the multiplier")
-    reward: str = _opt("neg_val_loss", "qlearning reward: -val loss, or previous minus current val loss",
-                       ("neg_val_loss", "improvement"))
-    epsilon: float = _opt(0.1, "qlearning: exploration probability")
-    epsilon_decay: float = _opt(1.0, "qlearning: epsilon is multiplied by this after each decision")
-    epsilon_min: float = _opt(0.01, "qlearning: epsilon never decays below this")
-    agent_lr: float = _opt(0.1, "qlearning: step size alpha of the TD update")
-    gamma: float = _opt(0.9, "qlearning: discount")
-    agent_init: str = _opt("", "qlearning: start from this agent file or run folder's Q-table; replay: the run to replay")
-    agent_freeze: bool = _opt(False, "qlearning: act from the table but never update it")
-    multiplier_min: float = _opt(0.125, "lower bound of the agent's learning-rate multiplier")
-    multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier")
-    lr_floor: float = _opt(0.0, "the learning rate never goes below this")
-    lr_ceiling: float = _opt(0.1, "the learning rate never goes above this")
+    reward: str = _opt("neg_val_loss", "qlearning reward: -L, L_prev - L, or log L_prev - log L (L: val loss); "
+                       "learned relative to its usual value at that iteration",
+                       ("neg_val_loss", "improvement", "log_improvement"))
+    epsilon: float = _opt(0.1, "qlearning: exploration probability", bounds="[0, 1]")
+    epsilon_decay: float = _opt(1.0, "qlearning: epsilon is multiplied by this after each decision", bounds="[0, 1]")
+    epsilon_min: float = _opt(0.01, "qlearning: epsilon never decays below this", bounds="[0, 1]")
+    agent_lr: float = _opt(0.1, "qlearning: step size alpha of the TD update", bounds="(0, 1]")
+    gamma: float = _opt(0.9, "qlearning: discount", bounds="[0, 1]")
+    agent_init: str = _opt("", "qlearning: start from this agent file, or pool the tables of every seed of this "
+                               "run folder (epsilon continues from it); replay: the run to replay")
+    agent_freeze: bool = _opt(False, "qlearning: act greedily from the table (no exploration) and never update it")
+    multiplier_min: float = _opt(0.125, "lower bound of the agent's learning-rate multiplier", bounds="(0, 1]")
+    multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier", bounds="[1, inf)")
+    lr_floor: float = _opt(0.0, "the learning rate never goes below this", bounds="[0, inf)")
+    lr_ceiling: float = _opt(0.1, "the learning rate never goes above this", bounds="(0, inf)")
     # --- reliability ---
     resume: bool = _opt(False, "continue an interrupted run folder from its checkpoints (its config is reused)")
-    max_rollbacks: int = _opt(3, "divergence guard: rollbacks allowed per seed before it ends as 'diverged'")
+    max_rollbacks: int = _opt(3, "divergence guard: rollbacks allowed per seed before it ends as 'diverged'",
+                              bounds="[0, inf)")
     divergence_factor: float = _opt(2.0, "divergence guard: a loss above this x the first evaluation's train loss "
-                                         "(or not finite) rolls back (0 = only non-finite)")
-    rollback_cut: float = _opt(0.5, "divergence guard: the multiplier is multiplied by this on a rollback")
-    divergence_penalty: float = _opt(-5.0, "divergence guard: reward the agent receives for the action that diverged")
+                                         "(or not finite) rolls back (0 = only non-finite)", bounds="[0, inf)")
+    rollback_cut: float = _opt(0.5, "divergence guard: the multiplier is multiplied by this on a rollback",
+                               bounds="(0, 1]")
+    divergence_penalty: float = _opt(-5.0, "divergence guard: added to the reward of a diverged interval, which "
+                                           "scores as a val loss at the divergence threshold", bounds="(-inf, 0]")
     # --- evaluation and logging ---
-    eval_interval: int = _opt(250, "steps between evaluations (the agent acts after each)")
-    eval_iters: int = _opt(200, "batches per split in each evaluation")
-    log_interval: int = _opt(10, "steps between training-loss records")
+    eval_interval: int = _opt(250, "steps between evaluations (the agent acts after each)", bounds="[1, inf)")
+    eval_iters: int = _opt(200, "batches per split in each evaluation", bounds="[1, inf)")
+    log_interval: int = _opt(10, "steps between training-loss records", bounds="[1, inf)")
     final_eval_tokens: int = _opt(1_000_000, "after training, the final model's loss over the first N tokens of "
                                              "the val (and test) split, read in consecutive windows: "
-                                             "full_val_loss / test_loss without sampling noise (0 = skip)")
+                                             "full_val_loss / test_loss without sampling noise (0 = skip)",
+                                  bounds="[0, inf)")
     # --- inference-speed measurement (as the reference experiment) ---
-    inference_samples: int = _opt(10, "samples generated to measure inference speed (0 = skip)")
-    inference_new_tokens: int = _opt(500, "new tokens per sample")
-    temperature: float = _opt(0.8, "sampling temperature")
-    top_k: int = _opt(200, "sample among the top_k most likely tokens (0 = all)")
+    inference_samples: int = _opt(10, "samples generated to measure inference speed (0 = skip)", bounds="[0, inf)")
+    inference_new_tokens: int = _opt(500, "new tokens per sample", bounds="[1, inf)")
+    kv_cache: bool = _opt(True, "sample with the KV cache (same tokens, faster); --no-kv_cache re-runs the "
+                                "context for every token, as the reference experiment measures")
+    temperature: float = _opt(0.8, "sampling temperature", bounds="(0, inf)")
+    top_k: int = _opt(200, "sample among the top_k most likely tokens (0 = all)", bounds="[0, inf)")
     # --- system ---
     device: str = _opt("auto", "where to train", ("auto", "cuda", "mps", "cpu"))
     dtype: str = _opt("auto", "compute dtype; auto = bfloat16/float16 on CUDA, float32 elsewhere",
@@ -177,6 +196,9 @@ PROFILES: dict[str, dict[str, dict]] = {
                   inference_samples=2, inference_new_tokens=16, final_eval_tokens=4096),
     },
 }
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def resolve_profile(requested: str) -> str:
@@ -221,6 +243,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be read by others (as plot.py's)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -274,6 +297,7 @@ class CharDataset:
     splits: dict  # split name -> np.ndarray of uint16 token ids, read into memory once
     itos: list
     meta: dict
+    provenance: dict = field(default_factory=dict)  # source, standard split or not, sha256 per split
 
     @property
     def vocab_size(self) -> int:
@@ -313,10 +337,11 @@ def ensure_prepared(cfg: Config, dataset: str, log=print) -> Path:
                             f"python data/{dataset}/prepare.py --source FILE (or set {SOURCE_DIR_ENV}=DIR)")
         log(f"[data] {dataset} is not prepared in {out}{looked}: downloading it")
     try:
-        prep.prepare(dataset, out, source=source, log=log)
+        prep.prepare(dataset, out, source=source, log=log, allow_nonstandard=cfg.allow_nonstandard_data)
     except prep.PrepareError as e:
-        if source is not None:
-            raise UserError(f"preparing {dataset} from {source} failed: {e}") from e
+        if source is not None:  # prepare.py's flag has this name here
+            message = str(e).replace("--allow_nonstandard", "--allow_nonstandard_data")
+            raise UserError(f"preparing {dataset} from {source} failed: {message}") from e
         raise RunFailed(f"{e} -- offline? run: python data/{dataset}/prepare.py --source FILE "
                         f"(or set {SOURCE_DIR_ENV}=DIR with offline copies)") from e
     return out
@@ -344,7 +369,18 @@ def load_dataset(cfg: Config, dataset: str) -> CharDataset:
         if n_tokens and int(splits[split].max()) >= len(itos):
             raise UserError(f"{path} holds token id {int(splits[split].max())}, outside the vocabulary of "
                             f"{len(itos)}; re-run data/{dataset}/prepare.py")
-    return CharDataset(dataset, splits, itos, meta)
+    return CharDataset(dataset, splits, itos, meta, data_provenance(folder, meta, splits))
+
+
+def data_provenance(folder: Path, meta: dict, splits: dict) -> dict:
+    """Where the tokens came from, recorded in run.json and final_info.json: a 4 MB prefix of enwik8 must
+    never pass for enwik8. sha256 of each split as read (the bytes of its .bin file)."""
+    source = meta.get("source") or {}
+    return {"folder": str(folder), "source": source.get("path") or source.get("url"),
+            "source_bytes": source.get("text_bytes", source.get("bytes")),
+            "standard_split": bool(meta.get("standard_split", False)), "warning": meta.get("warning"),
+            "splits": {k: int(len(v)) for k, v in splits.items()},
+            "sha256": {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in splits.items()}}
 
 
 def windows_at(data: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device):
@@ -556,7 +592,9 @@ def optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
 # The interface, all the training loop knows of an agent:
 #   agent.multiplier                  the factor applied to the base schedule until the next decision
 #   agent.observe(Observation) -> dict  called after every evaluation; updates multiplier; returns the
-#                                     fields logged with that evaluation (state, action, reward, epsilon)
+#                                     fields logged with that evaluation (state, action, reward, ...)
+#   agent.on_rollback(loss, it)       the interval after the last decision diverged and was undone;
+#                                     the multiplier is cut (the loop writes what the optimizer now uses)
 #   agent.state_dict() / load_state_dict(d)   JSON-safe, saved as agent_<dataset>_<seed>.json
 
 @dataclass
@@ -577,6 +615,30 @@ def parse_actions(text: str) -> list[float]:
     return actions
 
 
+def reward_for(kind: str, prev_val: Optional[float], val: float) -> Optional[float]:
+    """The reward of the interval that ended with val loss `val` (None: not defined yet, first evaluation).
+
+    neg_val_loss:    -L_t                      (lower loss, higher reward)
+    improvement:     L_{t-1} - L_t             (how much the interval gained)
+    log_improvement: log L_{t-1} - log L_t     (the same, scale-free: comparable across datasets)
+    Each is monotone decreasing in L_t, so a higher loss never scores better.
+    """
+    if kind == "neg_val_loss":
+        return -val
+    if prev_val is None:
+        return None
+    if kind == "improvement":
+        return prev_val - val
+    return math.log(prev_val) - math.log(val)
+
+
+def divergence_loss(cfg: Config, reference: Optional[float]) -> float:
+    """The val loss a diverged interval counts as: the divergence threshold, which every interval that did
+    not diverge stays below. Without a threshold (--divergence_factor 0), twice the first train loss."""
+    reference = reference if reference is not None and math.isfinite(reference) else 10.0
+    return (cfg.divergence_factor if cfg.divergence_factor > 0 else 2.0) * reference
+
+
 class NoAgent:
     """The baseline: the multiplier stays 1, so the run is the plain base schedule."""
 
@@ -589,9 +651,17 @@ class NoAgent:
     def observe(self, obs: Observation) -> dict:
         return self.record(obs, action=None, reward=None, epsilon=None, state=None)
 
-    def on_rollback(self, penalty: float, cut: float) -> None:
-        """The run diverged after this agent's last decision and was rolled back: take a smaller step."""
-        self.multiplier = self.clip(self.multiplier * cut)
+    def on_rollback(self, diverged_loss: float, it: int, final: bool = False) -> None:
+        """The run diverged after this agent's last decision and was rolled back: take a smaller step
+        (final: the rollbacks are spent and the seed ends here).
+
+        The trajectory is corrected to the multiplier the optimizer now uses, so --agent replay plays
+        back what was used, not what was chosen before the rollback."""
+        if final:
+            return
+        self.multiplier = self.clip(self.multiplier * self.cfg.rollback_cut)
+        if self.trajectory:
+            self.trajectory[-1]["multiplier"] = self.multiplier
 
     def record(self, obs: Observation, **fields) -> dict:
         self.trajectory.append({"iter": obs.it, "multiplier": self.multiplier})
@@ -601,7 +671,7 @@ class NoAgent:
         return {"agent": self.cfg.agent, "multiplier": self.multiplier, "trajectory": self.trajectory}
 
     def load_state_dict(self, state: dict) -> None:
-        self.multiplier, self.trajectory = state["multiplier"], list(state["trajectory"])
+        self.multiplier, self.trajectory = state["multiplier"], [dict(t) for t in state["trajectory"]]
 
 
 class RandomAgent(NoAgent):
@@ -626,7 +696,7 @@ class RandomAgent(NoAgent):
 
 
 class ReplayAgent(NoAgent):
-    """Control: plays back the multipliers an earlier run chose, open loop (--agent_init that run)."""
+    """Control: plays back the multipliers an earlier run used, open loop (--agent_init that run)."""
 
     def __init__(self, cfg: Config, seed: int, recorded: dict):
         super().__init__(cfg, seed)
@@ -643,14 +713,25 @@ class ReplayAgent(NoAgent):
 class QLearningAgent(NoAgent):
     """Tabular Q-learning over a small state space that recurs within and across runs.
 
-    State = (trend of val loss since the last evaluation, log2 multiplier bucket, third of training).
-    Action = a factor applied to the multiplier. Reward = -val loss, or the improvement in val loss.
-    Update (one-step TD): Q[s,a] += alpha * (r + gamma * max_a' Q[s',a'] - Q[s,a]); the last
-    evaluation is terminal (no bootstrap, no action).
+    State = (trend of val loss since the last evaluation, multiplier below/at/above 1, third of training):
+    45 states, so a table carried across runs (--agent_init) sees each of them again and again.
+    Action = a factor applied to the multiplier.
+
+    Values are learned on advantages: the reward minus its running mean at the same evaluation iteration
+    (over every run this table has seen). Raw rewards are all about -2 (neg_val_loss), so a value table
+    starting at 0 would rank every untried action above every tried one and the greedy choice would be
+    the least-tried action. Measured against the usual outcome at that point of training, 0 means
+    "as good as usual": an untried action is neither favoured nor punished, and a better action is
+    positive after one visit. The baseline depends on the iteration only, the same for every action,
+    so it does not change which action is best.
+
+    Update (one-step TD): Q[s,a] += alpha * (A + gamma * max_a' Q[s',a'] - Q[s,a]); the last evaluation
+    is terminal. A divergence is an ordinary (non-terminal) transition back to the restored state, with
+    the reward of a loss at the divergence threshold: the worst outcome under every reward option.
     """
 
     TREND_EDGES = (-0.01, 0.001, 0.01)  # relative change: worse | flat | improving | improving fast
-    MULT_BUCKETS = 7                     # round(log2 multiplier) in -3..3
+    MULT_BUCKETS = 3                     # multiplier below 1/sqrt(2), around 1, above sqrt(2)
 
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
@@ -658,9 +739,18 @@ class QLearningAgent(NoAgent):
         shape = (1 + len(self.TREND_EDGES) + 1, self.MULT_BUCKETS, 3, len(self.actions))
         self.q = np.zeros(shape)
         self.visits = np.zeros(shape, dtype=np.int64)
-        self.rng = np.random.default_rng(seed)
-        self.epsilon = cfg.epsilon
+        self.baseline: dict[str, list] = {}  # str(iter) -> [mean reward, count]
+        # Separate streams: whether to explore (and where) is drawn at every decision, so epsilon
+        # alone decides which decisions explore; ties among the greedy actions draw from their own.
+        self.explore_rng = np.random.default_rng([seed, 1])
+        self.tie_rng = np.random.default_rng([seed, 2])
+        self.epsilon = 0.0 if cfg.agent_freeze else cfg.epsilon
+        self.neutral = int(np.argmin([abs(math.log(a)) for a in self.actions]))  # the factor closest to x1
         self.prev_val, self.prev_state, self.prev_action = None, None, None
+
+    def multiplier_bucket(self, multiplier: float) -> int:
+        half = self.MULT_BUCKETS // 2
+        return int(np.clip(round(math.log2(multiplier)), -half, half)) + half
 
     def discretise(self, obs: Observation) -> tuple:
         if self.prev_val is None:
@@ -668,71 +758,126 @@ class QLearningAgent(NoAgent):
         else:
             change = (self.prev_val - obs.val_loss) / max(abs(self.prev_val), 1e-12)
             trend = 1 + int(np.searchsorted(self.TREND_EDGES, change, side="right"))
-        half = self.MULT_BUCKETS // 2
-        mult = int(np.clip(round(math.log2(self.multiplier)), -half, half)) + half
         third = min(2, 3 * obs.it // max(1, obs.max_iters))
-        return trend, mult, third
+        return trend, self.multiplier_bucket(self.multiplier), third
 
-    def reward(self, obs: Observation) -> Optional[float]:
-        if self.cfg.reward == "neg_val_loss":
-            return -obs.val_loss
-        return None if self.prev_val is None else self.prev_val - obs.val_loss
+    def advantage(self, reward: float, it: int, learn: bool) -> float:
+        """reward minus the usual reward at this iteration (0 the first time), then update the usual reward.
 
-    def td_update(self, reward: float, state: tuple, terminal: bool) -> None:
+        Like the values, it averages its first 1/alpha rewards, then follows recent ones with step alpha:
+        "usual" means usual for the current policy, not for the early, mostly random one."""
+        mean, count = self.baseline.get(str(it), (reward, 0))
+        if learn:
+            count += 1
+            self.baseline[str(it)] = [mean + max(self.cfg.agent_lr, 1.0 / count) * (reward - mean), count]
+        return reward - mean
+
+    def td_update(self, advantage: float, state: Optional[tuple], terminal: bool) -> None:
         sa = self.prev_state + (self.prev_action,)
-        target = reward if terminal else reward + self.cfg.gamma * self.q[state].max()
-        self.q[sa] += self.cfg.agent_lr * (target - self.q[sa])
+        target = advantage if terminal else advantage + self.cfg.gamma * self.q[state].max()
         self.visits[sa] += 1
+        # The first visits average their targets (step 1/n), so no weight stays on the arbitrary initial 0;
+        # from n = 1/alpha on, the constant step alpha tracks a changing target.
+        self.q[sa] += max(self.cfg.agent_lr, 1.0 / self.visits[sa]) * (target - self.q[sa])
 
-    def choose(self, state: tuple) -> int:
-        if self.rng.random() < self.epsilon:
-            return int(self.rng.integers(len(self.actions)))
+    def choose(self, state: tuple) -> tuple[int, bool]:
+        """epsilon-greedy; greedy ties go to the neutral action x1 when it is among them."""
+        explore = self.explore_rng.random() < self.epsilon
+        random_action = int(self.explore_rng.integers(len(self.actions)))  # drawn either way: same stream position
+        if explore:
+            return random_action, True
         values = self.q[state]
-        best = np.flatnonzero(values == values.max())  # ties broken at random, not towards action 0
-        return int(self.rng.choice(best))
+        best = np.flatnonzero(values == values.max())
+        if self.neutral in best:
+            return self.neutral, False
+        return int(self.tie_rng.choice(best)), False
 
     def observe(self, obs: Observation) -> dict:
+        learn = not self.cfg.agent_freeze
         state = self.discretise(obs)
-        reward = self.reward(obs)
+        reward = reward_for(self.cfg.reward, self.prev_val, obs.val_loss)
+        advantage = None if reward is None else self.advantage(reward, obs.it, learn)
         terminal = obs.it >= obs.max_iters
-        if self.prev_state is not None and reward is not None and not self.cfg.agent_freeze:
-            self.td_update(reward, state, terminal)
-        action, epsilon = None, self.epsilon
+        if learn and self.prev_action is not None and advantage is not None:
+            self.td_update(advantage, state, terminal)
+        action, explored, epsilon = None, None, self.epsilon
         if not terminal:
-            action = self.choose(state)
+            action, explored = self.choose(state)
             self.multiplier = self.clip(self.multiplier * self.actions[action])
-            self.epsilon = max(self.cfg.epsilon_min, self.epsilon * self.cfg.epsilon_decay)
+            if learn:
+                self.epsilon = max(self.cfg.epsilon_min, self.epsilon * self.cfg.epsilon_decay)
         self.prev_val, self.prev_state, self.prev_action = obs.val_loss, state, action
-        return self.record(obs, action=action, reward=reward, epsilon=epsilon, state=list(state))
+        return self.record(obs, action=action, reward=reward, advantage=advantage, epsilon=epsilon,
+                           explored=explored, state=list(state))
 
-    def on_rollback(self, penalty: float, cut: float) -> None:
-        """The last action led to divergence: learn that (a terminal penalty), then cut the multiplier."""
-        if self.prev_action is not None and not self.cfg.agent_freeze:
-            self.prev_state = tuple(self.prev_state)
-            self.td_update(penalty, self.prev_state, terminal=True)
-        super().on_rollback(penalty, cut)
+    def on_rollback(self, diverged_loss: float, it: int, final: bool = False) -> None:
+        """The last action led to divergence: learn it as a transition to the restored state with the cut
+        multiplier (training goes on, so the episode does not end; final: it does), then take no credit
+        for the forced cut.
+
+        The interval scores as if its val loss were `diverged_loss` (the divergence threshold, above every
+        loss that did not diverge), plus --divergence_penalty, against the usual reward at `it`, the
+        evaluation the interval would have reached: below every outcome that did not diverge."""
+        super().on_rollback(diverged_loss, it, final)
+        if self.prev_action is None or self.prev_state is None:
+            return
+        restored = (self.prev_state[0], self.multiplier_bucket(self.multiplier), self.prev_state[2])
+        if not self.cfg.agent_freeze:
+            reward = reward_for(self.cfg.reward, self.prev_val, diverged_loss) + self.cfg.divergence_penalty
+            # The usual reward there (never updated with divergences); unseen yet: an interval that changed nothing.
+            usual = self.baseline[str(it)][0] if str(it) in self.baseline else \
+                reward_for(self.cfg.reward, self.prev_val, self.prev_val)
+            self.td_update(reward - usual, restored, terminal=final)
+        self.prev_state, self.prev_action = restored, None  # the forced cut is not the agent's action
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "actions": self.actions, "q": self.q.tolist(),
-                "visits": self.visits.tolist(), "rng": self.rng.bit_generator.state, "epsilon": self.epsilon,
-                "prev_val": self.prev_val, "prev_state": self.prev_state and list(self.prev_state),
-                "prev_action": self.prev_action}
+                "visits": self.visits.tolist(), "baseline": self.baseline,
+                "explore_rng": self.explore_rng.bit_generator.state, "tie_rng": self.tie_rng.bit_generator.state,
+                "epsilon": self.epsilon, "prev_val": self.prev_val,
+                "prev_state": self.prev_state and list(self.prev_state), "prev_action": self.prev_action}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.load_table(state)
-        self.rng.bit_generator.state = state["rng"]
+        self.explore_rng.bit_generator.state = state["explore_rng"]
+        self.tie_rng.bit_generator.state = state["tie_rng"]
         self.epsilon, self.prev_val, self.prev_action = state["epsilon"], state["prev_val"], state["prev_action"]
         self.prev_state = tuple(state["prev_state"]) if state["prev_state"] is not None else None
 
     def load_table(self, state: dict) -> None:
-        """What a later run inherits from an earlier one: the Q-table and visit counts."""
+        """What a later run inherits from an earlier one: the Q-table, visit counts and reward baseline."""
         if state.get("actions") != self.actions:
             raise UserError(f"--agent_init has actions {state.get('actions')}, this run {self.actions}")
         q, visits = np.asarray(state["q"], dtype=np.float64), np.asarray(state["visits"], dtype=np.int64)
-        if q.shape != self.q.shape or visits.shape != self.q.shape:
-            raise UserError(f"--agent_init Q-table has shape {q.shape}, expected {self.q.shape}")
+        if q.shape != self.q.shape or visits.shape != self.q.shape or "baseline" not in state:
+            raise UserError(f"--agent_init holds a Q-table of shape {q.shape} without this version's reward "
+                            f"baseline; expected shape {self.q.shape} (retrain it with this version)")
         self.q, self.visits = q, visits
+        self.baseline = {k: list(v) for k, v in state["baseline"].items()}
+
+    def inherit(self, states: list[dict]) -> None:
+        """--agent_init RUN: the experience of every seed of the earlier run, pooled.
+
+        Q-values are averaged weighted by visits (an entry no seed visited stays 0), visits summed, the
+        reward baselines pooled by count; exploration goes on from where the earlier run left it."""
+        tables = []
+        for state in states:
+            self.load_table(state)
+            tables.append((self.q, self.visits, self.baseline))
+        visits = sum(v for _, v, _ in tables)
+        weighted = sum(q * v for q, v, _ in tables)
+        self.q = np.divide(weighted, visits, out=np.zeros_like(weighted), where=visits > 0)
+        self.visits = visits
+        pooled: dict[str, list] = {}
+        for _, _, baseline in tables:
+            for it, (mean, count) in baseline.items():
+                old_mean, old_count = pooled.get(it, (0.0, 0))
+                total = old_count + count
+                pooled[it] = [(old_mean * old_count + mean * count) / max(total, 1), total]
+        self.baseline = pooled
+        if not self.cfg.agent_freeze:
+            self.epsilon = max(self.cfg.epsilon_min, min(s.get("epsilon", self.cfg.epsilon) for s in states))
 
 
 AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearning": QLearningAgent}
@@ -746,31 +891,51 @@ def checkpoint_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
     return Path(run_dir) / f"ckpt_{dataset}_{seed_index}.pt"
 
 
-def read_agent_init(path: str, dataset: str, seed_index: int) -> dict:
-    """--agent_init: an agent JSON file, or a run folder (its agent file for this dataset and seed)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        candidates = [agent_file(p, dataset, seed_index), agent_file(p, dataset, 0)]
-        p = next((c for c in candidates if c.exists()), candidates[0])
+def previous_checkpoint_file(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.stem + ".prev.pt")
+
+
+def remove_checkpoints(run_dir: Path, dataset: str, seed_index: int) -> None:
+    checkpoint = checkpoint_file(run_dir, dataset, seed_index)
+    checkpoint.unlink(missing_ok=True)
+    previous_checkpoint_file(checkpoint).unlink(missing_ok=True)
+
+
+def read_agent_state(path: Path) -> dict:
     try:
-        state = json.loads(p.read_text())
+        state = json.loads(Path(path).read_text())
         if not isinstance(state, dict) or "trajectory" not in state:
             raise ValueError("not an agent state file")
         return state
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read --agent_init {p}: {getattr(e, 'strerror', None) or e}") from e
+        raise UserError(f"cannot read --agent_init {path}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def read_agent_init(path: str, dataset: str, seed_index: Optional[int] = None) -> list[dict]:
+    """--agent_init: an agent JSON file, or a run folder: its agent file for this seed (seed_index given,
+    as replay needs), else the agent files of every seed of this dataset (a table learns from all)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return [read_agent_state(p)]
+    if seed_index is not None:
+        candidates = [agent_file(p, dataset, seed_index), agent_file(p, dataset, 0)]
+        return [read_agent_state(next((c for c in candidates if c.exists()), candidates[0]))]
+    files = sorted(p.glob(f"agent_{dataset}_*.json"))
+    if not files:
+        raise UserError(f"cannot read --agent_init {p}: it holds no agent_{dataset}_<seed>.json")
+    return [read_agent_state(f) for f in files]
 
 
 def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
     if cfg.agent == "replay":
         if not cfg.agent_init:
             raise UserError("--agent replay needs --agent_init RUN_DIR (or an agent_<dataset>_<seed>.json)")
-        return ReplayAgent(cfg, seed, read_agent_init(cfg.agent_init, dataset, seed_index))
+        return ReplayAgent(cfg, seed, read_agent_init(cfg.agent_init, dataset, seed_index)[0])
     agent = AGENTS[cfg.agent](cfg, seed)
     if cfg.agent_init:
         if not isinstance(agent, QLearningAgent):
             raise UserError("--agent_init initialises a qlearning agent (or names the run to replay)")
-        agent.load_table(read_agent_init(cfg.agent_init, dataset, seed_index))
+        agent.inherit(read_agent_init(cfg.agent_init, dataset))
     return agent
 
 
@@ -834,19 +999,26 @@ class Interrupted(Exception):
 
 
 class FaultInjector:
-    """Test hook: $GPT_RL_TEST_NAN_AT="15,40" poisons the loss once at those steps; "15+" at every step >= 15."""
+    """Test hook: $GPT_RL_TEST_NAN_AT="15,40" poisons the loss at those steps; "15+" at every step >= 15.
+
+    A fault behaves as a real divergence does: the same weights on the same batch give the same loss, so
+    it fires again whenever its step is reached with the weights it first fired on, and not once a
+    rollback has changed them."""
 
     def __init__(self, spec: str):
-        self.once = {int(x) for x in spec.split(",") if x.strip() and not x.endswith("+")}
+        self.at = {int(x) for x in spec.split(",") if x.strip() and not x.endswith("+")}
         self.from_it = min([int(x[:-1]) for x in spec.split(",") if x.endswith("+")], default=None)
+        self.fired_on: dict[int, str] = {}  # step -> fingerprint of the weights it first fired on
 
-    def poison(self, it: int) -> bool:
+    def poison(self, it: int, model: nn.Module) -> bool:
         if self.from_it is not None and it >= self.from_it:
             return True
-        if it in self.once:
-            self.once.discard(it)
-            return True
-        return False
+        if it not in self.at:
+            return False
+        digest = hashlib.sha256()
+        for p in model.parameters():
+            digest.update(p.detach().cpu().numpy().tobytes())
+        return self.fired_on.setdefault(it, digest.hexdigest()) == digest.hexdigest()
 
 
 class Progress:
@@ -954,9 +1126,16 @@ class SeedState:
     checkpoint_time: float = 0.0
 
 
+WALL_CLOCK_FIELDS = ("elapsed", "eval_time", "agent_time", "checkpoint_time")  # kept across rollbacks
+
+
 @dataclass
 class SeedRun:
-    """The live objects of one seed's training, and how to checkpoint and restore all of them."""
+    """The live objects of one seed's training, and how to checkpoint and restore all of them.
+
+    Two checkpoints are kept: the last one and the one before it (renamed, not rewritten). A divergence
+    detected at step j lies in the weights entering step j, which the checkpoint saved at j holds; a
+    rollback must go back to a checkpoint from before j, or it would replay the same weights and batch."""
     cfg: Config
     model: GPT
     optimizer: torch.optim.Optimizer
@@ -965,15 +1144,25 @@ class SeedRun:
     agent: NoAgent
     state: SeedState
     checkpoint: Path
+    saved_at: dict = field(default_factory=dict)  # "last" / "previous" -> iteration its checkpoint holds
+
+    @property
+    def previous_checkpoint(self) -> Path:
+        return previous_checkpoint_file(self.checkpoint)
 
     def save(self) -> None:
         """Atomically (temp file + rename); loads with torch.load(weights_only=True)."""
         t = time.perf_counter()
+        last = self.saved_at.get("last")
+        if last is not None and last < self.state.next_it and self.checkpoint.exists():
+            os.replace(self.checkpoint, self.previous_checkpoint)  # the last good state becomes the fallback
+            self.saved_at["previous"] = last
         py_rng = random.getstate()
         np_rng = np.random.get_state()
         meta = {"state": dataclasses.asdict(self.state), "agent": self.agent.state_dict(),
                 "config": dataclasses.asdict(self.cfg), "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
-                "numpy_rng": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]]}
+                "numpy_rng": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]],
+                "previous_it": self.saved_at.get("previous")}
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -981,14 +1170,37 @@ class SeedRun:
         buf = io.BytesIO()
         torch.save(payload, buf)
         atomic_write_bytes(self.checkpoint, buf.getvalue())
+        self.saved_at["last"] = self.state.next_it
         self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
 
-    def restore(self) -> None:
+    def resume(self) -> None:
+        """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing)."""
+        path = self.checkpoint if self.checkpoint.exists() else self.previous_checkpoint
+        if not path.exists():
+            return
+        meta = self.restore(path)
+        if path == self.previous_checkpoint:
+            self.saved_at = {"previous": self.state.next_it}
+            return
+        self.saved_at = {"last": self.state.next_it}
+        if meta.get("previous_it") is not None and self.previous_checkpoint.exists():
+            self.saved_at["previous"] = meta["previous_it"]
+
+    def restore_before(self, it: int) -> bool:
+        """Restore the newest checkpoint from before step `it`; False when there is none."""
+        for key, path in (("last", self.checkpoint), ("previous", self.previous_checkpoint)):
+            at = self.saved_at.get(key)
+            if at is not None and at < it and path.exists():
+                self.restore(path)
+                return True
+        return False
+
+    def restore(self, path: Path) -> dict:
         try:
-            payload = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
             meta = json.loads(payload["meta"])
         except Exception as e:  # a truncated or foreign file: say which, do not guess
-            raise UserError(f"checkpoint {self.checkpoint} is unreadable ({type(e).__name__}); "
+            raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
                             f"delete it to restart this seed") from e
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -1003,6 +1215,7 @@ class SeedRun:
         np.random.set_state((np_rng[0], np.array(np_rng[1], dtype=np.uint32), *np_rng[2:]))
         self.agent.load_state_dict(meta["agent"])
         self.state = SeedState(**meta["state"])
+        return meta
 
 
 def is_diverged(loss: float, reference: Optional[float], factor: float) -> bool:
@@ -1034,24 +1247,40 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)] for split, s in eval_samplers.items()}
     run = SeedRun(cfg, model, optimizer, scaler, sampler, make_agent(cfg, seed, data.name, seed_index),
                   SeedState(), checkpoint_file(out_dir, data.name, seed_index))
-    if resume and run.checkpoint.exists():
-        run.restore()
+    if resume:
+        run.resume()
     faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
     label = f"{data.name} seed {seed_index}"
     progress = Progress(label, cfg.max_iters, run.state.next_it, interactive)
     if run.state.next_it:
         progress.write(f"[{label}] resuming at iter {run.state.next_it}")
 
-    def rollback(why: str) -> bool:
-        """Back to the last checkpoint with a smaller multiplier; False once the rollbacks are spent."""
-        rollbacks = run.state.rollbacks + 1
-        run.restore()  # even when giving up: the seed ends with its last good weights, not NaNs
+    def rollback(why: str, failed_at: int) -> bool:
+        """Back to the newest checkpoint from before step `failed_at`, with a smaller multiplier.
+
+        False once the rollbacks are spent (or no such checkpoint exists): the seed then ends with its
+        last good weights, not NaNs."""
+        rollbacks, spent = run.state.rollbacks + 1, {k: getattr(run.state, k) for k in WALL_CLOCK_FIELDS}
+        restored = run.restore_before(failed_at)
+        if not restored:
+            run.restore_before(failed_at + 1)  # the best there is: the weights entering the failed step
         run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
-        if rollbacks > cfg.max_rollbacks:
-            progress.write(f"[{label}] {why}: {cfg.max_rollbacks} rollbacks spent, the seed ends as diverged")
+        for k, v in spent.items():  # the time spent on the discarded steps was spent all the same
+            setattr(run.state, k, v)
+        next_eval = min((run.state.last_eval_it // cfg.eval_interval + 1) * cfg.eval_interval, cfg.max_iters)
+        diverged_loss = divergence_loss(cfg, run.state.reference_loss)
+        if not restored or rollbacks > cfg.max_rollbacks:
+            run.agent.on_rollback(diverged_loss, next_eval, final=True)
+            progress.write(f"[{label}] {why}: " + (f"{cfg.max_rollbacks} rollbacks spent" if restored else
+                           "no checkpoint from before it") + ", the seed ends as diverged")
             return False
-        progress.write(f"[{label}] {why}: rollback {rollbacks}/{cfg.max_rollbacks}")
-        run.agent.on_rollback(cfg.divergence_penalty, cfg.rollback_cut)
+        progress.write(f"[{label}] {why}: rollback {rollbacks}/{cfg.max_rollbacks} to iter {run.state.next_it}")
+        run.agent.on_rollback(diverged_loss, next_eval)
+        record = run.state.val_log[-1] if run.state.val_log else None
+        if record is not None and record["iter"] == run.state.next_it:
+            # What the optimizer uses from here on, so the logs (and --agent replay) say what was used.
+            record.update(multiplier=run.agent.multiplier, lr=controlled_lr(cfg, record["iter"], run.agent.multiplier),
+                          rollbacks=record.get("rollbacks", 0) + 1)
         run.save()
         return True
 
@@ -1070,7 +1299,7 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
             optimizer_mode(optimizer, training=True)
             s.eval_time += time.time() - t
             if is_diverged(losses["val"], s.reference_loss, cfg.divergence_factor):
-                if rollback(f"val loss {losses['val']:.4g} at iter {it}"):
+                if rollback(f"val loss {losses['val']:.4g} at iter {it}", failed_at=it):
                     it = run.state.next_it
                     continue
                 status = "diverged"
@@ -1104,7 +1333,7 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
             x, y = sampler.next_batch()
             with rt.autocast:
                 _, loss = step_model(x, y)
-            if faults.poison(it):
+            if faults.poison(it, model):
                 loss = loss * float("nan")
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         if cfg.grad_clip > 0:
@@ -1118,7 +1347,7 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
             lossf = loss.item()  # the only host sync of the step, once per log_interval
             if is_diverged(lossf, s.reference_loss, cfg.divergence_factor):
-                if rollback(f"train loss {lossf:.4g} at iter {it}"):
+                if rollback(f"train loss {lossf:.4g} at iter {it}", failed_at=it):
                     it = run.state.next_it
                     t_window, window_iters = time.time(), 0
                     continue
@@ -1154,6 +1383,7 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         "checkpoint_time": s.checkpoint_time,
         "sample_time": speed["sample_time"],
         "rollbacks": s.rollbacks,
+        "inference_kv_cache": cfg.kv_cache,  # the reference experiment samples without one: say which was used
         "seed": seed,
         "num_params": model.num_params(),
         "status": status,
@@ -1219,7 +1449,8 @@ def measure_inference_speed(model: GPT, data: CharDataset, cfg: Config, rt: Runt
     for k in range(cfg.inference_samples):
         t = time.time()
         with rt.autocast:
-            out = generate(model, prompt, cfg.inference_new_tokens, cfg.temperature, cfg.top_k, generator)
+            out = generate(model, prompt, cfg.inference_new_tokens, cfg.temperature, cfg.top_k, generator,
+                           use_cache=cfg.kv_cache)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t
@@ -1248,6 +1479,13 @@ def summarize(per_seed: list[dict]) -> dict:
     return {"means": means, "stderrs": stderrs, "final_info_dict": final_info_dict,
             "seeds": [s["seed"] for s in per_seed], "statuses": [s.get("status", "finished") for s in per_seed],
             "n": len(per_seed)}
+
+
+def inference_protocol(cfg: Config) -> dict:
+    """How avg_inference_tokens_per_second was measured: rates are comparable only under the same protocol."""
+    return {"kv_cache": cfg.kv_cache, "prompt": " ", "samples": cfg.inference_samples,
+            "new_tokens": cfg.inference_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
+            "batch_size": 1}
 
 
 def git_commit() -> Optional[str]:
@@ -1324,14 +1562,15 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
             atomic_write_json(out_dir / "all_results.json", all_results)  # the same, readable without unpickling
             atomic_write_json(out_dir / f"final_info_{dataset}_{seed_index}.json",  # last: marks the seed done
                               {**info, "dataset": dataset, "seed_index": seed_index, "sample": result["sample"]})
-            checkpoint_file(out_dir, dataset, seed_index).unlink(missing_ok=True)  # disk use stays bounded
+            remove_checkpoints(out_dir, dataset, seed_index)  # disk use stays bounded
             print(f"[{dataset} seed {seed_index}] {info['status']}: best val {info['best_val_loss']:.4f} at iter "
                   f"{info['best_val_iter']} | final train {info['final_train_loss']:.4f} | "
                   + (f"full val {info['full_val_loss']:.4f} | " if "full_val_loss" in info else "")
                   + (f"test {info['test_loss']:.4f} | " if "test_loss" in info else "") +
                   f"{info['total_train_time']:.1f}s | {info['avg_inference_tokens_per_second']:.0f} tok/s sampling"
                   + (f" | {info['rollbacks']} rollbacks" if info["rollbacks"] else ""), flush=True)
-        final_infos[dataset] = summarize(per_seed)
+        final_infos[dataset] = {**summarize(per_seed), "data": loaded[dataset].provenance,
+                                "inference": inference_protocol(cfg)}
     return final_infos
 
 
@@ -1348,12 +1587,13 @@ def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: in
     keys = [f"{dataset}_{seed_index}_{kind}" for kind in ("final_info", "train_info", "val_info")]
     if not path.exists() or not all(k in all_results for k in keys):
         return None
-    checkpoint_file(out_dir, dataset, seed_index).unlink(missing_ok=True)  # killed between the two writes
+    remove_checkpoints(out_dir, dataset, seed_index)  # killed between the two writes
     return all_results[keys[0]]
 
 
 # Flags that may differ on --resume: they change where files are, not what is computed.
-IGNORED_ON_RESUME = {"resume", "debug", "overwrite", "out_dir", "title", "description", "data_dir", "source_dir",
+# --data_dir may be spelled differently, but must name the same folder (and the data must hash the same).
+IGNORED_ON_RESUME = {"resume", "debug", "overwrite", "out_dir", "title", "description", "source_dir",
                      "download", "notes", "plot"}
 
 
@@ -1371,7 +1611,12 @@ def resume_configs(out_dir: Path, run_record: dict, typed: dict) -> dict:
             diffs.append(f"profile: {run_record.get('profile')!r} -> {value!r}")
         elif name == "datasets" and [d.strip() for d in value.split(",") if d.strip()] != list(stored):
             diffs.append(f"datasets: {','.join(stored)!r} -> {value!r}")
-        elif name not in ("profile", "datasets"):
+        elif name == "data_dir":
+            for d, old in stored.items():
+                before, after = dataset_dir(old, d), dataset_dir(dataclasses.replace(old, data_dir=value), d)
+                if before != after:
+                    diffs.append(f"{d} data: {str(before)!r} -> {str(after)!r}")
+        elif name not in ("profile", "datasets", "data_dir"):
             for d, old in stored.items():
                 new = value.get(d, getattr(old, name)) if isinstance(value, dict) else value
                 if getattr(old, name) != new:
@@ -1380,8 +1625,19 @@ def resume_configs(out_dir: Path, run_record: dict, typed: dict) -> dict:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
         raise UserError(f"--resume: {out_dir} was made with a different config ({shown}); "
                         f"resume with just --out_dir {out_dir} --resume")
-    keep = {k: v for k, v in typed.items() if k in ("data_dir", "source_dir", "download", "notes", "plot")}
+    keep = {k: v for k, v in typed.items() if k in ("source_dir", "download", "notes", "plot")}
     return {d: dataclasses.replace(c, resume=True, **keep) for d, c in stored.items()}
+
+
+def check_same_data(out_dir: Path, run_record: dict, loaded: dict) -> None:
+    """--resume on other tokens than the run started with would splice two experiments together."""
+    for d, data in loaded.items():
+        recorded = run_record.get("data", {}).get(d, {}).get("sha256")
+        if recorded is not None and recorded != data.provenance["sha256"]:
+            changed = [k for k in data.provenance["sha256"] if recorded.get(k) != data.provenance["sha256"][k]]
+            raise UserError(f"--resume: {out_dir} was trained on other {d} data ({', '.join(changed)} split sha256 "
+                            f"{recorded.get(changed[0], 'none')[:12]}... recorded, "
+                            f"{data.provenance['sha256'][changed[0]][:12]}... in {data.provenance['folder']} now)")
 
 
 def record_in_notebook(cfg: Config, out_dir: Path) -> None:
@@ -1440,8 +1696,14 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         loaded[dataset] = load_dataset(configs[dataset], dataset)
         check_fits(configs[dataset], loaded[dataset])
         configs[dataset] = with_step_interval_from_epochs(configs[dataset], loaded[dataset])
-    if not base.resume:
+    if base.resume:
+        check_same_data(out_dir, run_record, loaded)
+    else:
         prepare_run_folder(out_dir, base.overwrite)
+    warnings = {d: config_warnings(c) for d, c in configs.items()}
+    for d, lines in warnings.items():
+        for line in lines:
+            print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
     interactive = sys.stderr.isatty()
     print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile} | "
           f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
@@ -1450,7 +1712,9 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         run_record = {"title": base.title, "description": base.description, "profile": profile,
                       "datasets": datasets, "command": [sys.executable] + argv, "cwd": os.getcwd(),
                       "started": now_iso(), "finished": None,
-                      "configs": {d: dataclasses.asdict(c) for d, c in configs.items()}, **environment_record(rt)}
+                      "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
+                      "data": {d: loaded[d].provenance for d in datasets},
+                      "warnings": {d: w for d, w in warnings.items() if w}, **environment_record(rt)}
     else:
         run_record.setdefault("resumed", []).append({"at": now_iso(), "command": [sys.executable] + argv})
     run_record.update(status="running", error=None)
@@ -1489,37 +1753,31 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
 # 10. CLI
 # ----------------------------------------------------------------------------------------------
 
+def parse_bounds(text: str) -> tuple[float, float, bool, bool]:
+    """"[0, 1)" -> (0.0, 1.0, True, False): low, high, and whether each end is included."""
+    low, high = (float(x) for x in text[1:-1].split(","))
+    return low, high, text[0] == "[", text[-1] == "]"
+
+
+def check_bounds(name: str, value) -> None:
+    """One field against the interval declared beside it in Config; non-finite numbers never pass."""
+    bounds = CONFIG_FIELDS[name].metadata["bounds"]
+    if bounds is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise UserError(f"--{name} must be a finite number, got {value}")
+    low, high, low_in, high_in = parse_bounds(bounds)
+    if value < low or value > high or (value == low and not low_in) or (value == high and not high_in):
+        raise UserError(f"--{name} must be in {bounds}, got {value}")
+
+
 def validate(c: Config) -> None:
-    """Reject settings that cannot work, with one line naming the flag."""
-    positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                "max_iters", "eval_interval", "eval_iters", "log_interval", "seeds"]
-    for name in positive:
-        if getattr(c, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(c, name)}")
-    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "lr_floor", "warmup_iters",
-                 "lr_decay_iters", "inference_samples", "inference_new_tokens", "top_k",
-                 "final_eval_tokens"):
-        if getattr(c, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(c, name)}")
+    """Reject settings that cannot work or cannot be meant, with one line naming the flag."""
+    for f in dataclasses.fields(c):
+        check_bounds(f.name, getattr(c, f.name))
     if c.n_embd % c.n_head:
         raise UserError(f"--n_embd {c.n_embd} must be divisible by --n_head {c.n_head}")
-    if not 0.0 <= c.dropout < 1.0:
-        raise UserError(f"--dropout must be in [0, 1), got {c.dropout}")
-    if not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
-        raise UserError(f"--beta1/--beta2 must be in [0, 1), got {c.beta1}, {c.beta2}")
-    if c.temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {c.temperature}")
-    if not 0 < c.multiplier_min <= 1 <= c.multiplier_max:
-        raise UserError(f"need 0 < --multiplier_min <= 1 <= --multiplier_max, got {c.multiplier_min}, "
-                        f"{c.multiplier_max}")
-    for name in ("epsilon", "epsilon_min", "epsilon_decay", "agent_lr", "gamma"):
-        if not 0.0 <= getattr(c, name) <= 1.0:
-            raise UserError(f"--{name} must be in [0, 1], got {getattr(c, name)}")
-    if c.step_interval <= 0 or not 0 < c.step_gamma <= 1 or not 0 <= c.wsd_decay_frac <= 1:
-        raise UserError("need --step_interval > 0, 0 < --step_gamma <= 1 and 0 <= --wsd_decay_frac <= 1")
     parse_actions(c.agent_actions)
-    if c.max_rollbacks < 0 or c.divergence_factor < 0 or not 0 < c.rollback_cut <= 1:
-        raise UserError("need --max_rollbacks >= 0, --divergence_factor >= 0 and 0 < --rollback_cut <= 1")
     if c.optimizer == "schedulefree" and c.schedule != "constant":
         raise UserError("--optimizer schedulefree replaces the schedule (it warms up itself): use --schedule constant")
     if c.agent_init and not Path(c.agent_init).expanduser().exists():
@@ -1528,6 +1786,25 @@ def validate(c: Config) -> None:
         raise UserError(f"--lr_floor {c.lr_floor} is above --lr_ceiling {c.lr_ceiling}")
     if c.learning_rate > c.lr_ceiling:
         raise UserError(f"--learning_rate {c.learning_rate} is above --lr_ceiling {c.lr_ceiling}")
+    if c.schedule in ("cosine", "wsd") and c.min_lr > c.learning_rate:
+        raise UserError(f"--min_lr {c.min_lr} is above --learning_rate {c.learning_rate}: the {c.schedule} "
+                        f"decay would rise; set --min_lr at or below the learning rate")
+    if c.schedule == "cosine" and c.lr_decay_iters < c.warmup_iters:
+        raise UserError(f"--lr_decay_iters {c.lr_decay_iters} is shorter than --warmup_iters {c.warmup_iters}: "
+                        f"the rate would drop from its peak to min_lr in one step")
+
+
+def config_warnings(c: Config) -> list[str]:
+    """Settings that may be meant (a warmup-only study, a decay cut short) but usually are not:
+    printed once and recorded in run.json."""
+    warnings = []
+    if c.schedule != "constant" and c.warmup_iters >= c.max_iters:
+        warnings.append(f"--warmup_iters {c.warmup_iters} >= --max_iters {c.max_iters}: the rate never reaches "
+                        f"--learning_rate {c.learning_rate}")
+    if c.schedule == "cosine" and c.lr_decay_iters > c.max_iters:
+        warnings.append(f"--lr_decay_iters {c.lr_decay_iters} > --max_iters {c.max_iters}: training stops "
+                        f"before the cosine decay reaches --min_lr")
+    return warnings
 
 
 def with_step_interval_from_epochs(c: Config, data: CharDataset) -> Config:
@@ -1584,6 +1861,7 @@ def parse_value(f: dataclasses.Field, text: str):
         value = kind(text)
     except ValueError:
         raise UserError(f"argument --{f.name}: invalid {f.type} value: {text!r} (see --help)") from None
+    check_bounds(f.name, value)  # nan, inf and out-of-range values stop here, before anything is written
     if f.metadata["choices"] and value not in f.metadata["choices"]:
         raise UserError(f"argument --{f.name}: invalid choice: {text!r} "
                         f"(choose from {', '.join(f.metadata['choices'])})")

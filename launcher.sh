@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the five reference runs (SPEC section 5, after shared/reference/reference_notes.txt), then redraw the plots.
+# Reproduce the five reference runs (SPEC section 5, after shared/reference/reference_notes.txt) and the random
+# control beside them (run_5: does Q-learning differ from random actions?), then redraw the plots.
 #
 #   ./launcher.sh [--profile auto|full|cpu|smoke] [--datasets LIST] [--dir DIR] [-- EXTRA experiment.py FLAGS]
 #
@@ -34,6 +35,7 @@ titles=(
   "Q-learning, higher initial LR"
   "Q-learning, improvement reward"
   "Q-learning, epsilon decay"
+  "Random control"
 )
 descriptions=(
   "Cosine schedule with warmup, no agent: the baseline every run is compared with."
@@ -41,6 +43,7 @@ descriptions=(
   "As run 1, with initial learning rate 2e-3 for shakespeare_char and 1e-3 for enwik8 and text8."
   "As run 1, with reward = improvement in val loss since the previous evaluation."
   "As run 1, with epsilon 0.5 decaying x0.9 per decision to 0.05."
+  "Control: the multiplier is multiplied by a uniformly random action (x0.5..x2) after each evaluation; Q-learning must beat this to have learned anything."
 )
 flags=(
   "--agent none"
@@ -48,10 +51,11 @@ flags=(
   "--agent qlearning --learning_rate shakespeare_char=2e-3,enwik8=1e-3,text8=1e-3"
   "--agent qlearning --reward improvement"
   "--agent qlearning --epsilon 0.5 --epsilon_decay 0.9 --epsilon_min 0.05"
+  "--agent random"
 )
 
 start=$SECONDS
-for i in 0 1 2 3 4; do
+for i in "${!titles[@]}"; do
   run="run_$i"
   if [ -f "$run/final_info.json" ]; then
     echo "== $run: finished earlier, skipped"

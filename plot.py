@@ -14,6 +14,8 @@ Figures, for each dataset D:
     lr_D.png          the learning rate each seed actually used (schedule x agent multiplier), log scale
     summary.png       best validation loss per run, one panel per dataset, error bars = ±1 standard error
 Standard error = std(ddof=1)/sqrt(n); with one seed there is no band and no error bar.
+A dataset whose runs recorded non-standard data (final_info.json[D]["data"]), or different data, says so in
+every figure title and in the table's dataset heading.
 Seeds of a run may have been evaluated at different iterations: a run's mean curve uses only the iterations
 that all its seeds logged. Each run keeps its own x values. A run keeps the same colour and line style in
 every figure.
@@ -34,6 +36,8 @@ Python API (experiment.py calls the notes functions when a run finishes; neither
     update_notes(notes_path, run_dir, run_dirs=None)  run's section + comparison table; locked, atomic
     append_run_to_notes(notes_path, run_dir)          run's section only; locked, atomic
     comparison_rows(runs) -> list[dict]               the table's numbers; format_table(rows) -> str
+    holm(p_values) -> list[float]                     Holm-Bonferroni adjusted p-values (the table's correction)
+    data_check(runs, dataset) -> DataCheck            what the runs' data records say (.note(), .label())
     load_run(path) -> Run, find_run_dirs(folder) -> list[Path], mean_curve(seeds), write_plots(...)
 """
 
@@ -53,22 +57,38 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-# The four keys every final_info.json has (SPEC section 4); the Results line of notes.txt shows exactly these.
+# The four keys every final_info.json has (SPEC section 4); the Results line of notes.txt shows these first.
 CONTRACT_METRICS = ("final_train_loss", "best_val_loss", "total_train_time", "avg_inference_tokens_per_second")
-# Table order: the headline metric first. Per metric: unit, word for a higher value, word for a lower value.
+# After them on the Results line, when a run has it: the primary metric (SPEC section 5).
+NOTES_METRICS = CONTRACT_METRICS + ("full_val_loss",)
+PRIMARY_METRIC = "full_val_loss"
+
+
+class MetricInfo(NamedTuple):
+    unit: str
+    higher: str                 # word for a higher value than the baseline's
+    lower: str                  # word for a lower value
+    # Wall-clock time or speed: runs execute one after another on a shared machine, so the same seed does not
+    # pair two runs' times (bit-identical twins differ), and no test or verdict is made for them.
+    timing: bool = False
+
+
+# Table order: the primary metric first. The final model on the whole val (and test) split has no sampling
+# noise, the sharper comparison; best_val_loss is the best of noisy sampled evaluations.
 TABLE_METRICS = {
-    "best_val_loss": ("nats/char", "worse", "better"),
-    # The final model on the whole val (and test) split: no sampling noise, the sharper comparison.
-    "full_val_loss": ("nats/char", "worse", "better"),
-    "test_loss": ("nats/char", "worse", "better"),
-    "final_train_loss": ("nats/char", "worse", "better"),
-    "total_train_time": ("s", "slower", "faster"),
-    "avg_inference_tokens_per_second": ("tokens/s", "faster", "slower"),
+    "full_val_loss": MetricInfo("nats/char", "worse", "better"),
+    "best_val_loss": MetricInfo("nats/char", "worse", "better"),
+    "test_loss": MetricInfo("nats/char", "worse", "better"),
+    "final_train_loss": MetricInfo("nats/char", "worse", "better"),
+    "total_train_time": MetricInfo("s", "slower", "faster", timing=True),
+    "avg_inference_tokens_per_second": MetricInfo("tokens/s", "faster", "slower", timing=True),
 }
+ALPHA = 0.05                    # family-wise error rate of the table's tests (Holm)
+TIMING_VERDICT = "timing: no test (runs share a machine)"
 DEFAULT_TITLE = "Reinforcement-learned learning-rate control for small GPTs"
 DEFAULT_DESCRIPTION = ("A tabular Q-learning agent rescales the learning rate of a small character-level GPT after "
                        "every evaluation; each run is compared with the fixed cosine schedule of run_0 on "
@@ -229,6 +249,96 @@ def _datasets(runs: Sequence[Run]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Which data each run used
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DataCheck:
+    """What the runs' "data" records (final_info.json[dataset]["data"], newer runs) say about one dataset.
+
+    Published results use the standard split of the full source; a run on a prefix or its own split is
+    not comparable with them, and two runs on different data are not comparable with each other.
+    """
+    nonstandard: Optional[dict] = None                  # a record with standard_split False
+    reference: Optional[str] = None                     # the first run with a record
+    different: list = field(default_factory=list)       # runs whose split hashes differ from reference's
+    unrecorded: list = field(default_factory=list)      # runs without a record while others have one
+
+    def note(self) -> Optional[str]:
+        """One line for the table's dataset heading; None when there is nothing to warn about."""
+        parts = []
+        if self.nonstandard is not None:
+            parts.append(f"NON-STANDARD DATA: {_source_text(self.nonstandard)}; not comparable with published results")
+        if self.different:
+            parts.append(f"runs used different data: {self.reference} vs {_names(self.different)} "
+                         "(the splits' sha256 differ)")
+        if self.unrecorded:
+            parts.append(f"data not recorded by {_names(self.unrecorded)}: not known to be standard or the same")
+        return "; ".join(parts) or None
+
+    def label(self) -> Optional[str]:
+        """A few words for figure titles."""
+        parts = []
+        if self.nonstandard is not None:
+            size = self.nonstandard.get("source_bytes")
+            parts.append(f"non-standard {size / 1e6:.1f} MB source" if _is_count(size) else "non-standard data")
+        if self.different:
+            parts.append("runs used different data")
+        if self.unrecorded:
+            parts.append("data not recorded for every run")
+        return "; ".join(parts) or None
+
+
+def data_check(runs: Sequence[Run], dataset: str) -> DataCheck:
+    records = [(run.name, run.final[dataset].get("data")) for run in runs if dataset in run.final]
+    known = [(name, record) for name, record in records if isinstance(record, dict)]
+    if not known:
+        return DataCheck()  # runs from before the records: nothing known, nothing claimed
+    reference, first = known[0]
+    return DataCheck(
+        nonstandard=next((r for _, r in known if r.get("standard_split") is False), None),
+        reference=reference,
+        different=[name for name, record in known[1:] if _hashes_differ(first, record)],
+        unrecorded=[name for name, record in records if not isinstance(record, dict)])
+
+
+def _hashes_differ(a: dict, b: dict) -> bool:
+    """Any split both records hash (val above all) with different contents."""
+    ha, hb = a.get("sha256"), b.get("sha256")
+    if not isinstance(ha, dict) or not isinstance(hb, dict):
+        return False
+    return any(ha[split] != hb[split] for split in ha.keys() & hb.keys())
+
+
+def _is_count(value) -> bool:
+    """A whole number >= 0, also when JSON wrote it as 4154064.0."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 0 and float(value).is_integer())
+
+
+def _source_text(record: dict) -> str:
+    """'4,154,064-byte source split 90/5/5' from source_bytes and the splits' token counts."""
+    size = record.get("source_bytes")
+    text = f"{int(size):,}-byte source" if _is_count(size) else "source of unknown size"
+    splits = record.get("splits")
+    if isinstance(splits, dict) and splits and all(_is_count(n) for n in splits.values()) \
+            and sum(splits.values()) > 0:
+        order = sorted(splits, key=lambda k: (["train", "val", "test"] + [k]).index(k))
+        text += " split " + "/".join(str(round(100 * splits[k] / sum(splits.values()))) for k in order)
+    return text
+
+
+def _names(names: Sequence[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _dataset_title(runs: Sequence[Run], dataset: str, sep: str = " ") -> str:
+    """The dataset's name in figure titles, with the data label when the data needs one."""
+    label = data_check(runs, dataset).label()
+    return f"{dataset}{sep}({label})" if label else dataset
+
+
+# ----------------------------------------------------------------------------------------------
 # Statistics
 # ----------------------------------------------------------------------------------------------
 
@@ -308,13 +418,40 @@ def compare(base: Sample, other: Sample) -> dict:
             "shared_seeds": len(shared), "p_value": None}
 
 
-def _verdict(metric: str, result: dict) -> str:
-    if result["ci_low"] is None:
-        return "n=1, no interval"
-    if result["ci_low"] <= 0 <= result["ci_high"]:
-        return "within noise"
-    _, higher, lower = TABLE_METRICS[metric]
-    return f"{higher} (higher)" if result["diff"] > 0 else f"{lower} (lower)"
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni step-down adjusted p-values, in the order given (scipy.stats has BH/BY only, no Holm).
+
+    The k-th smallest p (k from 0) is multiplied by m - k, capped at 1, and never below an earlier one's.
+    """
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _verdict(row: dict) -> str:
+    """Directional only where the Holm-adjusted paired p is below ALPHA: many tests per table find chance effects."""
+    if TABLE_METRICS[row["metric"]].timing:
+        return TIMING_VERDICT
+    if row["method"] == "n=1, no interval":
+        return "no paired test (n=1, no interval)"
+    if row["method"] != "paired":
+        return "no paired test (fewer than 2 shared seeds)"
+    if row["p_holm"] is None:  # ttest_rel gives nan when every paired difference is 0
+        return "identical on every shared seed" if row["ci_low"] == row["ci_high"] == 0 else "no p-value"
+    if row["p_holm"] >= ALPHA:
+        return "within noise after Holm" if row["p_value"] < ALPHA else "within noise"
+    info = TABLE_METRICS[row["metric"]]
+    return f"{info.higher} (higher)" if row["diff"] > 0 else f"{info.lower} (lower)"
+
+
+def _compare_row(metric: str, base: Sample, other: Sample) -> dict:
+    if TABLE_METRICS[metric].timing:
+        # Seeds do not pair wall-clock times (see MetricInfo.timing): the plain difference of means, no interval.
+        return {"diff": other.mean - base.mean, "method": "timing"}
+    return compare(base, other)
 
 
 def comparison_rows(runs: Sequence, labels: Optional[dict] = None) -> list[dict]:
@@ -322,7 +459,9 @@ def comparison_rows(runs: Sequence, labels: Optional[dict] = None) -> list[dict]
 
     runs: Run objects or run folder paths. Keys: dataset, metric, run, label, baseline, n, mean, stderr
     (None for n = 1), seeds, diff, ci_low, ci_high (None: no interval), method ("paired", "Welch",
-    "n=1, no interval", "baseline"), shared_seeds, p_value (paired t-test; None otherwise), verdict.
+    "n=1, no interval", "timing", "baseline", "no baseline"), shared_seeds, p_value (paired t-test; None
+    otherwise), p_holm (p_value Holm-adjusted over every row that has one; None otherwise), verdict, and
+    data_note (what is wrong with the dataset's data for comparisons, see data_check; None when nothing).
     """
     runs = [r if isinstance(r, Run) else load_run(r, curves=False) for r in runs]
     if not runs:
@@ -331,6 +470,7 @@ def comparison_rows(runs: Sequence, labels: Optional[dict] = None) -> list[dict]
     base = next((r for r in runs if r.name == "run_0"), runs[0])
     rows = []
     for dataset in _datasets(runs):
+        note = data_check(runs, dataset).note()
         for metric in TABLE_METRICS:
             base_sample = _sample(base, dataset, metric)
             for run in runs:
@@ -341,15 +481,26 @@ def comparison_rows(runs: Sequence, labels: Optional[dict] = None) -> list[dict]
                        "label": labels.get(run.name, run.title), "baseline": base.name, "n": sample.n,
                        "mean": sample.mean, "stderr": stderr(sample.values), "seeds": sample.seeds,
                        "diff": None, "ci_low": None, "ci_high": None, "method": "baseline",
-                       "shared_seeds": None, "p_value": None, "verdict": "baseline"}
+                       "shared_seeds": None, "p_value": None, "p_holm": None, "verdict": "baseline",
+                       "data_note": note}
                 if run is not base:
                     if base_sample is None:
                         row.update(method="no baseline", verdict=f"{base.name} has no {metric} on {dataset}")
                     else:
-                        row.update(compare(base_sample, sample))
-                        row["verdict"] = _verdict(metric, row)
+                        row.update(_compare_row(metric, base_sample, sample))
                 rows.append(row)
+    _add_holm_and_verdicts(rows)
     return rows
+
+
+def _add_holm_and_verdicts(rows: list[dict]) -> None:
+    """One correction over the whole table (all datasets and loss metrics), then every compared row's verdict."""
+    tested = [r for r in rows if r["method"] == "paired" and r["p_value"] is not None]
+    for row, adjusted in zip(tested, holm([r["p_value"] for r in tested])):
+        row["p_holm"] = adjusted
+    for row in rows:
+        if row["method"] not in ("baseline", "no baseline"):
+            row["verdict"] = _verdict(row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +522,8 @@ def _mean_cell(row: dict) -> str:
 def _diff_cell(row: dict) -> str:
     if row["method"] == "baseline":
         return "(baseline)"
+    if row["method"] == "timing":
+        return f"{_num(row['diff'], 3, sign=True)} (difference of means)"
     if row["diff"] is None:
         return "-"
     if row["ci_low"] is None:
@@ -384,21 +537,40 @@ def format_table(rows: Sequence[dict]) -> str:
     """The rows of comparison_rows as an aligned plain-text table, one block per dataset."""
     if not rows:
         return "(no finished runs to compare)"
-    header = ("metric", "run", "mean ± stderr (n)", f"diff vs {rows[0]['baseline']} [95% CI]", "p", "verdict")
-    out = [f"Comparison with {rows[0]['baseline']}. diff = run - {rows[0]['baseline']}; 95% CI: paired t over "
-           "the seeds both runs share, else Welch t; p: paired t-test; 'within noise' = the CI contains 0.",
-           "Units: losses in nats/char, total_train_time in s, avg_inference_tokens_per_second in tokens/s."]
+    header = ("metric", "run", "mean ± stderr (n)", f"diff vs {rows[0]['baseline']} [95% CI]", "p", "p (Holm)",
+              "verdict")
+    out = _table_header(rows)
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         cells = [header]
-        for r in (r for r in rows if r["dataset"] == dataset):
+        block = [r for r in rows if r["dataset"] == dataset]
+        for r in block:
             name = f"{r['run']} {r['label']}" if r["label"] != r["run"] else r["run"]
             name = name if len(name) <= 36 else name[:35] + "…"
-            p = "-" if r["p_value"] is None else f"{r['p_value']:.3g}"
-            cells.append((r["metric"], name, _mean_cell(r), _diff_cell(r), p, r["verdict"]))
+            p, p_holm = ("-" if r[k] is None else f"{r[k]:.3g}" for k in ("p_value", "p_holm"))
+            cells.append((r["metric"], name, _mean_cell(r), _diff_cell(r), p, p_holm, r["verdict"]))
         widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-        out += ["", f"{dataset}:"]
+        note = block[0].get("data_note")
+        out += ["", f"{dataset} ({note}):" if note else f"{dataset}:"]
         out += ["  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
     return "\n".join(out)
+
+
+def _table_header(rows: Sequence[dict]) -> list[str]:
+    base = rows[0]["baseline"]
+    tests = sum(r["p_holm"] is not None for r in rows)
+    timing = ", ".join(m for m, info in TABLE_METRICS.items() if info.timing)
+    units = ", ".join(f"{m} in {info.unit}" for m, info in TABLE_METRICS.items() if info.unit != "nats/char")
+    return [
+        f"Comparison with {base}. Primary metric: {PRIMARY_METRIC} (the final model on the whole val split, "
+        "no sampling noise)",
+        f"diff = run - {base}; 95% CI (unadjusted): paired t over the seeds both runs share, else Welch t.",
+        f"p: paired t-test (raw); p (Holm): Holm-Bonferroni correction over all {tests} paired tests in this "
+        "table (every dataset, loss metric and run).",
+        f"Verdict: better/worse only where p (Holm) < {ALPHA}, else 'within noise' ('within noise after Holm': "
+        f"raw p < {ALPHA} that does not survive the correction); Welch and n=1 rows: no paired test, no verdict.",
+        f"Timing ({timing}): runs share a machine one after another, so seeds do not pair their times: "
+        "difference of means only, no test.",
+        f"Units: losses in nats/char, {units}."]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +616,7 @@ def _rewrite_notes(notes_path: Path, edit: Callable[[list[str]], list[str]], tit
 
 def run_section(run: Run) -> list[str]:
     """The run's lines in the reference format, ending with a blank line."""
-    results = {dataset: {f"{k}_mean": entry["means"][f"{k}_mean"] for k in CONTRACT_METRICS
+    results = {dataset: {f"{k}_mean": entry["means"][f"{k}_mean"] for k in NOTES_METRICS
                          if f"{k}_mean" in entry["means"]}
                for dataset, entry in run.final.items()}
     number = run.number if run.number is not None else run.name
@@ -604,7 +776,8 @@ def plot_loss(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, dat
         drawn += 1
     what = {"train": "Training loss (minibatch)", "val": "Validation loss"}[series]
     zoomed = _zoom_on_later_training(ax, curves)
-    ax.set_title(f"{what} on {dataset}\nmean over seeds; shaded band = ±1 standard error (none for n=1)"
+    ax.set_title(f"{what} on {_dataset_title(runs, dataset)}\n"
+                 "mean over seeds; shaded band = ±1 standard error (none for n=1)"
                  + ("\ny axis fitted to the last 80% of training: the first drop runs off the top" if zoomed else ""))
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"{what.split(' (')[0].lower()} (nats/char)")
@@ -662,7 +835,7 @@ def plot_lr(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, datas
                       label=f"{label} ({len(seeds)} seed{'s' * (len(seeds) > 1)})" if k == 0 else None)
         drawn += 1
     ax.set_yscale("log")
-    ax.set_title(f"Learning rate used on {dataset}: base schedule × agent multiplier\n"
+    ax.set_title(f"Learning rate used on {_dataset_title(runs, dataset)}: base schedule × agent multiplier\n"
                  "one thin line per seed: the rate the optimizer used at each logged step")
     ax.set_xlabel("iteration")
     ax.set_ylabel("learning rate (log scale)")
@@ -690,7 +863,8 @@ def plot_summary(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, 
             ax.errorbar(sample.mean, y, xerr=spread, fmt="o", color=colour, capsize=4, ms=6)
             ax.annotate(f"n={sample.n}", (sample.mean + (spread or 0), y), xytext=(5, -3),
                         textcoords="offset points", fontsize=7, color="0.3", va="top")
-        ax.set_title(dataset)
+        # A panel is narrow: the data label below the name, one part a line.
+        ax.set_title(_dataset_title(runs, dataset, sep="\n").replace("; ", "\n"), fontsize=10)
         ax.set_xlabel("best validation loss (nats/char)")
         ax.grid(alpha=0.3, axis="x")
         ax.margins(x=0.15)

@@ -10,13 +10,20 @@ Output of a preparation, all in one folder:
   ``numpy.uint16`` token ids;
 * ``meta.pkl``: ``{'vocab_size', 'itos', 'stoi'}`` exactly as nanoGPT writes it,
   for other tools;
-* ``meta.json``: the same vocabulary plus split sizes and provenance, for our own
-  loading (we never unpickle). It is written last and marks the folder complete.
+* ``meta.json``: the same vocabulary plus split sizes, the sha256 of each .bin
+  (``bin_sha256``) and provenance, for our own loading (we never unpickle). It is
+  written last and marks the folder complete.
 
 A failed preparation leaves nothing behind that a later run could mistake for
 data: outputs are written to temporary files and renamed into place only once
 everything has succeeded, and a download is renamed from ``.part`` only after
 its checksum has been verified.
+
+A local source named as the standard archive (``enwik8.zip``, ``enwik8``,
+``text8.zip``, ``text8``) must be the standard file: the standard size and its
+checksum. A shorter file is accepted (split in proportion, with a warning) when
+its name says it is something else (``enwik8_prefix``) or with
+``allow_nonstandard``.
 """
 
 from __future__ import annotations
@@ -45,9 +52,17 @@ CHUNK_BYTES = 1 << 20
 class PrepareError(Exception):
     """A user-facing failure; the message is a single line."""
 
+    exit_code = 1  # of the prepare.py CLI: a download or the disk failed
+
     def __init__(self, message: str):
         # Exception texts from libraries may span lines; the CLI promises one.
         super().__init__(" ".join(str(message).split()))
+
+
+class SourceError(PrepareError):
+    """The user's own source file or arguments are at fault (not a download)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,19 @@ class DatasetSpec:
     encoding: str
     splits: tuple[tuple[str, float], ...]  # (split name, fraction), in file order
     local_names: tuple[str, ...]  # candidate names in a source folder, preferred first
+
+    @property
+    def standard_names(self) -> tuple[str, ...]:
+        """Lower-case local file names that claim to be the standard file.
+
+        They are the download's name and its archive member. A plain-text download has
+        none: shakespeare_char's ``input.txt`` is a generic name (nanoGPT reads any
+        input.txt), so there the size alone decides, as it always has.
+        """
+        if self.archive_member is None:
+            return ()
+        names = (Path(urlsplit(self.url).path).name, self.archive_member)
+        return tuple(dict.fromkeys(name.lower() for name in names))
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -111,9 +139,9 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     algo, sep, digest = checksum.strip().partition(":")
     algo, digest = algo.lower(), digest.lower()
     if not sep or not digest or any(c not in "0123456789abcdef" for c in digest):
-        raise PrepareError(f"checksum {checksum!r} is not of the form algo:hex (e.g. md5:a1fa...)")
+        raise SourceError(f"checksum {checksum!r} is not of the form algo:hex (e.g. md5:a1fa...)")
     if algo != "crc32" and algo not in hashlib.algorithms_available:
-        raise PrepareError(f"checksum {checksum!r}: unknown algorithm {algo!r} (use crc32, md5, sha256, ...)")
+        raise SourceError(f"checksum {checksum!r}: unknown algorithm {algo!r} (use crc32, md5, sha256, ...)")
     return algo, digest
 
 
@@ -123,12 +151,12 @@ def compute_checksum(data: bytes, algo: str) -> str:
     return hashlib.new(algo, data).hexdigest()
 
 
-def verify_checksum(data: bytes, checksum: str, what: str) -> str:
-    """Raise PrepareError unless data matches checksum; return the normalised "algo:hex"."""
+def verify_checksum(data: bytes, checksum: str, what: str, error: type[PrepareError] = PrepareError) -> str:
+    """Raise error unless data matches checksum; return the normalised "algo:hex"."""
     algo, expected = parse_checksum(checksum)
     actual = compute_checksum(data, algo)
     if actual != expected:
-        raise PrepareError(f"{what}: {algo} checksum mismatch (expected {expected}, got {actual}); refusing to use it")
+        raise error(f"{what}: {algo} checksum mismatch (expected {expected}, got {actual}); refusing to use it")
     return f"{algo}:{expected}"
 
 
@@ -164,7 +192,7 @@ def read_text_bytes(spec: DatasetSpec, path: Path, is_zip: bool, label: str) -> 
 def read_local_source(spec: DatasetSpec, source: Path) -> tuple[bytes, dict]:
     """Read a user-given source (a .zip or the raw file); no checksum check yet."""
     if not source.is_file():
-        raise PrepareError(f"source {source} does not exist or is not a file")
+        raise SourceError(f"source {source} does not exist or is not a file")
     is_zip = source.suffix.lower() == ".zip"
     try:
         raw = read_text_bytes(spec, source, is_zip, label=str(source))
@@ -172,13 +200,41 @@ def read_local_source(spec: DatasetSpec, source: Path) -> tuple[bytes, dict]:
         sha256 = sha256_of_file(source) if is_zip else hashlib.sha256(raw).hexdigest()
         size = source.stat().st_size
     except OSError as exc:
-        raise PrepareError(f"cannot read source {source}: {exc}") from None
+        raise SourceError(f"cannot read source {source}: {exc}") from None
+    except PrepareError as exc:  # not a zip, no such member: the user's file is at fault
+        raise SourceError(str(exc)) from None
     info = {
         "path": str(source.resolve()),
         "bytes": size,
         "sha256": sha256,
         "member": spec.archive_member if is_zip else None,
     }
+    return raw, info
+
+
+def check_local_source(spec: DatasetSpec, source: Path, raw: bytes, checksum: str | None, allow_nonstandard: bool) -> str | None:
+    """Refuse a source that is not what its name says; return the verified "algo:hex" or None.
+
+    A file named as the standard archive must be the standard size (unless
+    allow_nonstandard); a standard-size file must match the checksum, whatever its name.
+    """
+    standard_size = len(raw) == spec.standard_size
+    if not standard_size and source.name.lower() in spec.standard_names and not allow_nonstandard:
+        raise SourceError(
+            f"{source} is named as the standard {spec.name} file but is {len(raw):,} bytes, not {spec.standard_size:,}: "
+            f"name a prefix as such (e.g. {spec.name}_prefix) or pass --allow_nonstandard"
+        )
+    # A prefix of the standard file cannot match its checksum; only check what can match.
+    if checksum is not None or standard_size:
+        return verify_checksum(raw, checksum or spec.checksum, str(source), error=SourceError)
+    return None
+
+
+def load_local_source(spec: DatasetSpec, source: Path, checksum: str | None, allow_nonstandard: bool) -> tuple[bytes, dict]:
+    """Read and check a user-given source; raise SourceError if it is refused."""
+    raw, info = read_local_source(spec, source)
+    info["checksum"] = check_local_source(spec, source, raw, checksum, allow_nonstandard)
+    info["allow_nonstandard"] = bool(allow_nonstandard)
     return raw, info
 
 
@@ -322,6 +378,18 @@ def _check_vocab_fits(vocab_size: int) -> None:
 # ---------------------------------------------------------------- writing
 
 
+def bin_outputs(ids: np.ndarray, names: list[str], sizes: list[int]) -> tuple[list[tuple[str, Callable[[BinaryIO], None]]], dict[str, str]]:
+    """The (file name, writer) of each split's .bin and the sha256 of the bytes each writes."""
+    bounds = np.cumsum([0] + sizes)
+    outputs, digests = [], {}
+    for i, name in enumerate(names):
+        # One buffer both hashed and written, so the digest is of exactly the bytes on disk.
+        data = memoryview(np.ascontiguousarray(ids[bounds[i] : bounds[i + 1]])).cast("B")
+        digests[name] = hashlib.sha256(data).hexdigest()
+        outputs.append((f"{name}.bin", lambda f, data=data: f.write(data)))
+    return outputs, digests
+
+
 def _tmp_name(out_dir: Path, name: str) -> Path:
     # Unique per call so that two runs never write into each other's temp files.
     return out_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -361,34 +429,30 @@ def prepare(
     url: str | None = None,
     checksum: str | None = None,
     log: Callable[[str], None] = print,
+    allow_nonstandard: bool = False,
 ) -> dict:
     """Prepare dataset into out_dir from source (a local file) or by download.
 
     checksum ("algo:hex" of the raw text) overrides the spec's. A download is always
     verified. A local source is verified when checksum is given or when it has the
-    standard size; a source of another size is split in proportion, with a warning.
-    Returns the meta.json dict. Raises PrepareError on any failure.
+    standard size; a source of another size is split in proportion, with a warning,
+    but one named as the standard file (enwik8.zip, enwik8, ...) is refused unless
+    allow_nonstandard. Returns the meta.json dict. Raises PrepareError on any failure
+    (SourceError when the local source or an argument is at fault).
     """
     spec = get_spec(dataset)
     out_dir = Path(out_dir)
     if checksum is not None:
         parse_checksum(checksum)  # reject a malformed value before any work
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PrepareError(f"cannot create {out_dir}: {exc}") from None
 
     if source is not None:
         source = Path(source)
-        raw, source_info = read_local_source(spec, source)
+        raw, source_info = load_local_source(spec, source, checksum, allow_nonstandard)
         label = source_info["member"] or source.name
-        # A prefix of the standard file cannot match its checksum; only check what can match.
-        if checksum is not None or len(raw) == spec.standard_size:
-            source_info["checksum"] = verify_checksum(raw, checksum or spec.checksum, str(source))
-        else:
-            source_info["checksum"] = None
+        make_out_dir(out_dir)  # only now: a refused source leaves no new folder behind
     else:
         url = url or spec.url
+        make_out_dir(out_dir)
         raw, source_info = fetch_source(spec, out_dir, url, checksum or spec.checksum, log)
         label = source_info["member"] or Path(urlsplit(url).path).name or url
 
@@ -404,7 +468,8 @@ def prepare(
     try:
         text = raw.decode(spec.encoding)
     except UnicodeDecodeError as exc:
-        raise PrepareError(f"{label} is not valid {spec.encoding} text: {exc}") from None
+        error = SourceError if source is not None else PrepareError
+        raise error(f"{label} is not valid {spec.encoding} text: {exc}") from None
     del raw  # enwik8 is 100 MB; do not hold every copy at once
 
     chars, ids = build_vocab_and_encode(text)
@@ -414,7 +479,7 @@ def prepare(
 
     names = [name for name, _ in spec.splits]
     sizes = split_sizes(len(ids), [f for _, f in spec.splits])
-    bounds = np.cumsum([0] + sizes)
+    outputs, bin_sha256 = bin_outputs(ids, names, sizes)
     meta = {
         "format_version": FORMAT_VERSION,
         "dataset": spec.name,
@@ -424,15 +489,12 @@ def prepare(
         "dtype": "uint16",
         "encoding": spec.encoding,
         "splits": dict(zip(names, sizes)),
+        "bin_sha256": bin_sha256,
         "standard_split": warning is None,
         "warning": warning,
         "source": source_info,
     }
 
-    def bin_writer(start: int, stop: int) -> Callable[[BinaryIO], None]:
-        return lambda f: f.write(ids[start:stop].tobytes())
-
-    outputs = [(f"{name}.bin", bin_writer(bounds[i], bounds[i + 1])) for i, name in enumerate(names)]
     nanogpt_meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
     outputs.append(("meta.pkl", lambda f: pickle.dump(nanogpt_meta, f)))
     outputs.append(("meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode("ascii"))))
@@ -441,6 +503,13 @@ def prepare(
     except OSError as exc:
         raise PrepareError(f"cannot write the prepared data to {out_dir}: {exc}") from None
     return meta
+
+
+def make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrepareError(f"cannot create {out_dir}: {exc}") from None
 
 
 def find_local_source(dataset: str, source_dir: Path) -> Path | None:
@@ -479,7 +548,11 @@ def _checksum_arg(value: str) -> str:
 
 
 def main(dataset: str, argv: list[str] | None = None) -> int:
-    """CLI of data/<dataset>/prepare.py. Returns 0, 1 on failure, 2 on bad arguments."""
+    """CLI of data/<dataset>/prepare.py.
+
+    Returns 0; 1 when a download or the disk fails; 2 when the arguments or the
+    user's own source file are at fault (one ``error:`` line on stderr).
+    """
     spec = get_spec(dataset)
     default_out = Path(__file__).resolve().parent / dataset  # beside that dataset's prepare.py
     parser = argparse.ArgumentParser(
@@ -492,6 +565,13 @@ def main(dataset: str, argv: list[str] | None = None) -> int:
     where.add_argument("--url", help=f"download from this mirror instead of {spec.url}")
     parser.add_argument("--out_dir", type=Path, default=default_out, help=f"output folder (default: {default_out})")
     parser.add_argument("--checksum", type=_checksum_arg, help=f"expected algo:hex of the raw text (default for the standard file: {spec.checksum})")
+    parser.add_argument(
+        "--allow_nonstandard",
+        action="store_true",
+        help=f"accept a source named as the standard file ({', '.join(spec.standard_names) or 'none for this dataset'}) "
+        "that is not the standard size: split in proportion, with a warning (a file named otherwise, e.g. "
+        f"{spec.name}_prefix, needs no flag)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -499,11 +579,11 @@ def main(dataset: str, argv: list[str] | None = None) -> int:
         if args.source_dir is not None:
             source = find_local_source(dataset, args.source_dir)
             if source is None:
-                raise PrepareError(f"no {dataset} source in {args.source_dir} or {args.source_dir / dataset} (looked for {', '.join(spec.local_names)})")
-        meta = prepare(dataset, args.out_dir, source=source, url=args.url, checksum=args.checksum)
+                raise SourceError(f"no {dataset} source in {args.source_dir} or {args.source_dir / dataset} (looked for {', '.join(spec.local_names)})")
+        meta = prepare(dataset, args.out_dir, source=source, url=args.url, checksum=args.checksum, allow_nonstandard=args.allow_nonstandard)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; nothing partial was left behind", file=sys.stderr)
         return 1

@@ -166,6 +166,8 @@ def test_dataset_specs_match_the_spec():
     assert (sh.archive_member, en.archive_member, t8.archive_member) == (None, "enwik8", "text8")
     assert (sh.encoding, en.encoding, t8.encoding) == ("utf-8", "latin-1", "latin-1")
     assert [name for name, _ in en.splits] == ["train", "val", "test"] == [name for name, _ in t8.splits]
+    # Names that claim the standard file: the download's and its member's (input.txt is generic).
+    assert (sh.standard_names, en.standard_names, t8.standard_names) == ((), ("enwik8.zip", "enwik8"), ("text8.zip", "text8"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         en.standard_size = 1
 
@@ -361,6 +363,7 @@ def test_real_enwik8_prefix_is_split_in_proportion_with_a_warning(tmp_path):
         "sha256": "d8b3b95fb4993726ea7dcc93ae3c9e08a1a04cc540d05d7656fd267cc8ab5d6a",
         "member": None,
         "checksum": None,  # a prefix cannot match the full file's md5, so none is checked
+        "allow_nonstandard": False,  # named as a prefix: no flag needed
     }
     assert b"".join(decode_bytes(tmp_path, s) for s in ("train", "val", "test")) == source.read_bytes()
 
@@ -376,7 +379,7 @@ def test_real_text8_prefix_has_27_symbols(tmp_path):
 
 def test_a_local_zip_source_is_read_through_its_member(tmp_path):
     data = synthetic_text8()
-    archive = make_zip(tmp_path / "src" / "text8.zip", "text8", data)
+    archive = make_zip(tmp_path / "src" / "text8_prefix.zip", "text8", data)  # short: named as a prefix
     meta = pc.prepare("text8", tmp_path / "out", source=archive, log=quiet)
     assert meta["source"]["member"] == "text8" and meta["source"]["bytes"] == archive.stat().st_size
     assert b"".join(decode_bytes(tmp_path / "out", s) for s in ("train", "val", "test")) == data
@@ -403,11 +406,121 @@ def test_a_standard_size_source_must_match_the_checksum(tmp_path, monkeypatch):
 
 
 def test_an_explicit_checksum_is_checked_even_for_a_short_local_source(tmp_path):
-    source = tmp_path / "text8"
+    source = tmp_path / "text8_head"
     source.write_bytes(synthetic_text8())
     with pytest.raises(pc.PrepareError, match="checksum mismatch"):
         pc.prepare("text8", tmp_path / "out", source=source, checksum="crc32:00000000", log=quiet)
     assert leftovers(tmp_path / "out") == []
+
+
+# ---------------------------------------------------------------- a file named as the standard archive
+
+
+def short_source(folder: Path, dataset: str, name: str) -> tuple[Path, bytes]:
+    """A synthetic (short) source of dataset named name: a zip with the member when name ends in .zip."""
+    data = synthetic_enwik8() if dataset == "enwik8" else synthetic_text8()
+    path = folder / "src" / name
+    if name.lower().endswith(".zip"):
+        return make_zip(path, dataset, data), data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path, data
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("dataset, name", [("enwik8", "enwik8"), ("text8", "text8.zip"), ("enwik8", "ENWIK8.ZIP")])
+def test_a_short_file_named_as_the_standard_archive_exits_2_and_prepares_nothing(tmp_path, dataset, name):
+    source, data = short_source(tmp_path, dataset, name)
+    out = tmp_path / "out"
+
+    result = run_cli(dataset, "--source", str(source), "--out_dir", str(out), cwd=tmp_path)
+
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert f"named as the standard {dataset} file but is {len(data):,} bytes, not 100,000,000" in line
+    assert f"{dataset}_prefix" in line and "--allow_nonstandard" in line  # says both ways out
+    assert leftovers(out) == [] and not pc.is_prepared(dataset, out)
+    with pytest.raises(pc.PrepareError, match="named as the standard"):  # the API refuses it too
+        pc.prepare(dataset, out, source=source, log=quiet)
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("dataset, name", [("enwik8", "enwik8_prefix"), ("text8", "my_text8_head"), ("text8", "text8_prefix.zip")])
+def test_the_same_short_file_named_as_a_prefix_is_split_in_proportion_with_a_warning(tmp_path, dataset, name):
+    source, data = short_source(tmp_path, dataset, name)
+    out = tmp_path / "out"
+
+    result = run_cli(dataset, "--source", str(source), "--out_dir", str(out), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["standard_split"] is False
+    assert f"{len(data):,} bytes, not the standard 100,000,000: split 90/5/5 in proportion" in meta["warning"]
+    assert meta["source"]["allow_nonstandard"] is False and meta["source"]["checksum"] is None
+    assert b"".join(decode_bytes(out, s) for s in ("train", "val", "test")) == data
+
+
+def test_allow_nonstandard_accepts_a_short_file_named_as_the_standard_and_records_it(tmp_path):
+    source, data = short_source(tmp_path, "enwik8", "enwik8")
+    out = tmp_path / "out"
+
+    result = run_cli("enwik8", "--source", str(source), "--allow_nonstandard", "--out_dir", str(out), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["standard_split"] is False and "20,000 bytes, not the standard 100,000,000" in meta["warning"]
+    assert meta["source"]["allow_nonstandard"] is True
+    assert b"".join(decode_bytes(out, s) for s in ("train", "val", "test")) == data
+
+    # experiment.py passes the same switch by this keyword.
+    archive, _ = short_source(tmp_path, "text8", "text8.zip")
+    meta = pc.prepare("text8", tmp_path / "api", source=archive, log=quiet, allow_nonstandard=True)
+    assert meta["source"]["allow_nonstandard"] is True and meta["standard_split"] is False
+
+
+def test_a_standard_size_source_failing_its_checksum_exits_2_even_with_allow_nonstandard(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "text8"
+    source.write_bytes(synthetic_text8()[:1000])
+    # Pretend the standard file is 1,000 bytes, so this one claims to be it (but is not).
+    monkeypatch.setitem(pc.DATASETS, "text8", dataclasses.replace(pc.DATASETS["text8"], standard_size=1000))
+    out = tmp_path / "out"
+    for flags in ([], ["--allow_nonstandard"]):
+        assert pc.main("text8", ["--source", str(source), "--out_dir", str(out), *flags]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and "checksum mismatch" in err[0]
+        assert leftovers(out) == []
+
+
+def test_a_missing_local_source_is_an_argument_error_exit_2(tmp_path):
+    result = run_cli("text8", "--source", str(tmp_path / "nowhere"), "--out_dir", "out", cwd=tmp_path)
+    assert result.returncode == 2 and "does not exist" in one_error_line(result)
+    (tmp_path / "empty").mkdir()
+    result = run_cli("text8", "--source_dir", str(tmp_path / "empty"), "--out_dir", "out", cwd=tmp_path)
+    assert result.returncode == 2 and "no text8 source" in one_error_line(result)
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_a_short_input_txt_keeps_the_proportional_split_without_a_flag(tmp_path):
+    source = tmp_path / "input.txt"  # a generic name: the size alone decides, as before
+    source.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50, encoding="utf-8")
+    meta = pc.prepare("shakespeare_char", tmp_path / "out", source=source, log=quiet)
+    assert meta["standard_split"] is False and "not the standard 1,115,394" in meta["warning"]
+    assert meta["splits"] == dict(zip(("train", "val"), pc.split_sizes(source.stat().st_size, (0.9, 0.1))))
+
+
+def test_meta_json_records_the_sha256_of_each_bin_file(tmp_path):
+    source, _ = short_source(tmp_path, "enwik8", "enwik8_prefix")
+    out = tmp_path / "out"
+    meta = pc.prepare("enwik8", out, source=source, log=quiet)
+    assert list(meta["bin_sha256"]) == ["train", "val", "test"]
+    for split in ("train", "val", "test"):
+        assert meta["bin_sha256"][split] == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
+    assert json.loads((out / "meta.json").read_text())["bin_sha256"] == meta["bin_sha256"]
 
 
 # ---------------------------------------------------------------- find_local_source / is_prepared
@@ -434,7 +547,7 @@ def test_find_local_source_finds_the_shared_offline_copies():
 
 
 def test_is_prepared_requires_meta_json_and_bins_of_the_recorded_size(tmp_path):
-    source = tmp_path / "text8"
+    source = tmp_path / "text8_prefix"
     source.write_bytes(synthetic_text8())
     out = tmp_path / "out"
     assert not pc.is_prepared("text8", out)

@@ -1,4 +1,5 @@
-"""launcher.sh reproduces the five reference runs, skips finished ones and resumes interrupted ones."""
+"""launcher.sh reproduces the five reference runs and the random control, skips finished ones and resumes
+interrupted ones."""
 import json
 import os
 import subprocess
@@ -24,24 +25,25 @@ def launched(prepared_data_dir, tmp_path_factory):
     return folder
 
 
-def test_five_reference_runs_with_their_settings(launched):
-    runs = {i: json.loads((launched / f"run_{i}" / "run.json").read_text()) for i in range(5)}
+def test_five_reference_runs_and_the_random_control_with_their_settings(launched):
+    runs = {i: json.loads((launched / f"run_{i}" / "run.json").read_text()) for i in range(6)}
     assert all(r["status"] == "finished" for r in runs.values())
     configs = {i: r["configs"]["shakespeare_char"] for i, r in runs.items()}
     assert configs[0]["agent"] == "none" and all(configs[i]["agent"] == "qlearning" for i in (1, 2, 3, 4))
     assert configs[2]["learning_rate"] == 2e-3 and configs[1]["learning_rate"] == 1e-3
     assert configs[3]["reward"] == "improvement" and configs[1]["reward"] == "neg_val_loss"
     assert configs[4]["epsilon_decay"] == 0.9 and configs[1]["epsilon_decay"] == 1.0
+    assert configs[5]["agent"] == "random" and configs[5]["agent_actions"] == configs[1]["agent_actions"]
     assert runs[0]["title"] == "Baseline"
 
 
 def test_notes_tell_every_run_once_with_one_table(launched):
     notes = (launched / "notes.txt").read_text()
     assert notes.startswith("# Title: ")
-    for i in range(5):
+    for i in range(6):
         assert notes.count(f"## Run {i}: ") == 1
     assert notes.count("<!-- comparison table") == 1 and notes.count("<!-- end comparison table -->") == 1
-    assert notes.count("Results: {'shakespeare_char': {'final_train_loss_mean': ") == 5
+    assert notes.count("Results: {'shakespeare_char': {'final_train_loss_mean': ") == 6
 
 
 def test_plots_are_drawn(launched):
@@ -55,7 +57,7 @@ def test_second_launch_skips_finished_runs_and_resumes_an_interrupted_one(launch
     (launched / "run_3" / "final_info.json").unlink()  # as if run_3 died after its last seed
     proc = launch(launched, prepared_data_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("finished earlier, skipped") == 4
+    assert proc.stdout.count("finished earlier, skipped") == 5
     assert "run_3: interrupted earlier, resuming" in proc.stdout
     assert (launched / "run_3" / "final_info.json").exists()
     assert (launched / "run_0" / "final_info.json").read_bytes() == kept

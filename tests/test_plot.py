@@ -101,8 +101,14 @@ def distinct_colours(pixels: np.ndarray) -> int:
     return len(np.unique(packed))
 
 
+def table_heading(table: str, dataset: str) -> str:
+    """The dataset's heading line: `D:` or, with a note about its data, `D (...):`."""
+    (line,) = [x for x in table.splitlines() if x == f"{dataset}:" or x.startswith(f"{dataset} (") and x.endswith(":")]
+    return line
+
+
 def table_line(table: str, dataset: str, run: str, metric: str) -> str:
-    block = table.split(f"{dataset}:\n", 1)[1].split("\n\n", 1)[0]
+    block = table.split(table_heading(table, dataset) + "\n", 1)[1].split("\n\n", 1)[0]
     (line,) = [x for x in block.splitlines() if x.split()[:2] == [metric, run]]
     return line
 
@@ -228,14 +234,20 @@ def test_paired_difference_interval_and_p_value_match_the_hand_computation(runs)
     assert run1["ci_low"] < 0 < run1["ci_high"] and run1["verdict"] == "within noise"
 
 
-def test_verdicts_name_the_direction_per_metric(runs):
-    rows = plot.comparison_rows(plot.load_runs(plot.find_run_dirs(runs), warn=None))
-    # train loss 1.10,1.12,1.11 vs 1.20,1.18,1.22: clearly lower, and lower loss is better
-    assert row_for(rows, "run_1", "final_train_loss")["verdict"] == "better (lower)"
-    # +10, +10.5, +10 seconds: slower
-    assert row_for(rows, "run_1", "total_train_time")["verdict"] == "slower (higher)"
-    # +50, +55, +45 tokens/s: faster
-    assert row_for(rows, "run_1", "avg_inference_tokens_per_second")["verdict"] == "faster (higher)"
+def test_verdicts_name_the_direction_per_metric(tmp_path):
+    base = write_run(tmp_path / "run_0", datasets=("shakespeare_char",))
+    # losses 0.3 higher on every seed, give or take 0.001: clearly worse, even after the Holm correction
+    worse = write_run(tmp_path / "run_1", datasets=("shakespeare_char",),
+                      metrics={"best_val_loss": [1.80, 1.761, 1.779], "final_train_loss": [1.501, 1.48, 1.52],
+                               **{k: BASE[k] for k in ("total_train_time", "avg_inference_tokens_per_second")}})
+    better = write_run(tmp_path / "run_2", datasets=("shakespeare_char",),
+                       metrics={"best_val_loss": [1.20, 1.161, 1.179], "final_train_loss": [0.901, 0.88, 0.92],
+                                **{k: BASE[k] for k in ("total_train_time", "avg_inference_tokens_per_second")}})
+    rows = plot.comparison_rows([base, worse, better])
+    for metric in ("best_val_loss", "final_train_loss"):
+        assert row_for(rows, "run_1", metric)["p_holm"] < 0.05
+        assert row_for(rows, "run_1", metric)["verdict"] == "worse (higher)"
+        assert row_for(rows, "run_2", metric)["verdict"] == "better (lower)"
 
 
 def test_runs_sharing_two_seeds_are_paired_on_those_seeds_only(tmp_path):
@@ -269,7 +281,8 @@ def test_runs_without_shared_seeds_get_a_welch_interval_and_no_p_value(tmp_path)
     assert row["method"] == "Welch" and row["p_value"] is None
     assert row["diff"] == pytest.approx(1.32 - 1.48)
     assert (row["ci_low"], row["ci_high"]) == (pytest.approx(-0.16 - half), pytest.approx(-0.16 + half))
-    assert row["verdict"] == "better (lower)"
+    # the interval excludes 0, but without a paired p-value there is no test to correct, so no direction
+    assert row["p_holm"] is None and row["verdict"] == "no paired test (fewer than 2 shared seeds)"
 
 
 def test_a_single_seed_has_no_stderr_and_no_interval(runs):
@@ -278,7 +291,7 @@ def test_a_single_seed_has_no_stderr_and_no_interval(runs):
     assert row["n"] == 1 and row["stderr"] is None
     assert row["diff"] == pytest.approx(1.47 - 1.48)
     assert row["ci_low"] is None and row["ci_high"] is None and row["p_value"] is None
-    assert row["verdict"] == "n=1, no interval"
+    assert row["p_holm"] is None and row["verdict"] == "no paired test (n=1, no interval)"
     table = plot.format_table(rows)
     line = table_line(table, "shakespeare_char", "run_3", "best_val_loss")
     assert "1.4700 (n=1)" in line and "n=1, no interval" in line and "±" not in line
@@ -293,6 +306,149 @@ def test_format_table_shows_mean_stderr_n_interval_and_p(runs):
     # the hand computation above: diff -0.02667, interval -0.02667 -+ 0.05171, p 0.157
     assert "-0.0267 [-0.0784, +0.0250] paired, 3 seeds" in line
     assert "0.157" in line and line.endswith("within noise")
+
+
+def test_timing_metrics_show_the_difference_of_means_and_no_test(tmp_path):
+    # A bit-identical twin of the baseline whose every run happened to be ~1 s quicker on the shared machine:
+    # paired by seed this looks "faster" at p < 0.01, yet seeds do not pair wall-clock times.
+    base = write_run(tmp_path / "run_0", datasets=("shakespeare_char",))
+    twin = write_run(tmp_path / "run_1", datasets=("shakespeare_char",),
+                     metrics=dict(BASE, total_train_time=[59.0, 60.1, 60.9],
+                                  avg_inference_tokens_per_second=[611.0, 615.8, 621.2]))
+    rows = plot.comparison_rows([base, twin])
+    timing = [m for m, info in plot.TABLE_METRICS.items() if info.timing]
+    assert {"total_train_time", "avg_inference_tokens_per_second"} <= set(timing)
+    table = plot.format_table(rows)
+    for metric, diff in (("total_train_time", -1.0), ("avg_inference_tokens_per_second", 11.0)):
+        row = row_for(rows, "run_1", metric)
+        assert row["diff"] == pytest.approx(diff)  # the plain difference of the two means
+        assert row["ci_low"] is None and row["ci_high"] is None
+        assert row["p_value"] is None and row["p_holm"] is None
+        assert row["verdict"] == "timing: no test (runs share a machine)"
+        line = table_line(table, "shakespeare_char", "run_1", metric)
+        assert "(difference of means)" in line and "[" not in line and "faster" not in line
+        assert row_for(rows, "run_0", metric)["stderr"] is not None  # mean ± stderr (n) is still shown
+    # the loss rows of the twin: identical, and they are the only rows in the correction
+    assert row_for(rows, "run_1")["verdict"] == "identical on every shared seed"
+    assert "over all 0 paired tests" in table
+
+
+def test_holm_adjusts_p_values_step_down_by_hand():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> kept at 0.06 (monotone)
+    assert plot.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert plot.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert plot.holm([]) == []
+
+
+def test_loss_verdicts_use_holm_over_every_dataset_metric_and_run(runs):
+    rows = plot.comparison_rows(plot.load_runs(plot.find_run_dirs(runs), warn=None))
+    # The paired tests with a p-value: run_1 x {best_val_loss, final_train_loss} x {shakespeare_char, text8}.
+    # run_3 has one seed; run_4 equals the baseline (no spread in its differences, so no p-value).
+    tested = [r for r in rows if r["p_holm"] is not None]
+    assert sorted((r["dataset"], r["metric"], r["run"]) for r in tested) == sorted(
+        (d, m, "run_1") for d in DATASETS for m in ("best_val_loss", "final_train_loss"))
+    assert all("p_holm" in r for r in rows)
+    train = row_for(rows, "run_1", "final_train_loss")
+    val = row_for(rows, "run_1", "best_val_loss")
+    # final_train_loss: d = -0.10, -0.06, -0.11 per seed, raw p 0.028 < 0.05, the smallest p of four (twice,
+    # once per dataset): Holm multiplies it by 4 -> 0.11, so the unadjusted "better (lower)" does not hold
+    assert train["p_value"] < 0.05 and train["ci_high"] < 0
+    assert train["p_holm"] == pytest.approx(4 * train["p_value"])
+    assert train["verdict"] == "within noise after Holm"
+    assert val["p_holm"] == pytest.approx(max(4 * train["p_value"], 2 * val["p_value"]))
+    assert val["verdict"] == "within noise"
+    table = plot.format_table(rows)
+    assert "Holm-Bonferroni correction over all 4 paired tests" in table
+    assert "95% CI (unadjusted)" in table
+    header = [x for x in table.splitlines() if x.lstrip().startswith("metric ")][0]
+    assert header.split()[-4:] == ["p", "p", "(Holm)", "verdict"]
+    line = table_line(table, "text8", "run_1", "final_train_loss")
+    assert f"{train['p_value']:.3g}" in line and f"{train['p_holm']:.3g}" in line
+
+
+def test_the_table_names_full_val_loss_as_its_primary_metric_and_shows_it_first(tmp_path):
+    assert list(plot.TABLE_METRICS)[0] == "full_val_loss"
+    base = write_run(tmp_path / "run_0", metrics=dict(BASE, full_val_loss=[1.49, 1.47, 1.48]))
+    other = write_run(tmp_path / "run_1", metrics=dict(BASE, full_val_loss=[1.39, 1.38, 1.40]))
+    rows = plot.comparison_rows([base, other])
+    assert [r["metric"] for r in rows if r["dataset"] == "text8"][:2] == ["full_val_loss", "full_val_loss"]
+    table = plot.format_table(rows)
+    assert "Primary metric: full_val_loss (the final model on the whole val split, no sampling noise)" \
+        in table.splitlines()[0]
+    block = table.split("text8:\n", 1)[1].splitlines()
+    assert block[1].split()[:2] == ["full_val_loss", "run_0"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which data the runs used
+# ----------------------------------------------------------------------------------------------
+
+def data_record(**changes) -> dict:
+    """The "data" entry experiment.py writes per dataset: a 4,154,064-byte enwik8 prefix split 90/5/5."""
+    record = {"source": "enwik8 (first 4154064 bytes)", "source_bytes": 4154064, "standard_split": False,
+              "warning": "not the standard 100M-byte enwik8", "sha256": {"train": "a1", "val": "b2", "test": "c3"},
+              "splits": {"train": 3738657, "val": 207703, "test": 207704}}
+    return {**record, **changes}
+
+
+def add_data(run: Path, dataset: str, record: dict) -> Path:
+    final = json.loads((run / "final_info.json").read_text())
+    final[dataset]["data"] = record
+    (run / "final_info.json").write_text(json.dumps(final))
+    return run
+
+
+def test_non_standard_data_is_named_in_the_table_heading(tmp_path):
+    datasets = ("shakespeare_char", "enwik8")
+    standard = data_record(source="shakespeare_char", source_bytes=1115394, standard_split=True, warning=None,
+                           sha256={"train": "d4", "val": "e5"}, splits={"train": 1003854, "val": 111540})
+    dirs = []
+    for i in range(2):
+        run = write_run(tmp_path / f"run_{i}", datasets=datasets)
+        dirs.append(add_data(add_data(run, "enwik8", data_record()), "shakespeare_char", standard))
+    table = plot.format_table(plot.comparison_rows(dirs))
+    assert table_heading(table, "enwik8") == ("enwik8 (NON-STANDARD DATA: 4,154,064-byte source split 90/5/5; "
+                                              "not comparable with published results):")
+    assert table_heading(table, "shakespeare_char") == "shakespeare_char:"
+
+
+def test_runs_on_different_or_unrecorded_data_are_named_in_the_heading(tmp_path):
+    one = ("enwik8",)
+    runs = [add_data(write_run(tmp_path / "run_0", datasets=one), "enwik8", data_record()),
+            add_data(write_run(tmp_path / "run_1", datasets=one), "enwik8", data_record()),
+            add_data(write_run(tmp_path / "run_2", datasets=one), "enwik8",
+                     data_record(sha256={"train": "a1", "val": "ff", "test": "c3"}))]
+    heading = table_heading(plot.format_table(plot.comparison_rows(runs)), "enwik8")
+    assert "runs used different data" in heading and "run_2" in heading and "run_1" not in heading
+    assert heading.startswith("enwik8 (NON-STANDARD DATA:") and "\n" not in heading
+    # the same data everywhere: no such claim
+    assert "different data" not in table_heading(plot.format_table(plot.comparison_rows(runs[:2])), "enwik8")
+    # a run from before the records, beside runs that record standard data: not claimed standard
+    standard = data_record(standard_split=True, source_bytes=100_000_000)
+    for run in runs[1:]:
+        add_data(run, "enwik8", standard)
+    old = write_run(tmp_path / "run_0", datasets=one)  # rewritten without a record
+    heading = table_heading(plot.format_table(plot.comparison_rows([old, *runs[1:2]])), "enwik8")
+    assert heading != "enwik8:" and "data not recorded by run_0" in heading
+    # only old runs: nothing recorded, no label
+    assert table_heading(plot.format_table(plot.comparison_rows([old])), "enwik8") == "enwik8:"
+
+
+def test_figure_titles_carry_the_non_standard_data_label(tmp_path, monkeypatch):
+    datasets = ("shakespeare_char", "enwik8")
+    dirs = [add_data(write_run(tmp_path / f"run_{i}", datasets=datasets), "enwik8", data_record()) for i in range(2)]
+    titles = {}
+
+    def record_titles(fig, path):
+        titles[Path(path).name] = " | ".join(ax.get_title() for ax in fig.axes)
+
+    monkeypatch.setattr(plot, "save_figure", record_titles)
+    plot.write_plots(plot.load_runs(dirs, warn=None), ["a", "b"], tmp_path / "plots")
+    for name in ("train_loss_enwik8.png", "val_loss_enwik8.png", "lr_enwik8.png"):
+        assert "enwik8 (non-standard 4.2 MB source)" in titles[name], titles[name]
+    assert "enwik8\n(non-standard 4.2 MB source)" in titles["summary.png"]
+    for name in ("train_loss_shakespeare_char.png", "val_loss_shakespeare_char.png", "lr_shakespeare_char.png"):
+        assert "non-standard" not in titles[name] and "shakespeare_char" in titles[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +468,16 @@ def test_notes_get_the_reference_format(runs):
     assert list(results["text8"]) == [f"{k}_mean" for k in plot.CONTRACT_METRICS]
     assert results["text8"]["best_val_loss_mean"] == pytest.approx(1.48)
     assert lines[4] == "Description: Cosine schedule, no agent."
+
+
+def test_the_results_line_carries_full_val_loss_after_the_contract_keys(tmp_path):
+    run = write_run(tmp_path / "run_0", title="Baseline", metrics=dict(BASE, full_val_loss=[1.49, 1.47, 1.48]))
+    notes = tmp_path / "notes.txt"
+    plot.append_run_to_notes(notes, run)
+    (line,) = [x for x in notes.read_text().splitlines() if x.startswith("Results: ")]
+    results = ast.literal_eval(line[len("Results: "):])
+    assert list(results["text8"]) == [f"{k}_mean" for k in plot.CONTRACT_METRICS] + ["full_val_loss_mean"]
+    assert results["text8"]["full_val_loss_mean"] == pytest.approx(1.48)
 
 
 def test_update_notes_replaces_a_run_section_and_keeps_one_table(runs):
