@@ -57,7 +57,7 @@ def test_final_info_has_means_stderrs_and_per_seed_lists(smoke_run):
 
 
 
-def test_final_model_is_scored_on_the_whole_val_and_test_split(smoke_run):
+def test_final_evaluation_reads_at_most_final_eval_tokens(smoke_run):
     final_info = json.loads((smoke_run / "final_info.json").read_text())
     cfg = ex.Config(**json.loads((smoke_run / "run.json").read_text())["configs"]["enwik8"])
     for dataset, entry in final_info.items():
@@ -66,6 +66,46 @@ def test_final_model_is_scored_on_the_whole_val_and_test_split(smoke_run):
         assert entry["final_info_dict"]["full_val_tokens"][0] == cfg.final_eval_tokens // cfg.block_size * cfg.block_size
         # enwik8 and text8 have a test split (their standard 90/5/5 split); shakespeare_char does not.
         assert ("test_loss" in entry["final_info_dict"]) == (dataset != "shakespeare_char")
+
+
+def small_enwik8(prepared_data_dir, data_dir, lengths, changed=()):
+    """The prepared enwik8 cut to `lengths` tokens per split; each (split, index) in `changed` gets another token."""
+    source, folder = prepared_data_dir / "enwik8", data_dir / "enwik8"
+    folder.mkdir(parents=True)
+    meta = json.loads((source / "meta.json").read_text())
+    for split, n in lengths.items():
+        tokens = np.fromfile(source / f"{split}.bin", dtype=np.uint16)[:n].copy()
+        for changed_split, index in changed:
+            if changed_split == split:
+                tokens[index] = (int(tokens[index]) + 1) % meta["vocab_size"]
+        tokens.tofile(folder / f"{split}.bin")
+        meta["splits"][split] = n
+        if "bin_sha256" in meta:
+            meta["bin_sha256"][split] = hashlib.sha256(tokens.tobytes()).hexdigest()
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return data_dir
+
+
+def test_final_model_is_scored_on_the_whole_val_and_test_split(prepared_data_dir, tmp_path):
+    """Given a final_eval_tokens budget that covers them, every full window of val and test counts, nothing else."""
+    block, lengths = 32, {"train": 20_000, "val": 5_000, "test": 6_001}  # longer than the smoke cap of 4,096
+    last_target = {split: (n - 1) // block * block for split, n in lengths.items()}  # of the last full window
+
+    def final_eval(name, changed=()):
+        data_dir = small_enwik8(prepared_data_dir, tmp_path / f"data_{name}", lengths, changed)
+        args = smoke_args(tmp_path / name, data_dir, "--datasets", "enwik8", "--block_size", block,
+                          "--max_iters", "2", "--eval_interval", "1", "--inference_samples", "0",
+                          "--final_eval_tokens", 10**9)
+        assert ex.main(args) == 0
+        info = json.loads((tmp_path / name / "final_info.json").read_text())["enwik8"]["final_info_dict"]
+        return info["full_val_loss"][0], info["test_loss"][0], info["full_val_tokens"][0]
+
+    val_loss, test_loss, val_tokens = final_eval("whole")
+    assert val_tokens == last_target["val"] == 4_992  # 156 windows of 32; their targets run to token 4,992
+    last = final_eval("last", changed=[("val", last_target["val"]), ("test", last_target["test"])])
+    assert last[0] != val_loss and last[1] != test_loss  # the last full window of each split is read ...
+    beyond = final_eval("beyond", changed=[("val", last_target["val"] + 1), ("test", last_target["test"] + 1)])
+    assert beyond == (val_loss, test_loss, val_tokens)  # ... and the tokens after it are not
 
 
 def test_all_results_npy_has_train_and_val_records(smoke_run):

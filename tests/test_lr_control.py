@@ -9,11 +9,18 @@ import torch
 import experiment as ex
 
 
+# The base schedule every run below trains on, given as flags; the expected learning rates are computed from
+# these numbers by the test's own formula, never by the harness's base_lr/controlled_lr.
+LR, MIN_LR, WARMUP, DECAY, MAX_ITERS, EVAL = 1e-3, 1e-4, 5, 30, 40, 5
+
+
 def run(tmp_path, data_dir, name, *extra):
     """A smoke run on shakespeare_char, in-process; returns (val_info, train_info, run folder)."""
     out = tmp_path / name
     args = ["--out_dir", out, "--profile", "smoke", "--data_dir", data_dir, "--datasets", "shakespeare_char",
-            "--max_iters", "40", "--eval_interval", "5", "--inference_samples", "0", *extra]
+            "--schedule", "cosine", "--learning_rate", LR, "--min_lr", MIN_LR, "--warmup_iters", WARMUP,
+            "--lr_decay_iters", DECAY, "--max_iters", MAX_ITERS, "--eval_interval", EVAL,
+            "--inference_samples", "0", *extra]
     assert ex.main([str(a) for a in args]) == 0
     results = np.load(out / "all_results.npy", allow_pickle=True).item()
     return results["shakespeare_char_0_val_info"], results["shakespeare_char_0_train_info"], out
@@ -23,38 +30,43 @@ def losses(val_info):
     return [(r["train/loss"], r["val/loss"]) for r in val_info]
 
 
+def cosine_with_warmup(it):
+    """nanoGPT's schedule, written out: linear warmup from above 0, cosine decay to MIN_LR, then MIN_LR."""
+    if it < WARMUP:
+        return LR * (it + 1) / (WARMUP + 1)
+    if it >= DECAY:
+        return MIN_LR
+    progress = (it - WARMUP) / (DECAY - WARMUP)
+    return MIN_LR + 0.5 * (1 + math.cos(math.pi * progress)) * (LR - MIN_LR)
+
+
+def in_force(trajectory, it):
+    """The multiplier in force at step `it`: the agent's decision at the last evaluation at or before it."""
+    return [d["multiplier"] for d in trajectory if d["iter"] <= it][-1]
+
+
+def agent_trajectory(out):
+    return json.loads((out / "agent_shakespeare_char_0.json").read_text())["trajectory"]
+
+
 @pytest.fixture
 def optimizer_lrs(monkeypatch):
-    """Records, for every optimizer step, the learning rate of each param group."""
+    """Records, for every AdamW step taken anywhere, the learning rate each param group held for it."""
     steps = []
-    real_make = ex.GPT.make_optimizer
+    real_step = torch.optim.AdamW.step
 
-    def recording_make(self, cfg, device):
-        opt = real_make(self, cfg, device)
-        real_step = opt.step
-
-        def step(*a, **k):
-            steps.append([g["lr"] for g in opt.param_groups])
-            return real_step(*a, **k)
-        opt.step = step
-        return opt
-    monkeypatch.setattr(ex.GPT, "make_optimizer", recording_make)
+    def recording_step(self, *a, **k):
+        steps.append([float(g["lr"]) for g in self.param_groups])
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     return steps
-
-
-def multiplier_at(val_info, it):
-    """The multiplier in force at step `it`: the one chosen at the last evaluation at or before it."""
-    return [r["multiplier"] for r in val_info if r["iter"] <= it][-1]
 
 
 # --- the baseline is untouched ---
 
-def test_agent_none_equals_the_plain_schedule_bit_for_bit(prepared_data_dir, tmp_path, monkeypatch):
-    with_pipeline, _, _ = run(tmp_path, prepared_data_dir, "none", "--agent", "none")
-    monkeypatch.setattr(ex, "controlled_lr", lambda cfg, it, multiplier: ex.base_lr(cfg, it))  # no multiplier, no clamp
-    plain, _, _ = run(tmp_path, prepared_data_dir, "plain", "--agent", "none")
-    assert losses(with_pipeline) == losses(plain)
-    assert [r["lr"] for r in with_pipeline] == [r["lr"] for r in plain]
+def test_agent_none_equals_the_plain_schedule_bit_for_bit(prepared_data_dir, tmp_path, optimizer_lrs):
+    run(tmp_path, prepared_data_dir, "none", "--agent", "none")
+    assert optimizer_lrs == [[cosine_with_warmup(it)] * 2 for it in range(MAX_ITERS)]  # both param groups, exactly
 
 
 def test_a_neutral_agent_leaves_the_run_unchanged(prepared_data_dir, tmp_path):
@@ -70,12 +82,13 @@ def test_forced_doubling_reaches_every_param_group(prepared_data_dir, tmp_path, 
     optimizer_lrs.clear()
     doubled, doubled_train, out = run(tmp_path, prepared_data_dir, "double", "--agent", "random",
                                       "--agent_actions", "2")
-    cfg = ex.Config(**json.loads((out / "run.json").read_text())["configs"]["shakespeare_char"])
-    assert [r["multiplier"] for r in doubled][:4] == [2.0, 4.0, 8.0, 8.0]  # x2 per decision, capped at 8
-    assert len(optimizer_lrs) == cfg.max_iters
+
+    def multiplier(it):  # x2 at every evaluation (iter 0, EVAL, ...) from 1, capped at multiplier_max 8
+        return min(2.0 ** (it // EVAL + 1), 8.0)
+    assert [r["multiplier"] for r in doubled] == [multiplier(r["iter"]) for r in doubled]
+    assert len(optimizer_lrs) == MAX_ITERS
     for it, group_lrs in enumerate(optimizer_lrs):
-        expected = ex.controlled_lr(cfg, it, multiplier_at(doubled, it))
-        assert group_lrs == [expected] * len(group_lrs)
+        assert group_lrs == [pytest.approx(cosine_with_warmup(it) * multiplier(it), rel=1e-12)] * 2, it
     for record in doubled[:-1]:  # the logged lr is what the optimizer used at that step
         assert record["lr"] == optimizer_lrs[record["iter"]][0]
     for record in doubled_train:  # the per-step log carries the LR that step used
@@ -84,13 +97,17 @@ def test_forced_doubling_reaches_every_param_group(prepared_data_dir, tmp_path, 
 
 
 def test_multiplier_and_lr_never_leave_their_bounds(prepared_data_dir, tmp_path, optimizer_lrs):
-    val_info, _, _ = run(tmp_path, prepared_data_dir, "wild", "--agent", "random", "--agent_actions", "0.01,100",
-                         "--lr_floor", "2e-4", "--lr_ceiling", "3e-3", "--eval_interval", "1")
-    multipliers = [r["multiplier"] for r in val_info]
-    assert min(multipliers) == 0.125 and max(multipliers) == 8.0  # both bounds were hit, none passed
+    floor, ceiling = 2e-4, 3e-3
+    val_info, _, out = run(tmp_path, prepared_data_dir, "wild", "--agent", "random", "--agent_actions", "0.01,100",
+                           "--lr_floor", floor, "--lr_ceiling", ceiling, "--eval_interval", "1")
+    trajectory = agent_trajectory(out)
+    assert {d["multiplier"] for d in trajectory} == {0.125, 8.0}  # both bounds were hit, none passed
+    assert len(optimizer_lrs) == MAX_ITERS
+    for it, group_lrs in enumerate(optimizer_lrs):
+        unclamped = cosine_with_warmup(it) * in_force(trajectory, it)
+        assert group_lrs == [pytest.approx(min(max(unclamped, floor), ceiling), rel=1e-12)] * 2, it
     flat = [lr for group_lrs in optimizer_lrs for lr in group_lrs]
-    assert min(flat) >= 2e-4 and max(flat) <= 3e-3
-    assert min(flat) == 2e-4 and max(flat) == 3e-3
+    assert min(flat) == floor and max(flat) == ceiling  # both clamps were needed, and held exactly
 
 
 def test_random_agent_multiplier_stays_in_bounds_over_many_decisions():
@@ -113,19 +130,21 @@ def qcfg(**kw):
 
 def test_q_update_matches_a_hand_computed_td_step():
     agent = ex.QLearningAgent(qcfg(), seed=0)
-    first = ex.Observation(it=0, max_iters=90, train_loss=3.0, val_loss=3.0)
-    agent.observe(first)
+    agent.observe(ex.Observation(it=0, max_iters=90, train_loss=3.0, val_loss=3.0))
     s0, a0 = agent.prev_state, agent.prev_action
-    assert s0 == (0, 3, 0)  # no trend yet, multiplier bucket of x1, first third
-    # Give the next state known values so the bootstrap term is non-trivial.
-    s1 = (4, int(3 + round(math.log2(agent.multiplier))), 1)  # val improves by >1%, now in the middle third
+    assert s0 == (0, 1, 0)  # no trend yet, multiplier around 1, first third
+    # Give the next state known values so the bootstrap term is non-trivial, and the entry some history.
+    s1 = (4, agent.multiplier_bucket(agent.multiplier), 1)  # val improves by >1%, now in the middle third
     agent.q[s1] = [0.2, -0.4, 1.0]
-    agent.q[s0 + (a0,)] = 0.3
+    agent.q[s0 + (a0,)], agent.visits[s0 + (a0,)] = 0.3, 5
+    agent.baseline["30"] = [-2.6, 4]  # the usual reward at iteration 30
     agent.observe(ex.Observation(it=30, max_iters=90, train_loss=2.5, val_loss=2.5))
     assert agent.prev_state == s1
-    expected = 0.3 + 0.5 * (-2.5 + 0.9 * 1.0 - 0.3)  # Q += alpha (r + gamma max Q(s') - Q)
+    advantage = -2.5 - (-2.6)  # the reward against its usual value there
+    expected = 0.3 + 0.5 * (advantage + 0.9 * 1.0 - 0.3)  # Q += alpha (A + gamma max Q(s') - Q)
     assert agent.q[s0 + (a0,)] == pytest.approx(expected)
-    assert agent.visits[s0 + (a0,)] == 1
+    assert agent.visits[s0 + (a0,)] == 6
+    assert agent.baseline["30"] == [pytest.approx(-2.6 + 0.5 * 0.1), 5]  # the usual reward follows
 
 
 def test_improvement_reward_and_terminal_update():
@@ -133,9 +152,11 @@ def test_improvement_reward_and_terminal_update():
     log0 = agent.observe(ex.Observation(0, 20, 3.0, 3.0))
     assert log0["reward"] is None  # nothing to improve on yet
     s0, a0 = agent.prev_state, agent.prev_action
+    agent.baseline["20"] = [0.04, 10]
     log1 = agent.observe(ex.Observation(20, 20, 2.9, 2.9))  # last evaluation: terminal, no action
     assert log1["reward"] == pytest.approx(0.1) and log1["action"] is None
-    assert agent.q[s0 + (a0,)] == pytest.approx(0.5 * 0.1)  # no bootstrap at the end
+    assert log1["advantage"] == pytest.approx(0.06)
+    assert agent.q[s0 + (a0,)] == pytest.approx(0.06)  # first visit takes the whole target; no bootstrap
 
 
 def test_epsilon_decays_to_its_floor():
@@ -146,7 +167,7 @@ def test_epsilon_decays_to_its_floor():
 
 def test_greedy_agent_picks_the_best_action():
     agent = ex.QLearningAgent(qcfg(), seed=0)
-    agent.q[(0, 3, 0)] = [0.0, -1.0, 5.0]
+    agent.q[(0, 1, 0)] = [0.0, -1.0, 5.0]
     assert agent.observe(ex.Observation(0, 100, 2.0, 2.0))["action"] == 2
     assert agent.multiplier == 2.0
 
@@ -198,13 +219,17 @@ def test_agent_init_carries_the_table_into_a_frozen_run(prepared_data_dir, tmp_p
 
 
 def test_replay_reproduces_the_lr_trajectory(prepared_data_dir, tmp_path, optimizer_lrs):
-    original, original_train, first = run(tmp_path, prepared_data_dir, "orig", "--agent", "qlearning",
-                                          "--epsilon", "0.5")
+    original, original_train, first = run(tmp_path, prepared_data_dir, "orig", "--agent", "random",
+                                          "--agent_actions", "0.5,1,2")
     original_steps = list(optimizer_lrs)
     optimizer_lrs.clear()
     replayed, replayed_train, _ = run(tmp_path, prepared_data_dir, "replay", "--agent", "replay",
                                       "--agent_init", first)
-    assert len(set(r["multiplier"] for r in original)) > 1  # something to replay
+    recorded = agent_trajectory(first)
+    assert len({d["multiplier"] for d in recorded}) > 1  # something to replay
+    assert len(optimizer_lrs) == MAX_ITERS
+    for it, group_lrs in enumerate(optimizer_lrs):  # the recorded multipliers, on the base schedule, step by step
+        assert group_lrs == [pytest.approx(cosine_with_warmup(it) * in_force(recorded, it), rel=1e-12)] * 2, it
     assert optimizer_lrs == original_steps
     assert [r["lr"] for r in replayed] == [r["lr"] for r in original]
     assert losses(replayed) == losses(original)
