@@ -847,6 +847,8 @@ class QLearningAgent(NoAgent):
 
     def load_table(self, state: dict) -> None:
         """What a later run inherits from an earlier one: the Q-table, visit counts and reward baseline."""
+        if "q" not in state or "visits" not in state:
+            raise UserError(f"--agent_init holds no Q-table (it was saved by agent {state.get('agent')!r})")
         if state.get("actions") != self.actions:
             raise UserError(f"--agent_init has actions {state.get('actions')}, this run {self.actions}")
         q, visits = np.asarray(state["q"], dtype=np.float64), np.asarray(state["visits"], dtype=np.int64)
@@ -1843,7 +1845,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         flag, meta = f"--{f.name}", f.metadata
         choices = f" {{{','.join(meta['choices'])}}}" if meta["choices"] else ""
-        kwargs = dict(dest=f.name, default=None, help=meta["help"] + choices + f" [Config: {f.default}]")
+        bounds = f" in {meta['bounds']}" if meta["bounds"] else ""
+        kwargs = dict(dest=f.name, default=None, help=meta["help"] + choices + bounds + f" [Config: {f.default}]")
         if f.type in ("bool", "Optional[bool]"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:  # converted (and checked against choices) by parse_value, which knows per-dataset values

@@ -221,3 +221,11 @@ def test_after_a_rollback_every_record_says_what_the_optimizer_used(prepared_dat
     # --agent replay plays back the multipliers that were used: the same rates at every logged step.
     _, replay_train, _ = smoke(tmp_path / "replay", prepared_data_dir, "--agent", "replay", "--agent_init", out)
     assert [r["lr"] for r in replay_train] == [r["lr"] for r in train_info]
+
+
+def test_agent_init_from_a_run_without_a_q_table_is_one_line(prepared_data_dir, tmp_path):
+    smoke(tmp_path / "random", prepared_data_dir, "--agent", "random")
+    proc = run_cli(["--out_dir", tmp_path / "q", "--profile", "smoke", "--data_dir", prepared_data_dir,
+                    "--datasets", "shakespeare_char", "--agent", "qlearning", "--agent_init", tmp_path / "random"])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "holds no Q-table (it was saved by agent 'random')" in proc.stderr
