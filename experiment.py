@@ -61,8 +61,8 @@ RESULT_FILES = ("final_info.json", "all_results.npy", "all_results.json", "run.j
 def _opt(default, help, choices=None, bounds=None):
     """A config field with its --help text, allowed values and allowed range kept next to it.
 
-    bounds: an interval such as "[0, 1)" or "(0, inf)"; validate() checks every field against its own,
-    and a number must be finite unless its upper bound is inf."""
+    bounds: an interval such as "[0, 1)" or "(0, inf)"; the parser and validate() check every field
+    against its own, and nan or inf never pass (an inf end means "no upper limit")."""
     return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
 
 
@@ -634,7 +634,9 @@ def reward_for(kind: str, prev_val: Optional[float], val: float) -> Optional[flo
 
 def divergence_loss(cfg: Config, reference: Optional[float]) -> float:
     """The val loss a diverged interval counts as: the divergence threshold, which every interval that did
-    not diverge stays below. Without a threshold (--divergence_factor 0), twice the first train loss."""
+    not diverge stays below. Without a threshold (--divergence_factor 0), twice the first train loss: then
+    a finite loss above that is no divergence and can score lower (only non-finite losses roll back). Before the first evaluation has set that yardstick no decision has been made, so nothing is scored;
+    10 nats stands in."""
     reference = reference if reference is not None and math.isfinite(reference) else 10.0
     return (cfg.divergence_factor if cfg.divergence_factor > 0 else 2.0) * reference
 
