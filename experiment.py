@@ -11,7 +11,7 @@ One file, read top to bottom:
   4. Model                       (nanoGPT: pre-LN, tied embeddings, SDPA causal attention)
   5. Learning rate               (base schedule x agent multiplier, clamped)
   6. Agents                      (act after each evaluation)
-  7. Training one dataset/seed   (the loop, estimate_loss, progress)
+  7. Training one dataset/seed   (TrainingRun: advanced evaluation to evaluation; train_one_seed drives it)
   8. Sampling and inference speed
   9. The run folder              (final_info.json, all_results.npy, run.json, ...)
  10. CLI
@@ -635,7 +635,8 @@ def reward_for(kind: str, prev_val: Optional[float], val: float) -> Optional[flo
 def divergence_loss(cfg: Config, reference: Optional[float]) -> float:
     """The val loss a diverged interval counts as: the divergence threshold, which every interval that did
     not diverge stays below. Without a threshold (--divergence_factor 0), twice the first train loss: then
-    a finite loss above that is no divergence and can score lower (only non-finite losses roll back). Before the first evaluation has set that yardstick no decision has been made, so nothing is scored;
+    a finite loss above that is no divergence and can score lower (only non-finite losses roll back).
+    Before the first evaluation has set that yardstick no decision has been made, so nothing is scored;
     10 nats stands in."""
     reference = reference if reference is not None and math.isfinite(reference) else 10.0
     return (cfg.divergence_factor if cfg.divergence_factor > 0 else 2.0) * reference
@@ -1123,6 +1124,7 @@ class SeedState:
     best_val_iter: int = 0
     last_logged_loss: Optional[float] = None
     reference_loss: Optional[float] = None  # first evaluation's train loss: the divergence yardstick
+    last_eval_losses: Optional[list] = None  # [train, val] of the last evaluation
     rollbacks: int = 0
     elapsed: float = 0.0           # training-loop seconds spent before this process (resume)
     eval_time: float = 0.0
@@ -1133,28 +1135,171 @@ class SeedState:
 WALL_CLOCK_FIELDS = ("elapsed", "eval_time", "agent_time", "checkpoint_time")  # kept across rollbacks
 
 
+def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+
+
+def is_diverged(loss: float, reference: Optional[float], factor: float) -> bool:
+    return not math.isfinite(loss) or (reference is not None and factor > 0 and loss > factor * reference)
+
+
 @dataclass
-class SeedRun:
-    """The live objects of one seed's training, and how to checkpoint and restore all of them.
+class EvalResult:
+    """What TrainingRun.advance() stopped at: the next evaluation, or why it stopped short of it."""
+    it: int
+    train_loss: Optional[float] = None   # mean loss over the run's fixed evaluation batches
+    val_loss: Optional[float] = None
+    diverged: Optional[str] = None       # what diverged, e.g. "train loss nan at iter 12": call rollback_before
+    interrupted: bool = False            # stop() asked for it before step `it`
+    done: bool = False                   # the final evaluation (it == max_iters)
+
+
+class TrainingRun:
+    """One dataset and seed's training, advanced by a caller from evaluation to evaluation.
+
+    The caller sets `multiplier` (the only knob: lr = clamp(base_schedule(it) x multiplier)), calls
+    advance(), and decides what follows: an agent's decision, a checkpoint, a rollback, stopping. No agent,
+    signal handler or progress bar lives in here; on_log(it, loss, lr) hears every logged step.
 
     Two checkpoints are kept: the last one and the one before it (renamed, not rewritten). A divergence
     detected at step j lies in the weights entering step j, which the checkpoint saved at j holds; a
-    rollback must go back to a checkpoint from before j, or it would replay the same weights and batch."""
-    cfg: Config
-    model: GPT
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    sampler: BatchSampler
-    agent: NoAgent
-    state: SeedState
-    checkpoint: Path
-    saved_at: dict = field(default_factory=dict)  # "last" / "previous" -> iteration its checkpoint holds
+    rollback must go back to a checkpoint from before j, or it would replay the same weights and batch.
+    """
+
+    def __init__(self, cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, checkpoint: Path,
+                 on_log=None):
+        self.cfg, self.data, self.rt, self.checkpoint = cfg, data, rt, Path(checkpoint)
+        self.seed = cfg.seed_base + seed_index
+        seed_everything(self.seed)
+        self.model = GPT(model_config(cfg, data.vocab_size)).to(rt.device)
+        self.optimizer = self.model.make_optimizer(cfg, rt.device)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+        self.compile_time, self.step_model = 0.0, self.model
+        if rt.compile:
+            t = time.time()
+            self.step_model = torch.compile(self.model)
+            self.compile_time = time.time() - t  # the lazy compile itself lands in the first steps' time
+        # Separate generators: training batches, and the fixed evaluation batches drawn once per run,
+        # so every evaluation (and every agent reward) compares the model on the same text.
+        self.sampler = BatchSampler(data.splits["train"], cfg.block_size, cfg.batch_size, rt.device, self.seed)
+        self.eval_samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device,
+                                                  self.seed + 7919 + k) for k, split in enumerate(("train", "val"))}
+        self.eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)]
+                            for split, s in self.eval_samplers.items()}
+        self.state = SeedState()
+        self.multiplier = 1.0
+        self.saved_at: dict = {}  # "last" / "previous" -> the iteration its checkpoint holds
+        self.on_log = on_log or (lambda it, loss, lr: None)
+        self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
+        optimizer_mode(self.optimizer, training=True)
 
     @property
     def previous_checkpoint(self) -> Path:
         return previous_checkpoint_file(self.checkpoint)
 
-    def save(self) -> None:
+    def lr(self, it: int) -> float:
+        return controlled_lr(self.cfg, it, self.multiplier)
+
+    # --- training -----------------------------------------------------------------------------
+
+    def advance(self, stop=lambda: False) -> EvalResult:
+        """Train up to the next evaluation and evaluate there (at once, if the run stands on an evaluation
+        iteration it has not evaluated). A divergence, or stop() before a step, returns early."""
+        cfg, s = self.cfg, self.state
+        it, t_start = s.next_it, time.time()
+        t_window, window_iters = t_start, 0
+        try:
+            while True:
+                if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and s.last_eval_it < it:
+                    return self.evaluate(it)
+                if stop():
+                    s.next_it = it
+                    return EvalResult(it, interrupted=True)
+                lr = self.lr(it)
+                loss = self.step(it, lr)
+                window_iters += 1
+                if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
+                    lossf = loss.item()  # the only host sync of the step, once per log_interval
+                    if is_diverged(lossf, s.reference_loss, cfg.divergence_factor):
+                        return EvalResult(it, diverged=f"train loss {lossf:.4g} at iter {it}")
+                    now = time.time()
+                    s.train_log.append({"iter": it, "loss": lossf, "lr": lr,
+                                        "time": (now - t_window) * 1000 / window_iters})
+                    s.last_logged_loss = lossf
+                    t_window, window_iters = now, 0
+                    self.on_log(it + 1, lossf, lr)
+                it += 1
+        finally:
+            s.elapsed += time.time() - t_start
+
+    def step(self, it: int, lr: float) -> torch.Tensor:
+        """One optimizer step at rate lr; returns the last micro-batch's loss (on the device, not synced)."""
+        cfg, rt = self.cfg, self.rt
+        set_lr(self.optimizer, lr)
+        for _ in range(cfg.gradient_accumulation_steps):
+            x, y = self.sampler.next_batch()
+            with rt.autocast:
+                _, loss = self.step_model(x, y)
+            if self.faults.poison(it, self.model):
+                loss = loss * float("nan")
+            self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def evaluate(self, it: int) -> EvalResult:
+        cfg, s = self.cfg, self.state
+        t = time.time()
+        optimizer_mode(self.optimizer, training=False)
+        losses = estimate_loss(self.step_model, self.eval_samplers, self.eval_starts, self.rt)
+        optimizer_mode(self.optimizer, training=True)
+        s.eval_time += time.time() - t
+        if is_diverged(losses["val"], s.reference_loss, cfg.divergence_factor):
+            return EvalResult(it, losses["train"], losses["val"], diverged=f"val loss {losses['val']:.4g} at iter {it}")
+        s.reference_loss = s.reference_loss or losses["train"]
+        if s.best_val_loss is None or losses["val"] < s.best_val_loss:
+            s.best_val_loss, s.best_val_iter = losses["val"], it
+        s.last_eval_it = s.next_it = it
+        s.last_eval_losses = [losses["train"], losses["val"]]
+        return EvalResult(it, losses["train"], losses["val"], done=it == cfg.max_iters)
+
+    def finish(self, status: str) -> dict:
+        """The final model's whole-split losses and sampling speed, and the seed's final_info."""
+        cfg, s = self.cfg, self.state
+        optimizer_mode(self.optimizer, training=False)  # evaluate and sample the weights that were evaluated
+        final_eval = final_evaluation(self.model, self.data, cfg, self.rt)
+        speed = measure_inference_speed(self.model, self.data, cfg, self.rt, self.seed)
+        self.sample = speed["sample"]
+        return {
+            "final_train_loss": s.last_logged_loss if s.last_logged_loss is not None else s.last_eval_losses[0],
+            "best_val_loss": s.best_val_loss,
+            "total_train_time": s.elapsed,
+            "avg_inference_tokens_per_second": speed["avg_tokens_per_second"],
+            "inference_tokens_per_second_aggregate": speed["aggregate_tokens_per_second"],
+            "best_val_iter": s.best_val_iter,
+            "final_val_loss": s.last_eval_losses[1],
+            **final_eval,
+            "train_time": s.elapsed - s.eval_time,
+            "eval_time": s.eval_time,
+            "compile_time": self.compile_time,
+            "agent_time": s.agent_time,
+            "checkpoint_time": s.checkpoint_time,
+            "sample_time": speed["sample_time"],
+            "rollbacks": s.rollbacks,
+            "inference_kv_cache": cfg.kv_cache,  # the reference experiment samples without one: say which was used
+            "seed": self.seed,
+            "num_params": self.model.num_params(),
+            "status": status,
+        }
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save(self, agent_state: dict) -> None:
         """Atomically (temp file + rename); loads with torch.load(weights_only=True)."""
         t = time.perf_counter()
         last = self.saved_at.get("last")
@@ -1163,7 +1308,7 @@ class SeedRun:
             self.saved_at["previous"] = last
         py_rng = random.getstate()
         np_rng = np.random.get_state()
-        meta = {"state": dataclasses.asdict(self.state), "agent": self.agent.state_dict(),
+        meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
                 "config": dataclasses.asdict(self.cfg), "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
                 "numpy_rng": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]],
                 "previous_it": self.saved_at.get("previous")}
@@ -1177,27 +1322,33 @@ class SeedRun:
         self.saved_at["last"] = self.state.next_it
         self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
 
-    def resume(self) -> None:
-        """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing)."""
+    def resume(self) -> Optional[dict]:
+        """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing).
+        Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
         path = self.checkpoint if self.checkpoint.exists() else self.previous_checkpoint
         if not path.exists():
-            return
+            return None
         meta = self.restore(path)
         if path == self.previous_checkpoint:
             self.saved_at = {"previous": self.state.next_it}
-            return
-        self.saved_at = {"last": self.state.next_it}
-        if meta.get("previous_it") is not None and self.previous_checkpoint.exists():
-            self.saved_at["previous"] = meta["previous_it"]
+        else:
+            self.saved_at = {"last": self.state.next_it}
+            if meta.get("previous_it") is not None and self.previous_checkpoint.exists():
+                self.saved_at["previous"] = meta["previous_it"]
+        return meta["agent"]
 
-    def restore_before(self, it: int) -> bool:
-        """Restore the newest checkpoint from before step `it`; False when there is none."""
+    def rollback_before(self, it: int) -> Optional[dict]:
+        """Restore the newest checkpoint from before step `it`, keeping the wall time spent since (it was
+        spent all the same); returns the agent state saved with it, or None when there is no such one."""
+        spent = {k: getattr(self.state, k) for k in WALL_CLOCK_FIELDS}
         for key, path in (("last", self.checkpoint), ("previous", self.previous_checkpoint)):
             at = self.saved_at.get(key)
             if at is not None and at < it and path.exists():
-                self.restore(path)
-                return True
-        return False
+                meta = self.restore(path)
+                for k, v in spent.items():
+                    setattr(self.state, k, v)
+                return meta["agent"]
+        return None
 
     def restore(self, path: Path) -> dict:
         try:
@@ -1217,183 +1368,90 @@ class SeedRun:
         random.setstate((py[0], tuple(py[1]), py[2]))
         np_rng = meta["numpy_rng"]
         np.random.set_state((np_rng[0], np.array(np_rng[1], dtype=np.uint32), *np_rng[2:]))
-        self.agent.load_state_dict(meta["agent"])
         self.state = SeedState(**meta["state"])
+        self.multiplier = meta.get("multiplier", meta["agent"]["multiplier"])
         return meta
-
-
-def is_diverged(loss: float, reference: Optional[float], factor: float) -> bool:
-    return not math.isfinite(loss) or (reference is not None and factor > 0 and loss > factor * reference)
 
 
 def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, out_dir: Path,
                    interactive: bool, stop: StopRequest, resume: bool = False) -> dict:
-    """Train one model; return its final_info, train log and val log (the all_results.npy records)."""
-    seed = cfg.seed_base + seed_index
-    seed_everything(seed)
-    model_cfg = GPTConfig(vocab_size=data.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-    model = GPT(model_cfg).to(rt.device)
-    optimizer = model.make_optimizer(cfg, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    compile_time = 0.0
-    step_model = model
-    if rt.compile:
-        t = time.time()
-        step_model = torch.compile(model)
-        compile_time = time.time() - t  # the lazy compile itself lands in the first steps' time
-
-    # Separate generators: training batches, and the fixed evaluation batches drawn once per run,
-    # so every evaluation (and every agent reward) compares the model on the same text.
-    sampler = BatchSampler(data.splits["train"], cfg.block_size, cfg.batch_size, rt.device, seed)
-    eval_samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device,
-                                         seed + 7919 + k) for k, split in enumerate(("train", "val"))}
-    eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)] for split, s in eval_samplers.items()}
-    run = SeedRun(cfg, model, optimizer, scaler, sampler, make_agent(cfg, seed, data.name, seed_index),
-                  SeedState(), checkpoint_file(out_dir, data.name, seed_index))
-    if resume:
-        run.resume()
-    faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
+    """Train one model with its agent; return its final_info, train log and val log (the all_results.npy
+    records). The loop: advance to the next evaluation, let the agent decide, checkpoint; on a divergence
+    roll back and tell the agent; on SIGTERM/Ctrl-C checkpoint and stop."""
+    run = TrainingRun(cfg, data, seed_index, rt, checkpoint_file(out_dir, data.name, seed_index))
+    agent = make_agent(cfg, run.seed, data.name, seed_index)
+    saved_agent = run.resume() if resume else None
+    if saved_agent is not None:
+        agent.load_state_dict(saved_agent)
     label = f"{data.name} seed {seed_index}"
     progress = Progress(label, cfg.max_iters, run.state.next_it, interactive)
+    run.on_log = lambda it, loss, lr: progress.update(it, loss, lr, force=it == cfg.max_iters)
     if run.state.next_it:
         progress.write(f"[{label}] resuming at iter {run.state.next_it}")
 
-    def rollback(why: str, failed_at: int) -> bool:
-        """Back to the newest checkpoint from before step `failed_at`, with a smaller multiplier.
-
-        False once the rollbacks are spent (or no such checkpoint exists): the seed then ends with its
-        last good weights, not NaNs."""
-        rollbacks, spent = run.state.rollbacks + 1, {k: getattr(run.state, k) for k in WALL_CLOCK_FIELDS}
-        restored = run.restore_before(failed_at)
-        if not restored:
-            run.restore_before(failed_at + 1)  # the best there is: the weights entering the failed step
-        run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
-        for k, v in spent.items():  # the time spent on the discarded steps was spent all the same
-            setattr(run.state, k, v)
-        next_eval = min((run.state.last_eval_it // cfg.eval_interval + 1) * cfg.eval_interval, cfg.max_iters)
-        diverged_loss = divergence_loss(cfg, run.state.reference_loss)
-        if not restored or rollbacks > cfg.max_rollbacks:
-            run.agent.on_rollback(diverged_loss, next_eval, final=True)
-            progress.write(f"[{label}] {why}: " + (f"{cfg.max_rollbacks} rollbacks spent" if restored else
-                           "no checkpoint from before it") + ", the seed ends as diverged")
-            return False
-        progress.write(f"[{label}] {why}: rollback {rollbacks}/{cfg.max_rollbacks} to iter {run.state.next_it}")
-        run.agent.on_rollback(diverged_loss, next_eval)
-        record = run.state.val_log[-1] if run.state.val_log else None
-        if record is not None and record["iter"] == run.state.next_it:
-            # What the optimizer uses from here on, so the logs (and --agent replay) say what was used.
-            record.update(multiplier=run.agent.multiplier, lr=controlled_lr(cfg, record["iter"], run.agent.multiplier),
-                          rollbacks=record.get("rollbacks", 0) + 1)
-        run.save()
-        return True
-
     status = "finished"
-    optimizer_mode(optimizer, training=True)
-    t_start = t_window = time.time()
-    window_iters = 0
-    it = run.state.next_it
     while True:
-        s = run.state
-        lr = controlled_lr(cfg, it, run.agent.multiplier)
-        if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and s.last_eval_it < it:
-            t = time.time()
-            optimizer_mode(optimizer, training=False)
-            losses = estimate_loss(step_model, eval_samplers, eval_starts, rt)
-            optimizer_mode(optimizer, training=True)
-            s.eval_time += time.time() - t
-            if is_diverged(losses["val"], s.reference_loss, cfg.divergence_factor):
-                if rollback(f"val loss {losses['val']:.4g} at iter {it}", failed_at=it):
-                    it = run.state.next_it
-                    continue
-                status = "diverged"
-                break
-            s.reference_loss = s.reference_loss or losses["train"]
-            if s.best_val_loss is None or losses["val"] < s.best_val_loss:
-                s.best_val_loss, s.best_val_iter = losses["val"], it
-            t_agent = time.perf_counter()
-            decision = run.agent.observe(Observation(it, cfg.max_iters, losses["train"], losses["val"]))
-            s.agent_time += time.perf_counter() - t_agent
-            lr = controlled_lr(cfg, it, run.agent.multiplier)  # the agent's choice applies from this step on
-            s.val_log.append({"iter": it, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
-                              **decision})
-            progress.write(f"[{label}] iter {it}: train {losses['train']:.4f} val {losses['val']:.4f} lr {lr:.2e}")
-            s.last_eval_it = s.next_it = it
-            s.elapsed += time.time() - t_start
-            t_start = time.time()
-            run.save()
-            t_window, window_iters = time.time(), 0  # keep evaluation and checkpoint out of step times
-        if it == cfg.max_iters:
-            break
-        if stop.signal_name:
-            s.next_it = it
-            s.elapsed += time.time() - t_start
-            run.save()
+        run.multiplier = agent.multiplier
+        result = run.advance(stop=lambda: stop.signal_name is not None)
+        if result.interrupted:
+            run.save(agent.state_dict())
             progress.close()
-            raise Interrupted(f"{stop.signal_name}: checkpoint saved at iter {it}; continue with --resume")
-
-        set_lr(optimizer, lr)
-        for _ in range(cfg.gradient_accumulation_steps):
-            x, y = sampler.next_batch()
-            with rt.autocast:
-                _, loss = step_model(x, y)
-            if faults.poison(it, model):
-                loss = loss * float("nan")
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        window_iters += 1
-
-        if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
-            lossf = loss.item()  # the only host sync of the step, once per log_interval
-            if is_diverged(lossf, s.reference_loss, cfg.divergence_factor):
-                if rollback(f"train loss {lossf:.4g} at iter {it}", failed_at=it):
-                    it = run.state.next_it
-                    t_window, window_iters = time.time(), 0
-                    continue
-                status = "diverged"
-                break
-            now = time.time()
-            s.train_log.append({"iter": it, "loss": lossf, "time": (now - t_window) * 1000 / window_iters,
-                                "lr": lr})
-            s.last_logged_loss = lossf
-            t_window, window_iters = now, 0
-            progress.update(it + 1, lossf, lr, force=it == cfg.max_iters - 1)
-        it += 1
+            raise Interrupted(f"{stop.signal_name}: checkpoint saved at iter {result.it}; continue with --resume")
+        if result.diverged:
+            if roll_back(run, agent, result, progress, label):
+                continue
+            status = "diverged"
+            break
+        t_agent = time.perf_counter()
+        decision = agent.observe(Observation(result.it, cfg.max_iters, result.train_loss, result.val_loss))
+        agent_time = time.perf_counter() - t_agent
+        run.state.agent_time += agent_time
+        run.state.elapsed += agent_time
+        lr = controlled_lr(cfg, result.it, agent.multiplier)  # the agent's choice applies from this step on
+        run.state.val_log.append({"iter": result.it, "train/loss": result.train_loss, "val/loss": result.val_loss,
+                                  "lr": lr, **decision})
+        progress.write(f"[{label}] iter {result.it}: train {result.train_loss:.4f} val {result.val_loss:.4f} "
+                       f"lr {lr:.2e}")
+        run.multiplier = agent.multiplier
+        run.save(agent.state_dict())
+        if result.done:
+            break
     progress.close()
-    s = run.state
-    s.elapsed += time.time() - t_start
+    final_info = run.finish(status)
+    return {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
+            "sample": run.sample, "agent_state": agent.state_dict()}
 
-    optimizer_mode(optimizer, training=False)  # evaluate and sample the weights that were evaluated
-    final_eval = final_evaluation(model, data, cfg, rt)
-    speed = measure_inference_speed(model, data, cfg, rt, seed)
-    final_info = {
-        "final_train_loss": s.last_logged_loss if s.last_logged_loss is not None else s.val_log[-1]["train/loss"],
-        "best_val_loss": s.best_val_loss,
-        "total_train_time": s.elapsed,
-        "avg_inference_tokens_per_second": speed["avg_tokens_per_second"],
-        "inference_tokens_per_second_aggregate": speed["aggregate_tokens_per_second"],
-        "best_val_iter": s.best_val_iter,
-        "final_val_loss": s.val_log[-1]["val/loss"],
-        **final_eval,
-        "train_time": s.elapsed - s.eval_time,
-        "eval_time": s.eval_time,
-        "compile_time": compile_time,
-        "agent_time": s.agent_time,
-        "checkpoint_time": s.checkpoint_time,
-        "sample_time": speed["sample_time"],
-        "rollbacks": s.rollbacks,
-        "inference_kv_cache": cfg.kv_cache,  # the reference experiment samples without one: say which was used
-        "seed": seed,
-        "num_params": model.num_params(),
-        "status": status,
-    }
-    return {"final_info": final_info, "train_info": s.train_log, "val_info": s.val_log, "sample": speed["sample"],
-            "agent_state": run.agent.state_dict()}
+
+def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, progress: Progress, label: str) -> bool:
+    """Back to the newest checkpoint from before the failing step, with a smaller multiplier.
+
+    False once the rollbacks are spent (or no such checkpoint exists): the seed then ends with its last
+    good weights, not NaNs."""
+    cfg = run.cfg
+    rollbacks = run.state.rollbacks + 1
+    saved_agent = run.rollback_before(result.it)
+    restored = saved_agent is not None
+    if not restored:  # the best there is: the weights entering the failed step
+        saved_agent = run.rollback_before(result.it + 1)
+    if saved_agent is not None:
+        agent.load_state_dict(saved_agent)
+    run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
+    next_eval = min((run.state.last_eval_it // cfg.eval_interval + 1) * cfg.eval_interval, cfg.max_iters)
+    diverged_loss = divergence_loss(cfg, run.state.reference_loss)
+    if not restored or rollbacks > cfg.max_rollbacks:
+        agent.on_rollback(diverged_loss, next_eval, final=True)
+        progress.write(f"[{label}] {result.diverged}: " + (f"{cfg.max_rollbacks} rollbacks spent" if restored
+                       else "no checkpoint from before it") + ", the seed ends as diverged")
+        return False
+    progress.write(f"[{label}] {result.diverged}: rollback {rollbacks}/{cfg.max_rollbacks} to iter {run.state.next_it}")
+    agent.on_rollback(diverged_loss, next_eval)
+    run.multiplier = agent.multiplier
+    record = run.state.val_log[-1] if run.state.val_log else None
+    if record is not None and record["iter"] == run.state.next_it:
+        # What the optimizer uses from here on, so the logs (and --agent replay) say what was used.
+        record.update(multiplier=agent.multiplier, lr=run.lr(record["iter"]), rollbacks=record.get("rollbacks", 0) + 1)
+    run.save(agent.state_dict())
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,9 +80,7 @@ class TrainingVariant:
                  compile: bool, fused: bool, batches: str):
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
-        self.model = ex.GPT(ex.GPTConfig(vocab_size=int(data.max()) + 1, block_size=cfg.block_size,
-                                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                         dropout=cfg.dropout, bias=cfg.bias)).to(device)
+        self.model = ex.GPT(ex.model_config(cfg, vocab_size=int(data.max()) + 1)).to(device)
         params = list(self.model.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -141,8 +139,7 @@ def time_training(cfg: ex.Config, data: np.ndarray, device: torch.device, varian
 
 def time_sampling(cfg: ex.Config, vocab: int, device: torch.device, new_tokens: int, use_cache: bool) -> float:
     torch.manual_seed(0)
-    model = ex.GPT(ex.GPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                                n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device).eval()
+    model = ex.GPT(ex.model_config(dataclasses.replace(cfg, dropout=0.0), vocab)).to(device).eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     ex.generate(model, prompt, 5, 0.8, 200, torch.Generator().manual_seed(0), use_cache=use_cache)  # warm up
     sync(device)
