@@ -1207,6 +1207,8 @@ class TrainingRun:
         """Train up to the next evaluation and evaluate there (at once, if the run stands on an evaluation
         iteration it has not evaluated). A divergence, or stop() before a step, returns early."""
         cfg, s = self.cfg, self.state
+        if s.last_eval_it >= cfg.max_iters:  # finished (e.g. resumed from the final checkpoint): nothing to train
+            return EvalResult(s.last_eval_it, *self.last_eval_losses(), done=True)
         it, t_start = s.next_it, time.time()
         t_window, window_iters = t_start, 0
         try:
@@ -1268,21 +1270,27 @@ class TrainingRun:
         s.last_eval_losses = [losses["train"], losses["val"]]
         return EvalResult(it, losses["train"], losses["val"], done=it == cfg.max_iters)
 
+    def last_eval_losses(self) -> list:
+        """[train, val] of the last evaluation (from the val log for checkpoints older than the field)."""
+        s = self.state
+        return s.last_eval_losses or [s.val_log[-1]["train/loss"], s.val_log[-1]["val/loss"]]
+
     def finish(self, status: str) -> dict:
         """The final model's whole-split losses and sampling speed, and the seed's final_info."""
         cfg, s = self.cfg, self.state
+        last_train, last_val = self.last_eval_losses()
         optimizer_mode(self.optimizer, training=False)  # evaluate and sample the weights that were evaluated
         final_eval = final_evaluation(self.model, self.data, cfg, self.rt)
         speed = measure_inference_speed(self.model, self.data, cfg, self.rt, self.seed)
         self.sample = speed["sample"]
         return {
-            "final_train_loss": s.last_logged_loss if s.last_logged_loss is not None else s.last_eval_losses[0],
+            "final_train_loss": s.last_logged_loss if s.last_logged_loss is not None else last_train,
             "best_val_loss": s.best_val_loss,
             "total_train_time": s.elapsed,
             "avg_inference_tokens_per_second": speed["avg_tokens_per_second"],
             "inference_tokens_per_second_aggregate": speed["aggregate_tokens_per_second"],
             "best_val_iter": s.best_val_iter,
-            "final_val_loss": s.last_eval_losses[1],
+            "final_val_loss": last_val,
             **final_eval,
             "train_time": s.elapsed - s.eval_time,
             "eval_time": s.eval_time,
@@ -1390,7 +1398,7 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         progress.write(f"[{label}] resuming at iter {run.state.next_it}")
 
     status = "finished"
-    while True:
+    while run.state.last_eval_it < cfg.max_iters:  # a seed resumed from its final checkpoint is done already
         run.multiplier = agent.multiplier
         result = run.advance(stop=lambda: stop.signal_name is not None)
         if result.interrupted:
@@ -1414,8 +1422,6 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
                        f"lr {lr:.2e}")
         run.multiplier = agent.multiplier
         run.save(agent.state_dict())
-        if result.done:
-            break
     progress.close()
     final_info = run.finish(status)
     return {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,

@@ -45,3 +45,15 @@ def test_advance_stops_before_a_step_when_asked_and_goes_on_after(prepared_data_
     result = run.advance(stop=lambda: next(steps) == 3)  # asked to stop before the fourth step
     assert result.interrupted and result.it == 3 and run.state.next_it == 3
     assert run.advance().it == cfg.eval_interval  # and it goes on from there to the next evaluation
+
+
+def test_a_finished_run_advances_no_further(prepared_data_dir, tmp_path):
+    cfg = smoke_config(prepared_data_dir, max_iters=10, lr_decay_iters=10, warmup_iters=2)
+    run = ex.TrainingRun(cfg, ex.load_dataset(cfg, "shakespeare_char"), 0, ex.Runtime.choose(cfg),
+                         tmp_path / "ckpt.pt")
+    while not (result := run.advance()).done:
+        pass
+    steps = len(run.state.train_log)
+    again = run.advance()
+    assert again.done and again.it == 10 and again.val_loss == result.val_loss
+    assert len(run.state.train_log) == steps
