@@ -1415,12 +1415,12 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         agent_time = time.perf_counter() - t_agent
         run.state.agent_time += agent_time
         run.state.elapsed += agent_time
-        lr = controlled_lr(cfg, result.it, agent.multiplier)  # the agent's choice applies from this step on
+        run.multiplier = agent.multiplier  # the agent's choice applies from this step on
+        lr = run.lr(result.it)
         run.state.val_log.append({"iter": result.it, "train/loss": result.train_loss, "val/loss": result.val_loss,
                                   "lr": lr, **decision})
         progress.write(f"[{label}] iter {result.it}: train {result.train_loss:.4f} val {result.val_loss:.4f} "
                        f"lr {lr:.2e}")
-        run.multiplier = agent.multiplier
         run.save(agent.state_dict())
     progress.close()
     final_info = run.finish(status)
