@@ -32,13 +32,12 @@ import json
 import math
 import os
 import platform
-import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -70,7 +69,8 @@ def _opt(default, help, choices=None, bounds=None):
 class Config:
     # --- the run ---
     out_dir: str = _opt("run_0", "run folder to write (relative to the current directory)")
-    profile: str = _opt("auto", "settings bundle; auto = full with CUDA, else cpu", ("auto", "full", "cpu", "smoke"))
+    profile: str = _opt("auto", "settings bundle; auto = full with CUDA, else cpu",
+                        ("auto", "full", "cpu", "tiny", "smoke"))
     datasets: str = _opt(",".join(DATASETS), "comma-separated datasets to train on")
     seeds: int = _opt(1, "seeds per dataset (seed = seed_base + index); profile-dependent", bounds="[1, inf)")
     seed_base: int = _opt(1337, "seed of the first seed index", bounds="[0, inf)")
@@ -117,12 +117,14 @@ class Config:
                               bounds="[0, inf)")
     wsd_decay_frac: float = _opt(0.2, "wsd schedule: final fraction of max_iters decaying linearly to min_lr",
                                  bounds="[0, 1]")
-    agent: str = _opt("none", "who sets the learning-rate multiplier after each evaluation",
-                      ("none", "random", "replay", "qlearning"))
-    agent_actions: str = _opt("0.5,0.8,1,1.25,2", "the agent's action factors on the multiplier")
-    reward: str = _opt("neg_val_loss", "qlearning reward: -L, L_prev - L, or log L_prev - log L (L: val loss); "
-                       "learned relative to its usual value at that iteration",
-                       ("neg_val_loss", "improvement", "log_improvement"))
+    agent: str = _opt("none", "who sets the learning-rate multiplier after each evaluation (reinforce, ppo, dqn: "
+                              "policies trained by train_agent.py, loaded with --agent_init DIR)",
+                      ("none", "random", "replay", "qlearning", "reinforce", "ppo", "dqn"))
+    agent_actions: str = _opt("", "the agent's action factors on the multiplier; default "
+                                  "0.5,0.8,1,1.25,2 (qlearning, random), 0.1,0.5,1,1.5,2 (reinforce, ppo, dqn)")
+    reward: str = _opt("", "reward: -L, L_prev - L, or log L_prev - log L (L: val loss); default neg_val_loss "
+                           "(qlearning, learned relative to its usual value at that iteration), improvement "
+                           "(reinforce, ppo, dqn)", ("neg_val_loss", "improvement", "log_improvement"))
     epsilon: float = _opt(0.1, "qlearning: exploration probability", bounds="[0, 1]")
     epsilon_decay: float = _opt(1.0, "qlearning: epsilon is multiplied by this after each decision", bounds="[0, 1]")
     epsilon_min: float = _opt(0.01, "qlearning: epsilon never decays below this", bounds="[0, 1]")
@@ -131,6 +133,12 @@ class Config:
     agent_init: str = _opt("", "qlearning: start from this agent file, or pool the tables of every seed of this "
                                "run folder (epsilon continues from it); replay: the run to replay")
     agent_freeze: bool = _opt(False, "qlearning: act greedily from the table (no exploration) and never update it")
+    agent_learn: Optional[bool] = _opt(None, "keep learning online (qlearning, reinforce); default: a policy trained "
+                                             "by train_agent.py (--agent_init DIR) is deployed frozen, else learn")
+    policy_hidden: int = _opt(128, "reinforce: hidden units of the policy network (one hidden layer)",
+                              bounds="[1, inf)")
+    policy_lr: float = _opt(1e-3, "reinforce: Adam learning rate of the policy network", bounds="(0, inf)")
+    policy_gamma: float = _opt(0.99, "reinforce: discount of the return", bounds="[0, 1]")
     multiplier_min: float = _opt(0.125, "lower bound of the agent's learning-rate multiplier", bounds="(0, 1]")
     multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier", bounds="[1, inf)")
     lr_floor: float = _opt(0.0, "the learning rate never goes below this", bounds="[0, inf)")
@@ -188,6 +196,14 @@ PROFILES: dict[str, dict[str, dict]] = {
         "enwik8": dict(seeds=1),
         "text8": dict(seeds=1),
     },
+    # An episode for training a controller across many runs (train_agent.py): ~10 s on a 2-core CPU,
+    # 10 decisions. Small, but its loss keeps falling for the whole run, so the rate matters.
+    "tiny": {
+        "*": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16, dropout=0.0, bias=False,
+                  learning_rate=1e-3, min_lr=1e-4, max_iters=500, lr_decay_iters=500, warmup_iters=25,
+                  eval_interval=50, eval_iters=8, log_interval=10, seeds=5,
+                  inference_samples=2, inference_new_tokens=100, final_eval_tokens=100_000),
+    },
     # Seconds in total: exercises every code path, learns nothing worth reporting.
     "smoke": {
         "*": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0, bias=False,
@@ -217,7 +233,21 @@ def config_for_dataset(base: Config, cli_overrides: dict, profile: str, dataset:
         elif dataset in value:
             values[name] = value[dataset]
     values["profile"] = profile
-    return dataclasses.replace(base, **values)
+    cfg = dataclasses.replace(base, **values)
+    # The agent's defaults, written into the config so run.json says what was used.
+    return dataclasses.replace(cfg, agent_actions=cfg.agent_actions or DEFAULT_ACTIONS[cfg.agent],
+                               reward=reward_kind(cfg))
+
+
+POLICY_AGENTS = ("reinforce", "ppo", "dqn")  # act on observation_features(); trained by train_agent.py
+SB3_AGENTS = ("ppo", "dqn")                 # stable-baselines3 policies: deployed frozen
+DEFAULT_ACTIONS = {"none": "0.5,0.8,1,1.25,2", "random": "0.5,0.8,1,1.25,2", "replay": "0.5,0.8,1,1.25,2",
+                   "qlearning": "0.5,0.8,1,1.25,2", "reinforce": "0.1,0.5,1,1.5,2", "ppo": "0.1,0.5,1,1.5,2",
+                   "dqn": "0.1,0.5,1,1.5,2"}
+
+
+def reward_kind(cfg: Config) -> str:
+    return cfg.reward or ("improvement" if cfg.agent in POLICY_AGENTS else "neg_val_loss")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,13 +626,78 @@ def optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
 #   agent.on_rollback(loss, it)       the interval after the last decision diverged and was undone;
 #                                     the multiplier is cut (the loop writes what the optimizer now uses)
 #   agent.state_dict() / load_state_dict(d)   JSON-safe, saved as agent_<dataset>_<seed>.json
+#   agent.start_run()                 a new run begins (an agent trained across runs keeps what it learned)
 
 @dataclass
 class Observation:
+    """What an agent sees at an evaluation: its losses, the history it needs, and training statistics
+    gathered since the previous evaluation at no extra forward or backward pass."""
     it: int
     max_iters: int
     train_loss: float
     val_loss: float
+    prev_val_loss: Optional[float] = None   # the previous evaluation's (None at the first)
+    first_val_loss: Optional[float] = None
+    multiplier: float = 1.0                 # in effect until this decision
+    lr: float = 1e-3                        # base_schedule(it) x multiplier, clamped: the rate in effect now
+    base_lr: float = 1e-3                   # the schedule's peak (--learning_rate)
+    vocab_size: int = 256
+    grad_norm_mean: Optional[float] = None  # of the steps since the previous evaluation (before clipping)
+    grad_norm_std: Optional[float] = None
+    clip_fraction: Optional[float] = None   # share of those steps whose gradient was clipped
+    update_ratio: Optional[float] = None    # |w_now - w_prev_eval| / |w_now| over all parameters
+
+
+# The features a policy network sees (train_agent.py's environment observes the same vector). A policy
+# records this definition; a policy trained on another one is refused at deployment. Change a feature:
+# bump the version.
+OBSERVATION_FEATURES = (
+    "progress",          # it / max_iters
+    "val_loss",          # val loss / log(vocab): 1 = a uniform guess, the same scale on every dataset
+    "dlog_val_prev",     # log L_t - log L_{t-1}  (0 at the first evaluation)
+    "dlog_val_first",    # log L_t - log L_0
+    "train_val_gap",     # log L_val - log L_train (overfitting shows as > 0)
+    "log2_multiplier",   # / 3: +-1 at x8 and x1/8
+    "log_lr",            # log10(rate in effect) + 3: 0 at 1e-3
+    "log_base_lr",       # log10(--learning_rate) + 3: how the schedule was set
+    "log_grad_norm",     # log10(mean gradient norm since the previous evaluation)
+    "grad_norm_cv",      # its std / mean: gradient noise
+    "clip_fraction",
+    "log_update_ratio",  # log10(relative weight change since the previous evaluation) + 2
+)
+OBSERVATION_VERSION = 1
+OBSERVATION_LIMIT = 10.0  # every feature is clipped to +-this (a gymnasium Box needs bounds)
+
+
+def observation_spec() -> dict:
+    return {"version": OBSERVATION_VERSION, "features": list(OBSERVATION_FEATURES)}
+
+
+def observation_features(obs: Observation) -> np.ndarray:
+    """The normalised float32 vector of OBSERVATION_FEATURES; statistics not yet gathered are 0."""
+    def log10(x):
+        return math.log10(x) if x is not None and x > 0 and math.isfinite(x) else None
+    log_val = math.log(max(obs.val_loss, 1e-12))
+    grad, ratio = log10(obs.grad_norm_mean), log10(obs.update_ratio)
+    values = [
+        obs.it / max(1, obs.max_iters),
+        obs.val_loss / math.log(max(2, obs.vocab_size)),
+        log_val - math.log(obs.prev_val_loss) if obs.prev_val_loss else 0.0,
+        log_val - math.log(obs.first_val_loss) if obs.first_val_loss else 0.0,
+        log_val - math.log(max(obs.train_loss, 1e-12)),
+        math.log2(obs.multiplier) / 3,
+        math.log10(max(obs.lr, 1e-12)) + 3,
+        math.log10(obs.base_lr) + 3,
+        grad if grad is not None else 0.0,
+        obs.grad_norm_std / obs.grad_norm_mean if grad is not None and obs.grad_norm_std is not None else 0.0,
+        obs.clip_fraction or 0.0,
+        ratio + 2 if ratio is not None else 0.0,
+    ]
+    return np.clip(np.nan_to_num(np.array(values, dtype=np.float32)), -OBSERVATION_LIMIT, OBSERVATION_LIMIT)
+
+
+def agent_actions(cfg: Config) -> list[float]:
+    return parse_actions(cfg.agent_actions or DEFAULT_ACTIONS[cfg.agent])
 
 
 def parse_actions(text: str) -> list[float]:
@@ -651,6 +746,10 @@ class NoAgent:
     def clip(self, multiplier: float) -> float:
         return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
 
+    def start_run(self) -> None:
+        """A new run begins with this agent (train_agent.py): the multiplier starts at 1 again."""
+        self.multiplier, self.trajectory = 1.0, []
+
     def observe(self, obs: Observation) -> dict:
         return self.record(obs, action=None, reward=None, epsilon=None, state=None)
 
@@ -682,7 +781,7 @@ class RandomAgent(NoAgent):
 
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
-        self.actions = parse_actions(cfg.agent_actions)
+        self.actions = agent_actions(cfg)
         self.rng = np.random.default_rng(seed)
 
     def observe(self, obs: Observation) -> dict:
@@ -738,7 +837,7 @@ class QLearningAgent(NoAgent):
 
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
-        self.actions = parse_actions(cfg.agent_actions)
+        self.actions = agent_actions(cfg)
         shape = (1 + len(self.TREND_EDGES) + 1, self.MULT_BUCKETS, 3, len(self.actions))
         self.q = np.zeros(shape)
         self.visits = np.zeros(shape, dtype=np.int64)
@@ -749,6 +848,10 @@ class QLearningAgent(NoAgent):
         self.tie_rng = np.random.default_rng([seed, 2])
         self.epsilon = 0.0 if cfg.agent_freeze else cfg.epsilon
         self.neutral = int(np.argmin([abs(math.log(a)) for a in self.actions]))  # the factor closest to x1
+        self.prev_val, self.prev_state, self.prev_action = None, None, None
+
+    def start_run(self) -> None:
+        super().start_run()
         self.prev_val, self.prev_state, self.prev_action = None, None, None
 
     def multiplier_bucket(self, multiplier: float) -> int:
@@ -798,7 +901,7 @@ class QLearningAgent(NoAgent):
     def observe(self, obs: Observation) -> dict:
         learn = not self.cfg.agent_freeze
         state = self.discretise(obs)
-        reward = reward_for(self.cfg.reward, self.prev_val, obs.val_loss)
+        reward = reward_for(reward_kind(self.cfg), self.prev_val, obs.val_loss)
         advantage = None if reward is None else self.advantage(reward, obs.it, learn)
         terminal = obs.it >= obs.max_iters
         if learn and self.prev_action is not None and advantage is not None:
@@ -826,10 +929,10 @@ class QLearningAgent(NoAgent):
             return
         restored = (self.prev_state[0], self.multiplier_bucket(self.multiplier), self.prev_state[2])
         if not self.cfg.agent_freeze:
-            reward = reward_for(self.cfg.reward, self.prev_val, diverged_loss) + self.cfg.divergence_penalty
+            reward = reward_for(reward_kind(self.cfg), self.prev_val, diverged_loss) + self.cfg.divergence_penalty
             # The usual reward there (never updated with divergences); unseen yet: an interval that changed nothing.
             usual = self.baseline[str(it)][0] if str(it) in self.baseline else \
-                reward_for(self.cfg.reward, self.prev_val, self.prev_val)
+                reward_for(reward_kind(self.cfg), self.prev_val, self.prev_val)
             self.td_update(reward - usual, restored, terminal=final)
         self.prev_state, self.prev_action = restored, None  # the forced cut is not the agent's action
 
@@ -885,7 +988,190 @@ class QLearningAgent(NoAgent):
             self.epsilon = max(self.cfg.epsilon_min, min(s.get("epsilon", self.cfg.epsilon) for s in states))
 
 
-AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearning": QLearningAgent}
+def tensors_to_json(obj):
+    """A (nested) state_dict with tensors -> JSON-safe lists, exactly (float32 survives a float repr)."""
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": obj.tolist(), "dtype": str(obj.dtype)[6:]}
+    if isinstance(obj, dict):
+        return {str(k): tensors_to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [tensors_to_json(v) for v in obj]
+    return obj
+
+
+def tensors_from_json(obj, int_keys: bool = False):
+    if isinstance(obj, dict) and set(obj) == {"tensor", "dtype"}:
+        return torch.tensor(obj["tensor"], dtype=getattr(torch, obj["dtype"]))
+    if isinstance(obj, dict):
+        return {(int(k) if int_keys and k.isdigit() else k): tensors_from_json(v, int_keys) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [tensors_from_json(v, int_keys) for v in obj]
+    return obj
+
+
+class PolicyMLP(nn.Module):
+    """Observation features -> one logit per action: one hidden layer, as the seed experiment's agent."""
+
+    def __init__(self, n_features: int, n_actions: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), nn.Linear(hidden, n_actions))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ReinforceAgent(NoAgent):
+    """REINFORCE (Williams 1992), the policy-gradient agent of "Dynamic learning-rate adjustment using RL".
+
+    At each evaluation the policy network maps observation_features() to a softmax over the action
+    factors and one is sampled. When the run ends, every decision's log-probability is raised in
+    proportion to its advantage: the discounted return from that decision on, minus the usual return at
+    that iteration over earlier runs (a running mean, as QLearningAgent's baseline; it depends on the
+    iteration only, so it does not bias the gradient, and it removes most of the variance: with the
+    improvement reward every return is roughly "loss now minus final loss", large early, small late).
+    One Adam step per run. Frozen (a trained policy deployed): the most probable action, no update.
+    A diverged interval scores as a val loss at the divergence threshold plus --divergence_penalty.
+    """
+
+    def __init__(self, cfg: Config, seed: int):
+        super().__init__(cfg, seed)
+        self.actions = agent_actions(cfg)
+        with torch.random.fork_rng(devices=[]):  # the network's init must not move anyone else's RNG
+            torch.manual_seed(seed)
+            self.policy = PolicyMLP(len(OBSERVATION_FEATURES), len(self.actions), cfg.policy_hidden)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.policy_lr)
+        self.generator = torch.Generator().manual_seed(seed)  # action sampling: its own stream
+        self.baseline: dict[str, list] = {}  # str(iter) -> [mean return, count]
+        self.updates = 0
+        self.start_run()
+
+    def start_run(self) -> None:
+        super().start_run()
+        self.prev_val = None
+        self.steps: list[dict] = []  # {"iter", "features", "action", "reward"} of this run's decisions
+
+    @property
+    def learning(self) -> bool:
+        return not self.cfg.agent_freeze
+
+    def act(self, features: np.ndarray) -> tuple[int, list]:
+        with torch.no_grad():
+            probs = torch.softmax(self.policy(torch.as_tensor(features)), dim=-1)
+        if self.learning:
+            action = int(torch.multinomial(probs, 1, generator=self.generator))
+        else:
+            action = int(torch.argmax(probs))
+        return action, probs.tolist()
+
+    def observe(self, obs: Observation) -> dict:
+        reward = reward_for(reward_kind(self.cfg), self.prev_val, obs.val_loss)
+        if self.steps and self.steps[-1]["reward"] is None:
+            self.steps[-1]["reward"] = reward
+        self.prev_val = obs.val_loss
+        if obs.it >= obs.max_iters:  # the last evaluation: no decision left; learn from the whole run
+            self.end_run()
+            return self.record(obs, action=None, reward=reward, epsilon=None, state=None)
+        features = observation_features(obs)
+        action, probs = self.act(features)
+        self.multiplier = self.clip(self.multiplier * self.actions[action])
+        self.steps.append({"iter": obs.it, "features": features.tolist(), "action": action, "reward": None})
+        return self.record(obs, action=action, reward=reward, epsilon=None, state=None,
+                           probs=[round(p, 4) for p in probs])
+
+    def on_rollback(self, diverged_loss: float, it: int, final: bool = False) -> None:
+        super().on_rollback(diverged_loss, it, final)
+        if self.steps and self.steps[-1]["reward"] is None:
+            self.steps[-1]["reward"] = (reward_for(reward_kind(self.cfg), self.prev_val, diverged_loss)
+                                        + self.cfg.divergence_penalty)
+        if final:
+            self.end_run()
+
+    def end_run(self) -> None:
+        """The policy-gradient step over this run's decisions (once per run; nothing when frozen)."""
+        steps = [s for s in self.steps if s["reward"] is not None]
+        self.steps = []
+        if not self.learning or not steps:
+            return
+        returns, g = [], 0.0
+        for s in reversed(steps):  # discounted return-to-go
+            g = s["reward"] + self.cfg.policy_gamma * g
+            returns.append(g)
+        returns.reverse()
+        advantages = []
+        for s, g in zip(steps, returns):
+            mean, count = self.baseline.get(str(s["iter"]), (g, 0))
+            advantages.append(g - mean)
+            count += 1
+            self.baseline[str(s["iter"])] = [mean + max(0.1, 1.0 / count) * (g - mean), count]
+        features = torch.tensor([s["features"] for s in steps])
+        actions = torch.tensor([s["action"] for s in steps])
+        log_probs = torch.log_softmax(self.policy(features), dim=-1)[torch.arange(len(steps)), actions]
+        loss = -(log_probs * torch.tensor(advantages, dtype=torch.float32)).sum()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "actions": self.actions, "hidden": self.cfg.policy_hidden,
+                "observation": observation_spec(), "policy": tensors_to_json(self.policy.state_dict()),
+                "optimizer": tensors_to_json(self.optimizer.state_dict()), "baseline": self.baseline,
+                "generator": self.generator.get_state().tolist(), "updates": self.updates,
+                "prev_val": self.prev_val, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.load_policy(state)
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.prev_val, self.steps = state["prev_val"], state["steps"]
+
+    def load_policy(self, state: dict) -> None:
+        """What a later run takes from a trained one: the network, its optimizer and the return baseline."""
+        if state.get("actions") != self.actions:
+            raise UserError(f"the reinforce policy has actions {state.get('actions')}, this run {self.actions}")
+        if state.get("observation") != observation_spec():
+            raise UserError(f"the reinforce policy observes {state.get('observation')}, this version "
+                            f"{observation_spec()}: retrain it")
+        try:
+            self.policy.load_state_dict(tensors_from_json(state["policy"]))
+            self.optimizer.load_state_dict(tensors_from_json(state["optimizer"], int_keys=True))
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"the reinforce policy does not fit a network with {self.cfg.policy_hidden} hidden "
+                            f"units ({type(e).__name__}); set --policy_hidden {state.get('hidden')}") from e
+        self.baseline = {k: list(v) for k, v in state.get("baseline", {}).items()}
+        self.updates = state.get("updates", 0)
+
+
+class SB3Agent(NoAgent):
+    """A stable-baselines3 PPO or DQN policy trained by train_agent.py, deployed frozen: at each evaluation
+    the policy's most likely action on observation_features() (stable-baselines3 is imported only here)."""
+
+    def __init__(self, cfg: Config, seed: int, policy_file: Path):
+        super().__init__(cfg, seed)
+        self.actions = agent_actions(cfg)
+        import stable_baselines3
+        algorithm = {"ppo": stable_baselines3.PPO, "dqn": stable_baselines3.DQN}[cfg.agent]
+        try:
+            self.model = algorithm.load(policy_file, device="cpu")
+        except Exception as e:  # a truncated zip, another algorithm's file: say which
+            raise UserError(f"cannot load the {cfg.agent} policy {policy_file} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from e
+        shape, n = self.model.observation_space.shape, getattr(self.model.action_space, "n", None)
+        if shape != (len(OBSERVATION_FEATURES),) or n != len(self.actions):
+            raise UserError(f"the {cfg.agent} policy {policy_file} observes {shape} and has {n} actions; this "
+                            f"version observes ({len(OBSERVATION_FEATURES)},) with {len(self.actions)} actions")
+
+    def observe(self, obs: Observation) -> dict:
+        if obs.it >= obs.max_iters:
+            return self.record(obs, action=None, reward=None, epsilon=None, state=None)
+        action, _ = self.model.predict(observation_features(obs), deterministic=True)
+        action = int(action)
+        self.multiplier = self.clip(self.multiplier * self.actions[action])
+        return self.record(obs, action=action, reward=None, epsilon=None, state=None)
+
+
+AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearning": QLearningAgent,
+          "reinforce": ReinforceAgent}
 
 
 def agent_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
@@ -931,15 +1217,77 @@ def read_agent_init(path: str, dataset: str, seed_index: Optional[int] = None) -
     return [read_agent_state(f) for f in files]
 
 
+POLICY_MANIFEST = "manifest.json"  # train_agent.py's output folder: what was trained, on what, how
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def trained_policy(cfg: Config) -> Optional[dict]:
+    """--agent_init DIR written by train_agent.py: its manifest, checked against this run (agent, observation
+    definition, actions), plus the policy file's path and sha256. None when agent_init is not such a folder."""
+    folder = Path(cfg.agent_init).expanduser() if cfg.agent_init else None
+    if folder is None or not (folder / POLICY_MANIFEST).exists():
+        return None
+    manifest = read_json(folder / POLICY_MANIFEST)
+    if not isinstance(manifest, dict) or "policy_file" not in manifest:
+        raise UserError(f"{folder / POLICY_MANIFEST} is not a train_agent.py manifest")
+    if manifest.get("agent") != cfg.agent:
+        raise UserError(f"--agent_init {folder} holds a {manifest.get('agent')} policy, not {cfg.agent}")
+    if manifest.get("observation") != observation_spec():
+        theirs = manifest.get("observation") or {}
+        raise UserError(f"--agent_init {folder} was trained on observation version {theirs.get('version')} "
+                        f"({len(theirs.get('features', []))} features); this version observes "
+                        f"{OBSERVATION_VERSION} ({len(OBSERVATION_FEATURES)}): retrain it")
+    if manifest.get("actions") != agent_actions(cfg):
+        raise UserError(f"--agent_init {folder} was trained with actions {manifest.get('actions')}; this run has "
+                        f"{agent_actions(cfg)} (set --agent_actions {','.join(map(str, manifest.get('actions') or []))})")
+    policy_file = folder / manifest["policy_file"]
+    if not policy_file.exists():
+        raise UserError(f"--agent_init {folder}: its policy file {manifest['policy_file']} is missing")
+    return {"dir": str(folder.resolve()), "file": str(policy_file.resolve()), "sha256": sha256_file(policy_file),
+            "manifest": manifest}
+
+
+def frozen(cfg: Config, trained: bool) -> bool:
+    """A policy trained across runs is deployed frozen unless --agent_learn; otherwise agents learn
+    unless --agent_freeze."""
+    if cfg.agent_learn is not None:
+        return not cfg.agent_learn
+    return cfg.agent_freeze or trained
+
+
 def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
     if cfg.agent == "replay":
         if not cfg.agent_init:
             raise UserError("--agent replay needs --agent_init RUN_DIR (or an agent_<dataset>_<seed>.json)")
         return ReplayAgent(cfg, seed, read_agent_init(cfg.agent_init, dataset, seed_index)[0])
+    policy = trained_policy(cfg)
+    cfg = dataclasses.replace(cfg, agent_freeze=frozen(cfg, policy is not None))
+    if cfg.agent in SB3_AGENTS:
+        if policy is None:
+            raise UserError(f"--agent {cfg.agent} needs --agent_init DIR: a policy trained by "
+                            f"train_agent.py --agent {cfg.agent}")
+        if not cfg.agent_freeze:
+            raise UserError(f"--agent {cfg.agent} is deployed frozen (stable-baselines3 learns in its own loop: "
+                            f"train it further with train_agent.py)")
+        return SB3Agent(cfg, seed, Path(policy["file"]))
     agent = AGENTS[cfg.agent](cfg, seed)
-    if cfg.agent_init:
+    if policy is not None:
+        state = read_agent_state(Path(policy["file"]))
+        if isinstance(agent, ReinforceAgent):
+            agent.load_policy(state)
+        else:
+            agent.inherit([state])
+    elif cfg.agent_init:
         if not isinstance(agent, QLearningAgent):
-            raise UserError("--agent_init initialises a qlearning agent (or names the run to replay)")
+            raise UserError(f"--agent_init for --agent {cfg.agent} must be a folder written by train_agent.py "
+                            f"(qlearning also takes an earlier run folder; replay, the run to replay)")
         agent.inherit(read_agent_init(cfg.agent_init, dataset))
     return agent
 
@@ -979,12 +1327,6 @@ class Runtime:
         if use_compile is None:
             use_compile = name == "cuda" and importlib.util.find_spec("triton") is not None
         return Runtime(device, dtype, ctx, bool(use_compile))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds CUDA; dropout draws from this global generator
 
 
 class StopRequest:
@@ -1126,6 +1468,11 @@ class SeedState:
     reference_loss: Optional[float] = None  # first evaluation's train loss: the divergence yardstick
     last_eval_losses: Optional[list] = None  # [train, val] of the last evaluation
     rollbacks: int = 0
+    first_val_loss: Optional[float] = None
+    prev_val_loss: Optional[float] = None   # the evaluation before the last one
+    grad_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # since the last evaluation: sum of
+    grad_steps: int = 0                    # gradient norms, of their squares, clipped steps; steps taken
+    interval: dict = field(default_factory=dict)  # those statistics as of the last evaluation (Observation fields)
     elapsed: float = 0.0           # training-loop seconds spent before this process (resume)
     eval_time: float = 0.0
     agent_time: float = 0.0
@@ -1165,14 +1512,21 @@ class TrainingRun:
     Two checkpoints are kept: the last one and the one before it (renamed, not rewritten). A divergence
     detected at step j lies in the weights entering step j, which the checkpoint saved at j holds; a
     rollback must go back to a checkpoint from before j, or it would replay the same weights and batch.
+    checkpoint=None keeps both in memory (short runs by the thousand: train_agent.py).
+
+    The run draws from its own torch RNG stream (initialisation, dropout), swapped in around its work:
+    a caller's RNG (a policy sampling actions, another run) neither moves it nor is moved by it.
     """
 
-    def __init__(self, cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, checkpoint: Path,
+    def __init__(self, cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, checkpoint: Optional[Path],
                  on_log=None):
-        self.cfg, self.data, self.rt, self.checkpoint = cfg, data, rt, Path(checkpoint)
+        self.cfg, self.data, self.rt = cfg, data, rt
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.memory: dict = {}  # "last" / "previous" -> checkpoint bytes, when checkpoint is None
         self.seed = cfg.seed_base + seed_index
-        seed_everything(self.seed)
-        self.model = GPT(model_config(cfg, data.vocab_size)).to(rt.device)
+        self.cuda_rng = rt.device.type == "cuda"
+        with self.own_rng(initial_seed=self.seed):
+            self.model = GPT(model_config(cfg, data.vocab_size)).to(rt.device)
         self.optimizer = self.model.make_optimizer(cfg, rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.compile_time, self.step_model = 0.0, self.model
@@ -1192,11 +1546,31 @@ class TrainingRun:
         self.saved_at: dict = {}  # "last" / "previous" -> the iteration its checkpoint holds
         self.on_log = on_log or (lambda it, loss, lr: None)
         self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
+        # Gradient-norm sum, sum of squares, clipped steps: on the device, read once per evaluation.
+        self.grad_stats = torch.zeros(3, device=rt.device)
+        self.weights_at_eval: Optional[torch.Tensor] = None  # for the update-to-weight ratio
         optimizer_mode(self.optimizer, training=True)
 
+    @contextmanager
+    def own_rng(self, initial_seed: Optional[int] = None):
+        """Run the block on this run's torch RNG stream (seeded with initial_seed the first time)."""
+        devices = [torch.cuda.current_device()] if self.cuda_rng else []
+        with torch.random.fork_rng(devices=devices):
+            if initial_seed is not None:
+                torch.manual_seed(initial_seed)
+            else:
+                torch.set_rng_state(self.rng_state["cpu"])
+                if devices:
+                    torch.cuda.set_rng_state(self.rng_state["cuda"])
+            try:
+                yield
+            finally:
+                self.rng_state = {"cpu": torch.get_rng_state(),
+                                  "cuda": torch.cuda.get_rng_state() if devices else None}
+
     @property
-    def previous_checkpoint(self) -> Path:
-        return previous_checkpoint_file(self.checkpoint)
+    def previous_checkpoint(self) -> Optional[Path]:
+        return previous_checkpoint_file(self.checkpoint) if self.checkpoint is not None else None
 
     def lr(self, it: int) -> float:
         return controlled_lr(self.cfg, it, self.multiplier)
@@ -1209,6 +1583,11 @@ class TrainingRun:
         cfg, s = self.cfg, self.state
         if s.last_eval_it >= cfg.max_iters:  # finished (e.g. resumed from the final checkpoint): nothing to train
             return EvalResult(s.last_eval_it, *self.last_eval_losses(), done=True)
+        with self.own_rng():
+            return self._advance(stop)
+
+    def _advance(self, stop) -> EvalResult:
+        cfg, s = self.cfg, self.state
         it, t_start = s.next_it, time.time()
         t_window, window_iters = t_start, 0
         try:
@@ -1248,7 +1627,12 @@ class TrainingRun:
             self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.grad_stats += torch.stack((norm, norm * norm, (norm > cfg.grad_clip).float()))
+        elif not self.scaler.is_enabled():  # (with a float16 scaler and no clipping the grads are scaled: skipped)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            self.grad_stats += torch.stack((norm, norm * norm, torch.zeros_like(norm)))
+        self.state.grad_steps += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -1266,9 +1650,47 @@ class TrainingRun:
         s.reference_loss = s.reference_loss or losses["train"]
         if s.best_val_loss is None or losses["val"] < s.best_val_loss:
             s.best_val_loss, s.best_val_iter = losses["val"], it
+        s.prev_val_loss = s.last_eval_losses[1] if s.last_eval_losses else None
+        s.first_val_loss = s.first_val_loss or losses["val"]
         s.last_eval_it = s.next_it = it
         s.last_eval_losses = [losses["train"], losses["val"]]
+        s.interval = self.interval_statistics()
         return EvalResult(it, losses["train"], losses["val"], done=it == cfg.max_iters)
+
+    def flush_grad_stats(self) -> None:
+        """Move the device-side gradient statistics into the (checkpointed) state: one host sync."""
+        sums = self.grad_stats.tolist()
+        self.state.grad_sums = [a + b for a, b in zip(self.state.grad_sums, sums)]
+        self.grad_stats.zero_()
+
+    def interval_statistics(self) -> dict:
+        """Gradient norms (mean, std, share clipped) of the steps since the previous evaluation and the
+        relative weight change over them; then start the next interval."""
+        s = self.state
+        self.flush_grad_stats()
+        total, squares, clipped = s.grad_sums
+        n = s.grad_steps
+        stats = {}
+        if n and math.isfinite(total):
+            mean = total / n
+            stats = {"grad_norm_mean": mean, "grad_norm_std": math.sqrt(max(squares / n - mean * mean, 0.0)),
+                     "clip_fraction": clipped / n}
+        with torch.no_grad():
+            weights = torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
+            if self.weights_at_eval is not None and n:
+                stats["update_ratio"] = float(torch.linalg.vector_norm(weights - self.weights_at_eval)
+                                              / torch.linalg.vector_norm(weights).clamp_min(1e-12))
+        self.weights_at_eval = weights
+        s.grad_sums, s.grad_steps = [0.0, 0.0, 0.0], 0
+        return stats
+
+    def observation(self) -> Observation:
+        """What an agent sees at the last evaluation, with the multiplier now in effect."""
+        s, cfg = self.state, self.cfg
+        train_loss, val_loss = self.last_eval_losses()
+        return Observation(s.last_eval_it, cfg.max_iters, train_loss, val_loss, prev_val_loss=s.prev_val_loss,
+                           first_val_loss=s.first_val_loss, multiplier=self.multiplier, lr=self.lr(s.last_eval_it),
+                           base_lr=cfg.learning_rate, vocab_size=self.data.vocab_size, **s.interval)
 
     def last_eval_losses(self) -> list:
         """[train, val] of the last evaluation (from the val log for checkpoints older than the field)."""
@@ -1311,28 +1733,32 @@ class TrainingRun:
         """Atomically (temp file + rename); loads with torch.load(weights_only=True)."""
         t = time.perf_counter()
         last = self.saved_at.get("last")
-        if last is not None and last < self.state.next_it and self.checkpoint.exists():
-            os.replace(self.checkpoint, self.previous_checkpoint)  # the last good state becomes the fallback
+        if last is not None and last < self.state.next_it and self.has_checkpoint("last"):
+            self.rotate_checkpoints()  # the last good state becomes the fallback
             self.saved_at["previous"] = last
-        py_rng = random.getstate()
-        np_rng = np.random.get_state()
+        self.flush_grad_stats()
         meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
-                "config": dataclasses.asdict(self.cfg), "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
-                "numpy_rng": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]],
-                "previous_it": self.saved_at.get("previous")}
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                   "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta)}
+                "config": dataclasses.asdict(self.cfg), "previous_it": self.saved_at.get("previous")}
+        between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # reference
+                   "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
+                   "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else [],
+                   "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta),
+                   "weights_at_eval": self.weights_at_eval if between_evaluations else None}
         buf = io.BytesIO()
         torch.save(payload, buf)
-        atomic_write_bytes(self.checkpoint, buf.getvalue())
+        if self.checkpoint is None:
+            self.memory["last"] = buf.getvalue()
+        else:
+            atomic_write_bytes(self.checkpoint, buf.getvalue())
         self.saved_at["last"] = self.state.next_it
         self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
 
     def resume(self) -> Optional[dict]:
         """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing).
         Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
+        if self.checkpoint is None:
+            return None
         path = self.checkpoint if self.checkpoint.exists() else self.previous_checkpoint
         if not path.exists():
             return None
@@ -1349,35 +1775,53 @@ class TrainingRun:
         """Restore the newest checkpoint from before step `it`, keeping the wall time spent since (it was
         spent all the same); returns the agent state saved with it, or None when there is no such one."""
         spent = {k: getattr(self.state, k) for k in WALL_CLOCK_FIELDS}
-        for key, path in (("last", self.checkpoint), ("previous", self.previous_checkpoint)):
+        for key in ("last", "previous"):
             at = self.saved_at.get(key)
-            if at is not None and at < it and path.exists():
-                meta = self.restore(path)
+            if at is not None and at < it and self.has_checkpoint(key):
+                meta = self.restore(self.checkpoint_source(key))
                 for k, v in spent.items():
                     setattr(self.state, k, v)
                 return meta["agent"]
         return None
 
-    def restore(self, path: Path) -> dict:
+    def has_checkpoint(self, key: str) -> bool:
+        if self.checkpoint is None:
+            return key in self.memory
+        return (self.checkpoint if key == "last" else self.previous_checkpoint).exists()
+
+    def checkpoint_source(self, key: str):
+        if self.checkpoint is None:
+            return io.BytesIO(self.memory[key])
+        return self.checkpoint if key == "last" else self.previous_checkpoint
+
+    def rotate_checkpoints(self) -> None:
+        if self.checkpoint is None:
+            self.memory["previous"] = self.memory.pop("last")
+        else:
+            os.replace(self.checkpoint, self.previous_checkpoint)
+
+    def restore(self, source) -> dict:
+        """Load a checkpoint (a path, or a file-like object holding one)."""
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(source, map_location="cpu", weights_only=True)
             meta = json.loads(payload["meta"])
         except Exception as e:  # a truncated or foreign file: say which, do not guess
-            raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
+            raise UserError(f"checkpoint {source} is unreadable ({type(e).__name__}); "
                             f"delete it to restart this seed") from e
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
-        torch.set_rng_state(payload["torch_rng"])
-        if payload["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        self.rng_state = {"cpu": payload["torch_rng"],
+                          "cuda": payload["cuda_rng"][0] if self.cuda_rng and payload["cuda_rng"] else None}
+        if self.cuda_rng and self.rng_state["cuda"] is None:
+            self.rng_state["cuda"] = torch.cuda.get_rng_state()
         self.sampler.generator.set_state(payload["sampler_rng"])
-        py = meta["python_rng"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        np_rng = meta["numpy_rng"]
-        np.random.set_state((np_rng[0], np.array(np_rng[1], dtype=np.uint32), *np_rng[2:]))
         self.state = SeedState(**meta["state"])
         self.multiplier = meta.get("multiplier", meta["agent"]["multiplier"])
+        self.grad_stats.zero_()
+        self.weights_at_eval = payload.get("weights_at_eval")
+        if self.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
+            self.weights_at_eval = torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
         return meta
 
 
@@ -1396,22 +1840,34 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     run.on_log = lambda it, loss, lr: progress.update(it, loss, lr, force=it == cfg.max_iters)
     if run.state.next_it:
         progress.write(f"[{label}] resuming at iter {run.state.next_it}")
+    try:
+        status = drive(run, agent, stop=lambda: stop.signal_name is not None, log=progress.write, label=label)
+    except Interrupted as e:
+        raise Interrupted(f"{stop.signal_name}: {e}") from None
+    finally:
+        progress.close()
+    final_info = run.finish(status)
+    return {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
+            "sample": run.sample, "agent_state": agent.state_dict()}
 
-    status = "finished"
+
+def drive(run: TrainingRun, agent: NoAgent, stop=lambda: False, log=lambda line: None, label: str = "") -> str:
+    """The control loop: advance to the next evaluation, let the agent decide, checkpoint; on a divergence
+    roll back and tell the agent; when stop() asks, checkpoint and raise Interrupted. Returns the run's
+    status, "finished" or "diverged". The CLI's seeds and train_agent.py's episodes both run through here."""
+    cfg = run.cfg
     while run.state.last_eval_it < cfg.max_iters:  # a seed resumed from its final checkpoint is done already
         run.multiplier = agent.multiplier
-        result = run.advance(stop=lambda: stop.signal_name is not None)
+        result = run.advance(stop=stop)
         if result.interrupted:
             run.save(agent.state_dict())
-            progress.close()
-            raise Interrupted(f"{stop.signal_name}: checkpoint saved at iter {result.it}; continue with --resume")
+            raise Interrupted(f"checkpoint saved at iter {result.it}; continue with --resume")
         if result.diverged:
-            if roll_back(run, agent, result, progress, label):
+            if roll_back(run, agent, result, log, label):
                 continue
-            status = "diverged"
-            break
+            return "diverged"
         t_agent = time.perf_counter()
-        decision = agent.observe(Observation(result.it, cfg.max_iters, result.train_loss, result.val_loss))
+        decision = agent.observe(run.observation())
         agent_time = time.perf_counter() - t_agent
         run.state.agent_time += agent_time
         run.state.elapsed += agent_time
@@ -1419,16 +1875,12 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         lr = run.lr(result.it)
         run.state.val_log.append({"iter": result.it, "train/loss": result.train_loss, "val/loss": result.val_loss,
                                   "lr": lr, **decision})
-        progress.write(f"[{label}] iter {result.it}: train {result.train_loss:.4f} val {result.val_loss:.4f} "
-                       f"lr {lr:.2e}")
+        log(f"[{label}] iter {result.it}: train {result.train_loss:.4f} val {result.val_loss:.4f} lr {lr:.2e}")
         run.save(agent.state_dict())
-    progress.close()
-    final_info = run.finish(status)
-    return {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
-            "sample": run.sample, "agent_state": agent.state_dict()}
+    return "finished"
 
 
-def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, progress: Progress, label: str) -> bool:
+def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, log, label: str) -> bool:
     """Back to the newest checkpoint from before the failing step, with a smaller multiplier.
 
     False once the rollbacks are spent (or no such checkpoint exists): the seed then ends with its last
@@ -1446,10 +1898,10 @@ def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, progress: Pr
     diverged_loss = divergence_loss(cfg, run.state.reference_loss)
     if not restored or rollbacks > cfg.max_rollbacks:
         agent.on_rollback(diverged_loss, next_eval, final=True)
-        progress.write(f"[{label}] {result.diverged}: " + (f"{cfg.max_rollbacks} rollbacks spent" if restored
-                       else "no checkpoint from before it") + ", the seed ends as diverged")
+        log(f"[{label}] {result.diverged}: " + (f"{cfg.max_rollbacks} rollbacks spent" if restored
+            else "no checkpoint from before it") + ", the seed ends as diverged")
         return False
-    progress.write(f"[{label}] {result.diverged}: rollback {rollbacks}/{cfg.max_rollbacks} to iter {run.state.next_it}")
+    log(f"[{label}] {result.diverged}: rollback {rollbacks}/{cfg.max_rollbacks} to iter {run.state.next_it}")
     agent.on_rollback(diverged_loss, next_eval)
     run.multiplier = agent.multiplier
     record = run.state.val_log[-1] if run.state.val_log else None
@@ -1764,11 +2216,15 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         loaded[dataset] = load_dataset(configs[dataset], dataset)
         check_fits(configs[dataset], loaded[dataset])
         configs[dataset] = with_step_interval_from_epochs(configs[dataset], loaded[dataset])
+    policies = {d: p for d, c in configs.items() if c.agent != "replay" and (p := trained_policy(c))}
+    for dataset, cfg in configs.items():  # a policy file that cannot be loaded stops the run here, not mid-way
+        if cfg.agent in POLICY_AGENTS or dataset in policies:
+            make_agent(cfg, cfg.seed_base, dataset, 0)
     if base.resume:
         check_same_data(out_dir, run_record, loaded)
     else:
         prepare_run_folder(out_dir, base.overwrite)
-    warnings = {d: config_warnings(c) for d, c in configs.items()}
+    warnings = {d: config_warnings(c) + policy_warnings(c, policies.get(d)) for d, c in configs.items()}
     for d, lines in warnings.items():
         for line in lines:
             print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
@@ -1783,6 +2239,11 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
                       "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
                       "data": {d: loaded[d].provenance for d in datasets},
                       "warnings": {d: w for d, w in warnings.items() if w}, **environment_record(rt)}
+        if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
+            run_record["policy"] = {d: {k: p[k] for k in ("dir", "file", "sha256")} | {
+                "trained": {k: p["manifest"].get(k) for k in ("agent", "dataset", "profile", "episodes_done",
+                                                                "seeds", "lr_range", "reward")}}
+                for d, p in policies.items()}
     else:
         run_record.setdefault("resumed", []).append({"at": now_iso(), "command": [sys.executable] + argv})
     run_record.update(status="running", error=None)
@@ -1845,11 +2306,20 @@ def validate(c: Config) -> None:
         check_bounds(f.name, getattr(c, f.name))
     if c.n_embd % c.n_head:
         raise UserError(f"--n_embd {c.n_embd} must be divisible by --n_head {c.n_head}")
-    parse_actions(c.agent_actions)
+    agent_actions(c)
     if c.optimizer == "schedulefree" and c.schedule != "constant":
         raise UserError("--optimizer schedulefree replaces the schedule (it warms up itself): use --schedule constant")
     if c.agent_init and not Path(c.agent_init).expanduser().exists():
         raise UserError(f"--agent_init {c.agent_init} does not exist")
+    if c.agent_freeze and c.agent_learn:
+        raise UserError("--agent_freeze and --agent_learn contradict each other")
+    if c.agent in SB3_AGENTS and not c.agent_init:
+        raise UserError(f"--agent {c.agent} needs --agent_init DIR: a policy trained by train_agent.py --agent {c.agent}")
+    if c.agent in SB3_AGENTS and c.agent_learn:
+        raise UserError(f"--agent {c.agent} is deployed frozen (stable-baselines3 learns in its own loop: "
+                        f"train it further with train_agent.py); drop --agent_learn")
+    if c.agent_init and c.agent != "replay":
+        trained_policy(c)  # a folder from train_agent.py must match this run: one line if it does not
     if c.lr_floor > c.lr_ceiling:
         raise UserError(f"--lr_floor {c.lr_floor} is above --lr_ceiling {c.lr_ceiling}")
     if c.learning_rate > c.lr_ceiling:
@@ -1873,6 +2343,15 @@ def config_warnings(c: Config) -> list[str]:
         warnings.append(f"--lr_decay_iters {c.lr_decay_iters} > --max_iters {c.max_iters}: training stops "
                         f"before the cosine decay reaches --min_lr")
     return warnings
+
+
+def policy_warnings(c: Config, policy: Optional[dict]) -> list[str]:
+    """A trained policy evaluated on a seed it was trained on is not a held-out result: say so."""
+    if policy is None:
+        return []
+    trained_on = set(policy["manifest"].get("seeds") or [])
+    overlap = sorted(trained_on & set(range(c.seed_base, c.seed_base + c.seeds)))
+    return [f"seeds {overlap} were among the policy's training seeds: not held out"] if overlap else []
 
 
 def with_step_interval_from_epochs(c: Config, data: CharDataset) -> Config:
