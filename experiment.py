@@ -196,12 +196,12 @@ PROFILES: dict[str, dict[str, dict]] = {
         "enwik8": dict(seeds=1),
         "text8": dict(seeds=1),
     },
-    # An episode for training a controller across many runs (train_agent.py): ~10 s on a 2-core CPU,
+    # An episode for training a controller across many runs (train_agent.py): ~12 s on a 2-core CPU,
     # 10 decisions. Small, but its loss keeps falling for the whole run, so the rate matters.
     "tiny": {
         "*": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=16, dropout=0.0, bias=False,
-                  learning_rate=1e-3, min_lr=1e-4, max_iters=500, lr_decay_iters=500, warmup_iters=25,
-                  eval_interval=50, eval_iters=8, log_interval=10, seeds=5,
+                  learning_rate=1e-3, min_lr=1e-4, max_iters=1000, lr_decay_iters=1000, warmup_iters=50,
+                  eval_interval=100, eval_iters=8, log_interval=10, seeds=5,
                   inference_samples=2, inference_new_tokens=100, final_eval_tokens=100_000),
     },
     # Seconds in total: exercises every code path, learns nothing worth reporting.
@@ -2021,7 +2021,8 @@ def git_commit() -> Optional[str]:
 def environment_record(rt: Runtime) -> dict:
     import importlib.metadata as md
     versions = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm", "schedulefree", "scipy"):
+    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm", "schedulefree", "scipy",
+                "gymnasium", "stable-baselines3"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

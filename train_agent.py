@@ -1,0 +1,515 @@
+"""
+Train a learning-rate controller across many short training runs (episodes); deploy it frozen after.
+
+    python train_agent.py --agent ppo --dataset shakespeare_char --episodes 100 --profile tiny \
+        --lr_range 0.1,10 --out_dir agents/ppo
+    python experiment.py --out_dir run_6 --profile tiny --datasets shakespeare_char \
+        --agent ppo --agent_init agents/ppo
+
+Each episode trains one GPT from scratch on a training seed (--seed + episode: a range disjoint from the
+evaluation seeds 1337, 1338, ...), its base learning rate optionally drawn log-uniformly from --lr_range
+(factors of the profile's), while the controller sets the multiplier at every evaluation.
+
+Controllers:
+  reinforce, qlearning   experiment.py's own agents, driven by the same control loop as a CLI run
+                         (experiment.drive); their state, RNGs included, is saved after every episode.
+  ppo, dqn               stable-baselines3's, driving LRControlEnv: the gymnasium environment over the
+                         same experiment.TrainingRun (step = set the multiplier, train to the next evaluation).
+
+The output folder: manifest.json (what was trained, on what, how; versions), the policy (policy.json or
+policy.zip; dqn also replay_buffer.pkl), learning_curve.json (one record per finished episode) and
+learning_curve.png. Kill it and run the same command again: it continues after the last saved episode.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+import experiment as ex
+
+CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
+
+
+def _arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Args:
+    agent: str = _arg("ppo", "the controller to train", CONTROLLERS)
+    dataset: str = _arg("shakespeare_char", "dataset every episode trains on", ex.DATASETS)
+    episodes: int = _arg(100, "training runs to learn from (a later call with more continues the same folder)")
+    profile: str = _arg("tiny", "experiment.py profile of each episode", ("tiny", "smoke", "cpu", "full"))
+    out_dir: str = _arg("agents/run", "folder for the policy, manifest and learning curve")
+    lr_range: str = _arg("", "draw each episode's base learning rate (and min_lr) log-uniformly from these factors "
+                             "of the profile's, e.g. 0.1,10, so the controller learns to correct a mis-set rate")
+    seed: int = _arg(1_000_000, "episode e trains seed + e (the evaluation seeds are 1337 + index: keep clear)")
+    reward: str = _arg("", "default improvement (-delta val loss) for reinforce/ppo/dqn, neg_val_loss for qlearning",
+                       ("neg_val_loss", "improvement", "log_improvement"))
+    agent_actions: str = _arg("", "action factors; default 0.1,0.5,1,1.5,2 (qlearning: 0.5,0.8,1,1.25,2)")
+    hidden: int = _arg(128, "hidden units of the policy / Q network (one hidden layer)")
+    controller_lr: float = _arg(0.0, "the controller's own learning rate; 0 = its default (reinforce 1e-3, "
+                                     "ppo 3e-4, dqn 1e-3; qlearning: alpha 0.1)")
+    gamma: float = _arg(0.99, "discount (reinforce, ppo, dqn; qlearning keeps --set gamma=...)")
+    episodes_per_update: int = _arg(1, "ppo: episodes collected per update (n_steps = this x decisions)")
+    set: str = _arg("", "experiment.py settings for every episode, e.g. max_iters=2000,eval_interval=200")
+    data_dir: str = _arg("", "as experiment.py --data_dir")
+    source_dir: str = _arg("", "as experiment.py --source_dir")
+    debug: bool = _arg(False, "full tracebacks")
+
+
+# ----------------------------------------------------------------------------------------------
+# Episodes: which run, at which learning rate
+# ----------------------------------------------------------------------------------------------
+
+def parse_lr_range(text: str) -> Optional[tuple[float, float]]:
+    if not text:
+        return None
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ex.UserError(f"--lr_range must be two factors LOW,HIGH, e.g. 0.1,10; got {text!r}") from None
+    if not (0 < low <= high) or not math.isfinite(high):
+        raise ex.UserError(f"--lr_range must satisfy 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def instance(args: Args, episode: int) -> tuple[int, float]:
+    """Episode -> (training seed, base-LR factor); a function of the episode index, so a resumed
+    training draws what the uninterrupted one would have."""
+    lr_range = parse_lr_range(args.lr_range)
+    if lr_range is None:
+        return args.seed + episode, 1.0
+    u = np.random.default_rng([args.seed, episode]).random()
+    low, high = map(math.log, lr_range)
+    return args.seed + episode, float(math.exp(low + u * (high - low)))
+
+
+def episode_run(cfg: ex.Config, data: ex.CharDataset, rt: ex.Runtime, seed: int, lr_factor: float) -> ex.TrainingRun:
+    """One episode's training run: checkpoints in memory, nothing written."""
+    cfg = dataclasses.replace(cfg, seed_base=seed, learning_rate=cfg.learning_rate * lr_factor,
+                              min_lr=cfg.min_lr * lr_factor)
+    return ex.TrainingRun(cfg, data, 0, rt, checkpoint=None)
+
+
+def decisions_per_episode(cfg: ex.Config) -> int:
+    return math.ceil(cfg.max_iters / cfg.eval_interval)  # every evaluation but the last
+
+
+def episode_record(episode: int, run: ex.TrainingRun, lr_factor: float, decisions: list[dict], ret: float,
+                   status: str, seconds: float) -> dict:
+    s = run.state
+    return {"episode": episode, "seed": run.seed, "lr_factor": lr_factor, "base_lr": run.cfg.learning_rate,
+            "return": ret, "final_val_loss": run.last_eval_losses()[1], "best_val_loss": s.best_val_loss,
+            "status": status, "rollbacks": s.rollbacks, "decisions": len(decisions),
+            "lr_trajectory": [[d["iter"], d["lr"]] for d in decisions],
+            "multipliers": [d["multiplier"] for d in decisions], "actions": [d.get("action") for d in decisions],
+            "seconds": seconds, "train_seconds": s.elapsed - s.agent_time}
+
+
+# ----------------------------------------------------------------------------------------------
+# The environment
+# ----------------------------------------------------------------------------------------------
+
+class LRControlEnv(gym.Env):
+    """Learning-rate control of one GPT training run as a gymnasium environment.
+
+    reset(): a new run for the next episode's (seed, base LR), advanced to its first evaluation.
+    step(a): multiply the LR multiplier by actions[a] (clipped to its bounds), train to the next evaluation.
+    Observation: experiment.observation_features() (float32, clipped to +-OBSERVATION_LIMIT).
+    Reward: experiment.reward_for() on the val loss. A divergence scores as a val loss at the divergence
+    threshold plus divergence_penalty (below every interval that did not diverge); the run is rolled back
+    to the evaluation where the action was taken, with the multiplier cut, and the agent decides again
+    there; once the rollbacks are spent the episode terminates. The last evaluation terminates it too.
+    No files, no printing; info carries the evaluation, and at the end "episode_record".
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, cfg: ex.Config, data: ex.CharDataset, rt: ex.Runtime, instance=None, first_episode: int = 0):
+        self.cfg, self.data, self.rt = cfg, data, rt
+        self.instance = instance or (lambda episode: (cfg.seed_base + episode, 1.0))
+        self.actions = ex.agent_actions(cfg)
+        self.reward_kind = ex.reward_kind(cfg)
+        self.action_space = spaces.Discrete(len(self.actions))
+        self.observation_space = spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT,
+                                            (len(ex.OBSERVATION_FEATURES),), np.float32)
+        self.next_episode = first_episode
+        self.run: Optional[ex.TrainingRun] = None
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episode = self.next_episode
+        self.next_episode += 1
+        run_seed, self.lr_factor = self.instance(self.episode)
+        self.run = episode_run(self.cfg, self.data, self.rt, run_seed, self.lr_factor)
+        self.t0, self.ret, self.decisions = time.time(), 0.0, []
+        result = self.run.advance()  # the first evaluation, before any step
+        self.run.save({})  # what a divergence rolls back to
+        return self.observe(), self.info(result)
+
+    def step(self, action):
+        run, cfg = self.run, self.run.cfg
+        prev_val = run.last_eval_losses()[1]
+        it = run.state.last_eval_it
+        run.multiplier = self.clip(run.multiplier * self.actions[int(action)])
+        self.decisions.append({"iter": it, "action": int(action), "multiplier": run.multiplier, "lr": run.lr(it)})
+        result = run.advance()
+        terminated, status = result.done, "finished"
+        if result.diverged:
+            reward = (ex.reward_for(self.reward_kind, prev_val, ex.divergence_loss(cfg, run.state.reference_loss))
+                      + cfg.divergence_penalty)
+            rollbacks = run.state.rollbacks + 1
+            failed_multiplier = run.multiplier
+            if run.rollback_before(result.it) is not None and rollbacks <= cfg.max_rollbacks:
+                run.state.rollbacks = rollbacks
+                run.multiplier = self.clip(failed_multiplier * cfg.rollback_cut)
+            else:
+                terminated, status = True, "diverged"
+                run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
+        else:
+            reward = ex.reward_for(self.reward_kind, prev_val, result.val_loss)
+            run.save({})
+        self.ret += reward
+        info = self.info(result)
+        if terminated:
+            info["episode_record"] = episode_record(self.episode, run, self.lr_factor, self.decisions, self.ret,
+                                                    status, time.time() - self.t0)
+        return self.observe(), float(reward), terminated, False, info
+
+    def clip(self, multiplier: float) -> float:
+        return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
+
+    def observe(self) -> np.ndarray:
+        return ex.observation_features(self.run.observation())
+
+    def info(self, result: ex.EvalResult) -> dict:
+        return {"it": result.it, "train_loss": result.train_loss, "val_loss": result.val_loss,
+                "diverged": result.diverged, "multiplier": self.run.multiplier}
+
+
+# ----------------------------------------------------------------------------------------------
+# Controllers
+# ----------------------------------------------------------------------------------------------
+
+def own_agent_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") -> None:
+    """reinforce / qlearning: one agent object carried from episode to episode, driven by experiment.drive,
+    the CLI's own control loop; its whole state (table or network, optimizer, RNGs) is saved per episode."""
+    agent = ex.make_agent(cfg, args.seed, args.dataset, 0)
+    if log.done:
+        agent.load_state_dict(ex.read_agent_state(out / "policy.json"))
+    for episode in range(log.done, args.episodes):
+        run_seed, lr_factor = instance(args, episode)
+        run = episode_run(cfg, data, rt, run_seed, lr_factor)
+        agent.start_run()
+        t0 = time.time()
+        status = ex.drive(run, agent)
+        decisions = [r for r in run.state.val_log if r.get("action") is not None]
+        ret = sum(r["reward"] for r in run.state.val_log if r.get("reward") is not None)
+        record = episode_record(episode, run, lr_factor, decisions, ret, status, time.time() - t0)
+        log.episode_done([record], save=lambda: ex.atomic_write_json(out / "policy.json", agent.state_dict()))
+
+
+def sb3_controller(args: Args, env: LRControlEnv, total_episodes: int):
+    """A stable-baselines3 PPO or DQN sized in evaluations, not in its defaults' Atari-scale steps:
+    PPO collects n_steps (2048 by default) before its first update, so n_steps = episodes_per_update x
+    decisions; DQN counts learning_starts and target_update_interval (10,000 by default) in env steps."""
+    from stable_baselines3 import DQN, PPO
+    decisions = decisions_per_episode(env.cfg)
+    policy_kwargs = {"net_arch": [args.hidden]}
+    if args.agent == "ppo":
+        n_steps = args.episodes_per_update * decisions
+        return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=decisions, n_epochs=10, gamma=args.gamma,
+                   learning_rate=args.controller_lr or 3e-4, ent_coef=0.01, policy_kwargs=policy_kwargs,
+                   seed=args.seed, device="cpu", verbose=0)
+    return DQN("MlpPolicy", env, learning_rate=args.controller_lr or 1e-3, buffer_size=100_000,
+               learning_starts=2 * decisions, batch_size=32, train_freq=1, gradient_steps=1, gamma=args.gamma,
+               target_update_interval=2 * decisions, exploration_fraction=0.5, exploration_final_eps=0.05,
+               policy_kwargs=policy_kwargs, seed=args.seed, device="cpu", verbose=0)
+
+
+def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") -> None:
+    """ppo / dqn: stable-baselines3 drives LRControlEnv. Finished episodes are saved together with the
+    model after the update that learned from them (PPO: at the start of the next rollout; DQN, which
+    updates every step: at once), so a resumed training lacks at most the episodes since that update."""
+    from stable_baselines3 import DQN, PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    env = LRControlEnv(cfg, data, rt, instance=lambda e: instance(args, e), first_episode=log.done)
+    policy, buffer = out / "policy.zip", out / "replay_buffer.pkl"
+    if log.done:
+        algorithm = {"ppo": PPO, "dqn": DQN}[args.agent]
+        model = algorithm.load(policy, env=env, device="cpu")
+        model.set_random_seed(args.seed + log.done)
+        if args.agent == "dqn" and buffer.exists():
+            model.load_replay_buffer(buffer)
+    else:
+        model = sb3_controller(args, env, args.episodes)
+
+    def save():
+        tmp = out / ".policy.zip.tmp.zip"
+        model.save(tmp)
+        os.replace(tmp, policy)
+        if args.agent == "dqn":
+            model.save_replay_buffer(out / ".replay_buffer.tmp.pkl")
+            os.replace(out / ".replay_buffer.tmp.pkl", buffer)
+
+    class EpisodeLog(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.pending: list[dict] = []
+
+        def flush(self):
+            if self.pending:
+                log.episode_done(self.pending, save=save)
+                self.pending = []
+
+        def _on_rollout_start(self) -> None:  # PPO: right after an update
+            self.flush()
+
+        def _on_step(self) -> bool:
+            if log.done >= args.episodes:
+                return False
+            for info in self.locals["infos"]:
+                if "episode_record" in info:
+                    self.pending.append(info["episode_record"])
+            if args.agent == "dqn":
+                self.flush()
+            return log.done < args.episodes
+
+    callback = EpisodeLog()
+    decisions = decisions_per_episode(cfg)
+    while log.done < args.episodes:  # each pass budgets the remaining episodes; rollbacks may need another
+        steps = max(decisions, args.episodes * decisions - model.num_timesteps)
+        model.learn(total_timesteps=steps, callback=callback, reset_num_timesteps=False, progress_bar=False)
+        callback.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder: manifest, learning curve, progress
+# ----------------------------------------------------------------------------------------------
+
+# What must match for a second call to continue a folder (episodes may grow).
+RESUME_KEYS = ("agent", "dataset", "profile", "lr_range", "seed", "reward", "actions", "observation", "controller",
+               "config")
+
+
+def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) -> dict:
+    policy_file = "policy.zip" if args.agent in ex.SB3_AGENTS else "policy.json"
+    controller = {k: getattr(args, k) for k in ("hidden", "controller_lr", "gamma", "episodes_per_update")}
+    lr_range = parse_lr_range(args.lr_range)
+    return {"agent": args.agent, "dataset": args.dataset, "profile": cfg.profile,
+            "lr_range": list(lr_range) if lr_range else None,
+            "seed": args.seed, "reward": ex.reward_kind(cfg), "actions": ex.agent_actions(cfg),
+            "observation": ex.observation_spec(), "controller": controller, "config": dataclasses.asdict(cfg),
+            "policy_file": policy_file, "episodes": args.episodes, "episodes_done": 0, "seeds": [],
+            "command": [sys.executable] + argv, "started": ex.now_iso(), **ex.environment_record(rt)}
+
+
+def open_out_dir(out: Path, manifest: dict) -> list[dict]:
+    """A new folder, or the same training to continue: returns the learning curve so far."""
+    if not (out / ex.POLICY_MANIFEST).exists():
+        if out.exists() and any(out.iterdir()):
+            raise ex.UserError(f"{out} exists and holds no train_agent.py manifest: choose another --out_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        ex.atomic_write_json(out / ex.POLICY_MANIFEST, manifest)
+        return []
+    old = ex.read_json(out / ex.POLICY_MANIFEST)
+    for key in RESUME_KEYS:
+        theirs, ours = old.get(key), manifest[key]
+        if theirs != ours:
+            if isinstance(theirs, dict) and isinstance(ours, dict):  # name only the settings that differ
+                differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+                theirs, ours = {k: theirs.get(k) for k in differ}, {k: ours.get(k) for k in differ}
+            raise ex.UserError(f"{out} holds a training with {key} {theirs}; this command asks {ours}: "
+                               f"run the command that started it, or use another --out_dir")
+    curve = ex.read_json(out / "learning_curve.json") if (out / "learning_curve.json").exists() else []
+    if len(curve) and not (out / old["policy_file"]).exists():
+        raise ex.UserError(f"{out} has a learning curve but no {old['policy_file']}: remove the folder to start over")
+    return curve
+
+
+class Log:
+    """The learning curve, kept on disk with the policy after every episode, and the progress display."""
+
+    def __init__(self, args: Args, out: Path, manifest: dict, curve: list[dict]):
+        self.args, self.out, self.manifest, self.curve = args, out, manifest, curve
+        self.t0, self.start = time.time(), len(curve)
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=args.episodes, initial=self.start, desc=f"{args.agent} episodes", unit="ep",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    @property
+    def done(self) -> int:
+        return len(self.curve)
+
+    def episode_done(self, records: list[dict], save) -> None:
+        save()  # the policy first: a curve entry never claims what the policy file lacks
+        self.curve.extend(records)
+        ex.atomic_write_json(self.out / "learning_curve.json", self.curve)
+        self.manifest.update(episodes_done=self.done, seeds=[r["seed"] for r in self.curve], updated=ex.now_iso(),
+                             train_seconds=sum(r["train_seconds"] for r in self.curve),
+                             episode_seconds=sum(r["seconds"] for r in self.curve))
+        ex.atomic_write_json(self.out / ex.POLICY_MANIFEST, self.manifest)
+        plot_learning_curve(self.curve, self.out / "learning_curve.png", self.args.agent)
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(self.done - self.start, 1) * (self.args.episodes - self.done)
+        for r in records:
+            line = (f"episode {r['episode'] + 1}/{self.args.episodes}: lr x{r['lr_factor']:.3g} return "
+                    f"{r['return']:+.4f} final val {r['final_val_loss']:.4f} ({r['status']}, {r['seconds']:.1f}s) "
+                    f"eta {ex.format_duration(eta)}")
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix_str(f"val {r['final_val_loss']:.3f}")
+            else:
+                print(line, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_learning_curve(curve: list[dict], path: Path, agent: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    episodes = [r["episode"] for r in curve]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "return", "return"), (axes[1], "final_val_loss", "final val loss")):
+        values = np.array([r[key] for r in curve], dtype=float)
+        colour = np.log10([r["lr_factor"] for r in curve])
+        points = ax.scatter(episodes, values, c=colour, cmap="coolwarm", s=12, vmin=-1, vmax=1)
+        window = max(1, min(20, len(values) // 5))
+        if len(values) >= window > 1:
+            ax.plot(episodes[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"), "k-",
+                    label=f"mean of {window}")
+            ax.legend()
+        ax.set_xlabel("episode")
+        ax.set_ylabel(label)
+    fig.colorbar(points, ax=axes, label="log10 base-LR factor")
+    fig.suptitle(f"{agent}: learning curve ({len(curve)} episodes)")
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ex.OneLineArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        kwargs = dict(dest=f.name, default=f.default, help=f.metadata["help"] + f" [default: {f.default}]")
+        if f.type == "bool":
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
+                                choices=f.metadata["choices"], **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str]) -> Args:
+    args = Args(**vars(build_parser().parse_args(argv)))
+    if args.episodes < 1 or args.hidden < 1 or args.episodes_per_update < 1:
+        raise ex.UserError("--episodes, --hidden and --episodes_per_update must be at least 1")
+    if args.controller_lr < 0 or not 0 <= args.gamma <= 1 or args.seed < 0:
+        raise ex.UserError("--controller_lr must be >= 0, --gamma in [0, 1], --seed >= 0")
+    parse_lr_range(args.lr_range)
+    return args
+
+
+def episode_config(args: Args) -> ex.Config:
+    """experiment.py's Config for every episode: the profile, --set on top, the controller's settings;
+    no final whole-split evaluation or sampling (an episode's result is its last evaluation)."""
+    overrides = {}
+    for item in filter(None, (s.strip() for s in args.set.split(","))):
+        name, _, value = item.partition("=")
+        if name not in ex.CONFIG_FIELDS or not value or name in ex.RUN_LEVEL_FIELDS:
+            raise ex.UserError(f"--set {item!r}: expected NAME=VALUE with NAME a training setting of experiment.py")
+        f = ex.CONFIG_FIELDS[name]
+        overrides[name] = value.lower() in ("1", "true", "yes") if f.type in ("bool", "Optional[bool]") \
+            else ex.parse_value(f, value)
+    base = ex.Config(data_dir=args.data_dir, source_dir=args.source_dir, agent=args.agent,
+                     agent_actions=args.agent_actions, reward=args.reward, agent_learn=True,
+                     policy_hidden=args.hidden, policy_lr=args.controller_lr or 1e-3, policy_gamma=args.gamma,
+                     final_eval_tokens=0, inference_samples=0, seeds=1)
+    if args.agent == "qlearning" and args.controller_lr:
+        base = dataclasses.replace(base, agent_lr=args.controller_lr)
+    cfg = ex.config_for_dataset(base, overrides, args.profile, args.dataset)
+    cfg = dataclasses.replace(cfg, seeds=1, final_eval_tokens=0, inference_samples=0)
+    ex.validate(dataclasses.replace(cfg, agent="none"))  # (ppo/dqn need no --agent_init to be trained)
+    lr_range = parse_lr_range(args.lr_range) or (1.0, 1.0)
+    if cfg.learning_rate * lr_range[1] > cfg.lr_ceiling:
+        raise ex.UserError(f"--lr_range {args.lr_range} reaches {cfg.learning_rate * lr_range[1]:g}, above "
+                           f"lr_ceiling {cfg.lr_ceiling:g}")
+    if args.seed <= cfg.seed_base + 1000 and args.seed + args.episodes > cfg.seed_base:
+        raise ex.UserError(f"--seed {args.seed}: training seeds must stay clear of the evaluation seeds "
+                           f"{cfg.seed_base}... (use e.g. --seed 1000000)")
+    return cfg
+
+
+def train(args: Args, argv: list[str]) -> list[dict]:
+    cfg = episode_config(args)
+    rt = ex.Runtime.choose(cfg)
+    ex.ensure_prepared(cfg, args.dataset)
+    data = ex.load_dataset(cfg, args.dataset)
+    ex.check_fits(cfg, data)
+    out = Path(args.out_dir)
+    manifest = manifest_for(args, cfg, rt, argv)
+    curve = open_out_dir(out, manifest)
+    if curve:  # continuing: keep the first start and command, note this one
+        old = ex.read_json(out / ex.POLICY_MANIFEST)
+        manifest = {**old, "episodes": args.episodes,
+                    "resumed": old.get("resumed", []) + [{"at": ex.now_iso(), "command": manifest["command"]}]}
+    print(f"{args.agent} on {args.dataset} | profile {cfg.profile} | {decisions_per_episode(cfg)} decisions per "
+          f"episode | episodes {len(curve)}/{args.episodes} done | out_dir {out}", flush=True)
+    log = Log(args, out, manifest, curve)
+    try:
+        if args.agent in ex.SB3_AGENTS:
+            sb3_episodes(args, cfg, data, rt, out, log)
+        else:
+            own_agent_episodes(args, cfg, data, rt, out, log)
+    finally:
+        log.close()
+    if curve:
+        share = 1 - sum(r["train_seconds"] for r in curve) / max(sum(r["seconds"] for r in curve), 1e-9)
+        print(f"{len(curve)} episodes in {out}: last 10 mean final val "
+              f"{np.mean([r['final_val_loss'] for r in curve[-10:]]):.4f}; controller and overhead "
+              f"{100 * share:.1f}% of episode time", flush=True)
+    return curve
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        train(parse_args(argv), argv)
+        return 0
+    except (ex.UserError, ex.RunFailed) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished episodes are saved; run the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
