@@ -1817,7 +1817,7 @@ class TrainingRun:
             self.rng_state["cuda"] = torch.cuda.get_rng_state()
         self.sampler.generator.set_state(payload["sampler_rng"])
         self.state = SeedState(**meta["state"])
-        self.multiplier = meta.get("multiplier", meta["agent"]["multiplier"])
+        self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
         self.grad_stats.zero_()
         self.weights_at_eval = payload.get("weights_at_eval")
         if self.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
@@ -2241,7 +2241,7 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
                       "data": {d: loaded[d].provenance for d in datasets},
                       "warnings": {d: w for d, w in warnings.items() if w}, **environment_record(rt)}
         if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
-            run_record["policy"] = {d: {k: p[k] for k in ("dir", "file", "sha256")} | {
+            run_record["policy"] = {d: {k: p[k] for k in ("dir", "file", "sha256")} | {"frozen": frozen(configs[d], True),
                 "trained": {k: p["manifest"].get(k) for k in ("agent", "dataset", "profile", "episodes_done",
                                                                 "seeds", "lr_range", "reward")}}
                 for d, p in policies.items()}

@@ -125,7 +125,9 @@ def episode_record(episode: int, run: ex.TrainingRun, lr_factor: float, decision
 class LRControlEnv(gym.Env):
     """Learning-rate control of one GPT training run as a gymnasium environment.
 
-    reset(): a new run for the next episode's (seed, base LR), advanced to its first evaluation.
+    reset(): a new run for the next episode's (seed, base LR), advanced to its first evaluation. The
+        episodes' instances are fixed by `instance`; reset(seed=...) rewinds to the first one, so the same
+        seed replays the same sequence of runs (the seed also seeds np_random, which nothing here draws from).
     step(a): multiply the LR multiplier by actions[a] (clipped to its bounds), train to the next evaluation.
     Observation: experiment.observation_features() (float32, clipped to +-OBSERVATION_LIMIT).
     Reward: experiment.reward_for() on the val loss. A divergence scores as a val loss at the divergence
@@ -145,11 +147,13 @@ class LRControlEnv(gym.Env):
         self.action_space = spaces.Discrete(len(self.actions))
         self.observation_space = spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT,
                                             (len(ex.OBSERVATION_FEATURES),), np.float32)
-        self.next_episode = first_episode
+        self.first_episode = self.next_episode = first_episode
         self.run: Optional[ex.TrainingRun] = None
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
+        if seed is not None:
+            self.next_episode = self.first_episode
         self.episode = self.next_episode
         self.next_episode += 1
         run_seed, self.lr_factor = self.instance(self.episode)
