@@ -1,7 +1,7 @@
 """
 Does a learned controller beat the cosine schedule? The measured comparison of the README.
 
-    python bench/controller_study.py --out study            # ~1.5 h on a 2-core CPU; resumable
+    python bench/controller_study.py --out study            # ~85 min on a 2-core CPU; resumable
 
 1. Train ppo and reinforce with train_agent.py on shakespeare_char at the tiny profile, base LR drawn
    log-uniformly from x0.1..x10 of the profile's (training seeds 1,000,000 + episode).
