@@ -2225,7 +2225,7 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         check_same_data(out_dir, run_record, loaded)
     else:
         prepare_run_folder(out_dir, base.overwrite)
-    warnings = {d: config_warnings(c) + policy_warnings(c, policies.get(d)) for d, c in configs.items()}
+    warnings = {d: config_warnings(c) + policy_warnings(c, d, policies.get(d)) for d, c in configs.items()}
     for d, lines in warnings.items():
         for line in lines:
             print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
@@ -2346,13 +2346,19 @@ def config_warnings(c: Config) -> list[str]:
     return warnings
 
 
-def policy_warnings(c: Config, policy: Optional[dict]) -> list[str]:
-    """A trained policy evaluated on a seed it was trained on is not a held-out result: say so."""
+def policy_warnings(c: Config, dataset: str, policy: Optional[dict]) -> list[str]:
+    """A trained policy evaluated on a seed it was trained on is not a held-out result, and one trained on
+    another dataset or profile is a transfer: say so."""
     if policy is None:
         return []
-    trained_on = set(policy["manifest"].get("seeds") or [])
-    overlap = sorted(trained_on & set(range(c.seed_base, c.seed_base + c.seeds)))
-    return [f"seeds {overlap} were among the policy's training seeds: not held out"] if overlap else []
+    manifest, warnings = policy["manifest"], []
+    overlap = sorted(set(manifest.get("seeds") or []) & set(range(c.seed_base, c.seed_base + c.seeds)))
+    if overlap:
+        warnings.append(f"seeds {overlap} were among the policy's training seeds: not held out")
+    for key, here in (("dataset", dataset), ("profile", c.profile)):
+        if manifest.get(key) not in (None, here):
+            warnings.append(f"the policy was trained with {key} {manifest.get(key)}, deployed with {here}")
+    return warnings
 
 
 def with_step_interval_from_epochs(c: Config, data: CharDataset) -> Config:

@@ -250,3 +250,14 @@ def test_evaluating_on_a_training_seed_is_flagged(prepared_data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     warnings = json.loads((tmp_path / "deployed" / "run.json").read_text())["warnings"]["shakespeare_char"]
     assert any("not held out" in w for w in warnings)
+    assert not any("trained with" in w for w in warnings)  # same dataset and profile: no transfer warning
+
+
+def test_a_policy_deployed_on_another_dataset_is_flagged_as_a_transfer(prepared_data_dir, tmp_path):
+    policy_dir = smoke_training(tmp_path, prepared_data_dir, "reinforce", 1)
+    proc = run_cli(["--out_dir", tmp_path / "t", "--profile", "smoke", "--datasets", "text8", "--data_dir",
+                    prepared_data_dir, "--notes", "off", "--inference_samples", "1", "--agent", "reinforce",
+                    "--agent_init", policy_dir])
+    assert proc.returncode == 0, proc.stderr
+    warnings = json.loads((tmp_path / "t" / "run.json").read_text())["warnings"]["text8"]
+    assert "the policy was trained with dataset shakespeare_char, deployed with text8" in warnings
