@@ -225,7 +225,7 @@ def own_agent_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Lo
         log.episode_done([record], save=lambda: ex.atomic_write_json(out / "policy.json", agent.state_dict()))
 
 
-def sb3_controller(args: Args, env: LRControlEnv, total_episodes: int):
+def sb3_controller(args: Args, env: LRControlEnv):
     """A stable-baselines3 PPO or DQN sized in evaluations, not in its defaults' Atari-scale steps:
     PPO collects n_steps (2048 by default) before its first update, so n_steps = episodes_per_update x
     decisions; DQN counts learning_starts and target_update_interval (10,000 by default) in env steps."""
@@ -259,7 +259,7 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
         if args.agent == "dqn" and buffer.exists():
             model.load_replay_buffer(buffer)
     else:
-        model = sb3_controller(args, env, args.episodes)
+        model = sb3_controller(args, env)
 
     def save():
         tmp = out / ".policy.zip.tmp.zip"

@@ -117,7 +117,7 @@ def test_an_untrained_reinforce_policy_explores_every_action():
 def test_stable_baselines3_controllers_learn_the_best_action_of_a_synthetic_task(agent_name, steps):
     """Budget: 3,000 decisions (300 runs), with the controller sized by train_agent.sb3_controller."""
     env = SyntheticEnv()
-    model = ta.sb3_controller(ta.Args(agent=agent_name, seed=0), env, total_episodes=steps // DECISIONS)
+    model = ta.sb3_controller(ta.Args(agent=agent_name, seed=0), env)
     model.learn(total_timesteps=steps)
     obs, _ = env.reset()
     actions = []
@@ -130,8 +130,8 @@ def test_stable_baselines3_controllers_learn_the_best_action_of_a_synthetic_task
 
 def test_ppo_is_sized_in_evaluations_not_in_its_atari_defaults():
     env = SyntheticEnv()
-    ppo = ta.sb3_controller(ta.Args(agent="ppo", episodes_per_update=2), env, total_episodes=10)
-    dqn = ta.sb3_controller(ta.Args(agent="dqn"), env, total_episodes=10)
+    ppo = ta.sb3_controller(ta.Args(agent="ppo", episodes_per_update=2), env)
+    dqn = ta.sb3_controller(ta.Args(agent="dqn"), env)
     assert ppo.n_steps == 2 * DECISIONS  # 2048 by default: it would never update in a short training
     assert dqn.target_update_interval == 2 * DECISIONS and dqn.learning_starts == 2 * DECISIONS
 
@@ -146,7 +146,7 @@ def probe_observations(n=40, seed=3):
 
 @pytest.mark.parametrize("agent_name", ["ppo", "dqn"])
 def test_a_saved_stable_baselines3_policy_reloads_and_acts_identically(agent_name, tmp_path):
-    model = ta.sb3_controller(ta.Args(agent=agent_name, seed=1), SyntheticEnv(), total_episodes=30)
+    model = ta.sb3_controller(ta.Args(agent=agent_name, seed=1), SyntheticEnv())
     model.learn(total_timesteps=300)
     model.save(tmp_path / "policy.zip")
     write_policy_folder(tmp_path, agent_name, "policy.zip")
