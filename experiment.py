@@ -1675,14 +1675,18 @@ class TrainingRun:
             mean = total / n
             stats = {"grad_norm_mean": mean, "grad_norm_std": math.sqrt(max(squares / n - mean * mean, 0.0)),
                      "clip_fraction": clipped / n}
+        weights = self.flat_weights()
         with torch.no_grad():
-            weights = torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
             if self.weights_at_eval is not None and n:
                 stats["update_ratio"] = float(torch.linalg.vector_norm(weights - self.weights_at_eval)
                                               / torch.linalg.vector_norm(weights).clamp_min(1e-12))
         self.weights_at_eval = weights
         s.grad_sums, s.grad_steps = [0.0, 0.0, 0.0], 0
         return stats
+
+    def flat_weights(self) -> torch.Tensor:
+        """Every parameter in one float32 vector (a copy): the reference of the update-to-weight ratio."""
+        return torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
 
     def observation(self) -> Observation:
         """What an agent sees at the last evaluation, with the multiplier now in effect."""
@@ -1821,7 +1825,7 @@ class TrainingRun:
         self.grad_stats.zero_()
         self.weights_at_eval = payload.get("weights_at_eval")
         if self.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
-            self.weights_at_eval = torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
+            self.weights_at_eval = self.flat_weights()
         return meta
 
 

@@ -321,14 +321,15 @@ def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) ->
             "command": [sys.executable] + argv, "started": ex.now_iso(), **ex.environment_record(rt)}
 
 
-def open_out_dir(out: Path, manifest: dict) -> list[dict]:
-    """A new folder, or the same training to continue: returns the learning curve so far."""
+def open_out_dir(out: Path, manifest: dict) -> tuple[list[dict], dict]:
+    """A new folder, or the same training to continue: returns the learning curve so far and the
+    folder's manifest (a continued one keeps its first start and command, and notes this one)."""
     if not (out / ex.POLICY_MANIFEST).exists():
         if out.exists() and any(out.iterdir()):
             raise ex.UserError(f"{out} exists and holds no train_agent.py manifest: choose another --out_dir")
         out.mkdir(parents=True, exist_ok=True)
         ex.atomic_write_json(out / ex.POLICY_MANIFEST, manifest)
-        return []
+        return [], manifest
     old = ex.read_json(out / ex.POLICY_MANIFEST)
     for key in RESUME_KEYS:
         theirs, ours = old.get(key), manifest[key]
@@ -341,7 +342,10 @@ def open_out_dir(out: Path, manifest: dict) -> list[dict]:
     curve = ex.read_json(out / "learning_curve.json") if (out / "learning_curve.json").exists() else []
     if len(curve) and not (out / old["policy_file"]).exists():
         raise ex.UserError(f"{out} has a learning curve but no {old['policy_file']}: remove the folder to start over")
-    return curve
+    if not curve:
+        return curve, manifest
+    return curve, {**old, "episodes": manifest["episodes"],
+                   "resumed": old.get("resumed", []) + [{"at": ex.now_iso(), "command": manifest["command"]}]}
 
 
 class Log:
@@ -475,12 +479,7 @@ def train(args: Args, argv: list[str]) -> list[dict]:
     data = ex.load_dataset(cfg, args.dataset)
     ex.check_fits(cfg, data)
     out = Path(args.out_dir)
-    manifest = manifest_for(args, cfg, rt, argv)
-    curve = open_out_dir(out, manifest)
-    if curve:  # continuing: keep the first start and command, note this one
-        old = ex.read_json(out / ex.POLICY_MANIFEST)
-        manifest = {**old, "episodes": args.episodes,
-                    "resumed": old.get("resumed", []) + [{"at": ex.now_iso(), "command": manifest["command"]}]}
+    curve, manifest = open_out_dir(out, manifest_for(args, cfg, rt, argv))
     print(f"{args.agent} on {args.dataset} | profile {cfg.profile} | {decisions_per_episode(cfg)} decisions per "
           f"episode | episodes {len(curve)}/{args.episodes} done | out_dir {out}", flush=True)
     log = Log(args, out, manifest, curve)
