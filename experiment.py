@@ -141,6 +141,14 @@ class Config:
     policy_gamma: float = _opt(0.99, "reinforce: discount of the return", bounds="[0, 1]")
     multiplier_min: float = _opt(0.125, "lower bound of the agent's learning-rate multiplier", bounds="(0, 1]")
     multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier", bounds="[1, inf)")
+    lr_groups: str = _opt("", "who gets a multiplier: global (one for the whole model) or layer (the embeddings, "
+                              "each block and the final norm: their own parameter groups, each rate clamp(base x "
+                              "multiplier x its own)); default global, layer with --layer_trust", ("global", "layer"))
+    layer_trust: str = _opt("none", "lamb: every step, each layer's rate is scaled by its LAMB trust ratio |w| / "
+                                    "|Adam update| over its matrices, normalised to geometric mean 1 over the layers "
+                                    "(a per-layer redistribution of the same schedule), clipped to "
+                                    "[1/trust_clip, trust_clip]", ("none", "lamb"))
+    trust_clip: float = _opt(10.0, "--layer_trust: bound of a layer's trust factor", bounds="[1, inf)")
     lr_floor: float = _opt(0.0, "the learning rate never goes below this", bounds="[0, inf)")
     lr_ceiling: float = _opt(0.1, "the learning rate never goes above this", bounds="(0, inf)")
     # --- reliability ---
@@ -236,7 +244,7 @@ def config_for_dataset(base: Config, cli_overrides: dict, profile: str, dataset:
     cfg = dataclasses.replace(base, **values)
     # The agent's defaults, written into the config so run.json says what was used.
     return dataclasses.replace(cfg, agent_actions=cfg.agent_actions or DEFAULT_ACTIONS[cfg.agent],
-                               reward=reward_kind(cfg))
+                               reward=reward_kind(cfg), lr_groups=lr_groups_kind(cfg))
 
 
 POLICY_AGENTS = ("reinforce", "ppo", "dqn")  # act on observation_features(); trained by train_agent.py
@@ -248,6 +256,10 @@ DEFAULT_ACTIONS = {"none": "0.5,0.8,1,1.25,2", "random": "0.5,0.8,1,1.25,2", "re
 
 def reward_kind(cfg: Config) -> str:
     return cfg.reward or ("improvement" if cfg.agent in POLICY_AGENTS else "neg_val_loss")
+
+
+def lr_groups_kind(cfg: Config) -> str:
+    return cfg.lr_groups or ("layer" if cfg.layer_trust != "none" else "global")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,12 +575,16 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def make_optimizer(self, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-        """AdamW; weight decay only on >=2-D tensors (matmul weights, embeddings), not on norms/biases."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        """AdamW; weight decay only on >=2-D tensors (matmul weights, embeddings), not on norms/biases.
+        --lr_groups layer: that split within each LR group (lr_group_names), so each layer has its own rate;
+        every param group carries its "lr_group" and whether it holds "matrices"."""
+        names = lr_group_names(cfg)
+        params = [(lr_group_of(name) if len(names) > 1 else "all", p)
+                  for name, p in self.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for g, p in params if g == group and (p.dim() >= 2) == matrices],
+                   "weight_decay": cfg.weight_decay if matrices else 0.0, "lr_group": group, "matrices": matrices}
+                  for group in names for matrices in (True, False)]
+        groups = [g for g in groups if g["params"]] if len(names) > 1 else groups
         if cfg.optimizer == "schedulefree":  # averages iterates itself: needs .train()/.eval() switching
             import schedulefree
             return schedulefree.AdamWScheduleFree(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
@@ -610,6 +626,26 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+# --lr_groups layer: lr_g = clamp(base_schedule(iter) x multiplier x multiplier_g x trust_g), one g per layer.
+# (The tied token embedding is also the output layer: it belongs to "embedding".)
+
+def lr_group_names(cfg: Config) -> list[str]:
+    """The LR groups from the input to the output; ["all"] when one multiplier drives the whole model."""
+    if lr_groups_kind(cfg) != "layer":
+        return ["all"]
+    return ["embedding"] + [f"block{i}" for i in range(cfg.n_layer)] + ["ln_f"]
+
+
+def lr_group_of(parameter_name: str) -> str:
+    """transformer.wte.weight -> embedding, transformer.h.3.mlp.c_fc.weight -> block3, ... -> ln_f."""
+    parts = parameter_name.split(".")
+    if parts[1] in ("wte", "wpe"):
+        return "embedding"
+    if parts[1] == "h":
+        return f"block{parts[2]}"
+    return "ln_f"
+
+
 def optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
     """Schedule-free AdamW evaluates at the averaged weights: switch before evaluating and back after."""
     if hasattr(optimizer, "train") and hasattr(optimizer, "eval"):
@@ -646,6 +682,9 @@ class Observation:
     grad_norm_std: Optional[float] = None
     clip_fraction: Optional[float] = None   # share of those steps whose gradient was clipped
     update_ratio: Optional[float] = None    # |w_now - w_prev_eval| / |w_now| over all parameters
+    groups: Optional[list] = None           # --lr_groups layer: per LR group, input to output, a dict of its
+    # name, grad_norm_mean/grad_norm_std (since the previous evaluation), weight_rms, update_ratio,
+    # multiplier (its own, in effect until this decision) and lr (its rate now)
 
 
 # The features a policy network sees (train_agent.py's environment observes the same vector). A policy
@@ -665,20 +704,45 @@ OBSERVATION_FEATURES = (
     "clip_fraction",
     "log_update_ratio",  # log10(relative weight change since the previous evaluation) + 2
 )
+# --lr_groups layer: a policy sees one row per LR group, the features above followed by these, and picks
+# one action per row. The same network serves every row (SOLAR's shared per-group policy), so a policy
+# trained on one depth runs on any other.
+GROUP_FEATURES = (
+    "depth",                   # the group's place from the input (0) to the output (1)
+    "log_group_grad_norm",     # log10(its mean gradient norm since the previous evaluation)
+    "group_grad_snr",          # log10(mean / std of that norm across the steps): steady gradients > 0
+    "log_weight_rms",          # log10(rms of its weights) + 1
+    "log_group_update_ratio",  # log10(|its weight change since the previous evaluation| / |its weights|) + 2
+    "log2_group_multiplier",   # / 3
+)
 OBSERVATION_VERSION = 1
 OBSERVATION_LIMIT = 10.0  # every feature is clipped to +-this (a gymnasium Box needs bounds)
 
 
-def observation_spec() -> dict:
-    return {"version": OBSERVATION_VERSION, "features": list(OBSERVATION_FEATURES)}
+def observation_spec(cfg: Optional[Config] = None) -> dict:
+    spec = {"version": OBSERVATION_VERSION, "features": list(OBSERVATION_FEATURES)}
+    if cfg is not None and lr_groups_kind(cfg) == "layer":
+        spec["group_features"] = list(GROUP_FEATURES)
+    return spec
+
+
+def policy_feature_count(cfg: Config) -> int:
+    """Inputs of a policy network: per decision (global), or per group row (--lr_groups layer)."""
+    return len(OBSERVATION_FEATURES) + (len(GROUP_FEATURES) if lr_groups_kind(cfg) == "layer" else 0)
+
+
+def policy_features(cfg: Config, obs: Observation) -> np.ndarray:
+    return group_observation_features(obs) if lr_groups_kind(cfg) == "layer" else observation_features(obs)
+
+
+def _log10(x: Optional[float]) -> Optional[float]:
+    return math.log10(x) if x is not None and x > 0 and math.isfinite(x) else None
 
 
 def observation_features(obs: Observation) -> np.ndarray:
     """The normalised float32 vector of OBSERVATION_FEATURES; statistics not yet gathered are 0."""
-    def log10(x):
-        return math.log10(x) if x is not None and x > 0 and math.isfinite(x) else None
     log_val = math.log(max(obs.val_loss, 1e-12))
-    grad, ratio = log10(obs.grad_norm_mean), log10(obs.update_ratio)
+    grad, ratio = _log10(obs.grad_norm_mean), _log10(obs.update_ratio)
     values = [
         obs.it / max(1, obs.max_iters),
         obs.val_loss / math.log(max(2, obs.vocab_size)),
@@ -694,6 +758,23 @@ def observation_features(obs: Observation) -> np.ndarray:
         ratio + 2 if ratio is not None else 0.0,
     ]
     return np.clip(np.nan_to_num(np.array(values, dtype=np.float32)), -OBSERVATION_LIMIT, OBSERVATION_LIMIT)
+
+
+def group_observation_features(obs: Observation) -> np.ndarray:
+    """(groups, OBSERVATION_FEATURES + GROUP_FEATURES) float32: the shared features on every row, then the
+    group's own; statistics not yet gathered are 0."""
+    shared = observation_features(obs)
+    rows = []
+    for k, g in enumerate(obs.groups):
+        grad, ratio, rms = _log10(g.get("grad_norm_mean")), _log10(g.get("update_ratio")), _log10(g.get("weight_rms"))
+        std = g.get("grad_norm_std")
+        snr = _log10(g["grad_norm_mean"] / max(std, 1e-12)) if grad is not None and std is not None else None
+        rows.append([k / max(1, len(obs.groups) - 1), grad if grad is not None else 0.0,
+                     snr if snr is not None else 0.0, rms + 1 if rms is not None else 0.0,
+                     ratio + 2 if ratio is not None else 0.0, math.log2(g["multiplier"]) / 3])
+    own = np.nan_to_num(np.array(rows, dtype=np.float32))
+    table = np.concatenate([np.repeat(shared[None, :], len(rows), axis=0), own], axis=1)
+    return np.clip(table, -OBSERVATION_LIMIT, OBSERVATION_LIMIT)
 
 
 def agent_actions(cfg: Config) -> list[float]:
@@ -738,17 +819,30 @@ def divergence_loss(cfg: Config, reference: Optional[float]) -> float:
 
 
 class NoAgent:
-    """The baseline: the multiplier stays 1, so the run is the plain base schedule."""
+    """The baseline: the multiplier stays 1, so the run is the plain base schedule.
+
+    Under --lr_groups layer an agent that acts per group (PER_GROUP) also holds group_multipliers, one per
+    LR group, which it sets instead of the global multiplier (that one then only takes rollback cuts)."""
+
+    PER_GROUP = False
 
     def __init__(self, cfg: Config, seed: int):
-        self.cfg, self.multiplier, self.trajectory = cfg, 1.0, []
+        self.cfg = cfg
+        self.n_groups = len(lr_group_names(cfg)) if self.PER_GROUP and lr_groups_kind(cfg) == "layer" else 0
+        self.multiplier, self.trajectory = 1.0, []
+        self.group_multipliers = [1.0] * self.n_groups if self.n_groups else None
 
     def clip(self, multiplier: float) -> float:
         return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
 
+    def apply(self, factors: list[float]) -> None:
+        """Multiply each group's multiplier by its factor, within the bounds."""
+        self.group_multipliers = [self.clip(m * f) for m, f in zip(self.group_multipliers, factors)]
+
     def start_run(self) -> None:
-        """A new run begins with this agent (train_agent.py): the multiplier starts at 1 again."""
+        """A new run begins with this agent (train_agent.py): the multipliers start at 1 again."""
         self.multiplier, self.trajectory = 1.0, []
+        self.group_multipliers = [1.0] * self.n_groups if self.n_groups else None
 
     def observe(self, obs: Observation) -> dict:
         return self.record(obs, action=None, reward=None, epsilon=None, state=None)
@@ -766,18 +860,24 @@ class NoAgent:
             self.trajectory[-1]["multiplier"] = self.multiplier
 
     def record(self, obs: Observation, **fields) -> dict:
-        self.trajectory.append({"iter": obs.it, "multiplier": self.multiplier})
-        return {"multiplier": self.multiplier, **fields}
+        groups = {} if self.group_multipliers is None else {"multipliers": list(self.group_multipliers)}
+        self.trajectory.append({"iter": obs.it, "multiplier": self.multiplier, **groups})
+        return {"multiplier": self.multiplier, **groups, **fields}
 
     def state_dict(self) -> dict:
-        return {"agent": self.cfg.agent, "multiplier": self.multiplier, "trajectory": self.trajectory}
+        groups = {} if self.group_multipliers is None else {"group_multipliers": self.group_multipliers}
+        return {"agent": self.cfg.agent, "multiplier": self.multiplier, "trajectory": self.trajectory, **groups}
 
     def load_state_dict(self, state: dict) -> None:
         self.multiplier, self.trajectory = state["multiplier"], [dict(t) for t in state["trajectory"]]
+        self.group_multipliers = state.get("group_multipliers")
 
 
 class RandomAgent(NoAgent):
-    """Control: multiplies by a uniformly random action factor after each evaluation."""
+    """Control: multiplies by a uniformly random action factor after each evaluation (--lr_groups layer:
+    an independent draw for every group)."""
+
+    PER_GROUP = True
 
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
@@ -785,6 +885,10 @@ class RandomAgent(NoAgent):
         self.rng = np.random.default_rng(seed)
 
     def observe(self, obs: Observation) -> dict:
+        if self.group_multipliers is not None:
+            actions = [int(a) for a in self.rng.integers(len(self.actions), size=self.n_groups)]
+            self.apply([self.actions[a] for a in actions])
+            return self.record(obs, action=actions, reward=None, epsilon=None, state=None)
         action = int(self.rng.integers(len(self.actions)))
         self.multiplier = self.clip(self.multiplier * self.actions[action])
         return self.record(obs, action=action, reward=None, epsilon=None, state=None)
@@ -800,15 +904,24 @@ class RandomAgent(NoAgent):
 class ReplayAgent(NoAgent):
     """Control: plays back the multipliers an earlier run used, open loop (--agent_init that run)."""
 
+    PER_GROUP = True
+
     def __init__(self, cfg: Config, seed: int, recorded: dict):
         super().__init__(cfg, seed)
         self.plan = {step["iter"]: step["multiplier"] for step in recorded["trajectory"]}
+        self.group_plan = {step["iter"]: step.get("multipliers") for step in recorded["trajectory"]}
+        lengths = {len(m) if m else 0 for m in self.group_plan.values()}
+        if lengths != {self.n_groups}:
+            raise UserError(f"replay: the recorded run set {max(lengths)} group multipliers, this run has "
+                            f"{self.n_groups} (use the same --lr_groups and --n_layer)")
 
     def observe(self, obs: Observation) -> dict:
         if obs.it not in self.plan:
             raise UserError(f"replay: the recorded run has no decision at iteration {obs.it} "
                             f"(its evaluations were at {sorted(self.plan)[:5]}...); use the same eval_interval")
         self.multiplier = self.clip(self.plan[obs.it])
+        if self.group_multipliers is not None:
+            self.group_multipliers = [self.clip(m) for m in self.group_plan[obs.it]]
         return self.record(obs, action=None, reward=None, epsilon=None, state=None)
 
 
@@ -1031,14 +1144,18 @@ class ReinforceAgent(NoAgent):
     improvement reward every return is roughly "loss now minus final loss", large early, small late).
     One Adam step per run. Frozen (a trained policy deployed): the most probable action, no update.
     A diverged interval scores as a val loss at the divergence threshold plus --divergence_penalty.
+    --lr_groups layer: the same network picks one action per group row; a decision's log-probability is
+    the sum over its groups (they are drawn independently), and all share the run's reward.
     """
+
+    PER_GROUP = True
 
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
         self.actions = agent_actions(cfg)
         with torch.random.fork_rng(devices=[]):  # the network's init must not move anyone else's RNG
             torch.manual_seed(seed)
-            self.policy = PolicyMLP(len(OBSERVATION_FEATURES), len(self.actions), cfg.policy_hidden)
+            self.policy = PolicyMLP(policy_feature_count(cfg), len(self.actions), cfg.policy_hidden)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.policy_lr)
         self.generator = torch.Generator().manual_seed(seed)  # action sampling: its own stream
         self.baseline: dict[str, list] = {}  # str(iter) -> [mean return, count]
@@ -1054,14 +1171,15 @@ class ReinforceAgent(NoAgent):
     def learning(self) -> bool:
         return not self.cfg.agent_freeze
 
-    def act(self, features: np.ndarray) -> tuple[int, list]:
+    def act(self, features: np.ndarray):
+        """One action (features of one decision), or one per row (a group table): (action(s), probabilities)."""
         with torch.no_grad():
             probs = torch.softmax(self.policy(torch.as_tensor(features)), dim=-1)
         if self.learning:
-            action = int(torch.multinomial(probs, 1, generator=self.generator))
+            actions = torch.multinomial(probs, 1, generator=self.generator).flatten()
         else:
-            action = int(torch.argmax(probs))
-        return action, probs.tolist()
+            actions = torch.argmax(probs, dim=-1).flatten()
+        return (actions.tolist() if features.ndim == 2 else int(actions)), probs.tolist()
 
     def observe(self, obs: Observation) -> dict:
         reward = reward_for(reward_kind(self.cfg), self.prev_val, obs.val_loss)
@@ -1071,12 +1189,15 @@ class ReinforceAgent(NoAgent):
         if obs.it >= obs.max_iters:  # the last evaluation: no decision left; learn from the whole run
             self.end_run()
             return self.record(obs, action=None, reward=reward, epsilon=None, state=None)
-        features = observation_features(obs)
+        features = policy_features(self.cfg, obs)
         action, probs = self.act(features)
-        self.multiplier = self.clip(self.multiplier * self.actions[action])
+        if self.group_multipliers is not None:
+            self.apply([self.actions[a] for a in action])
+        else:
+            self.multiplier = self.clip(self.multiplier * self.actions[action])
         self.steps.append({"iter": obs.it, "features": features.tolist(), "action": action, "reward": None})
         return self.record(obs, action=action, reward=reward, epsilon=None, state=None,
-                           probs=[round(p, 4) for p in probs])
+                           probs=np.round(probs, 4).tolist() if self.n_groups else [round(p, 4) for p in probs])
 
     def on_rollback(self, diverged_loss: float, it: int, final: bool = False) -> None:
         super().on_rollback(diverged_loss, it, final)
@@ -1103,9 +1224,11 @@ class ReinforceAgent(NoAgent):
             advantages.append(g - mean)
             count += 1
             self.baseline[str(s["iter"])] = [mean + max(0.1, 1.0 / count) * (g - mean), count]
-        features = torch.tensor([s["features"] for s in steps])
+        features = torch.tensor([s["features"] for s in steps])  # (decisions, [groups,] features)
         actions = torch.tensor([s["action"] for s in steps])
-        log_probs = torch.log_softmax(self.policy(features), dim=-1)[torch.arange(len(steps)), actions]
+        log_probs = torch.log_softmax(self.policy(features), dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        if log_probs.dim() == 2:  # a decision's groups drew independently: its log-probability is their sum
+            log_probs = log_probs.sum(dim=1)
         loss = -(log_probs * torch.tensor(advantages, dtype=torch.float32)).sum()
         self.optimizer.zero_grad()
         loss.backward()
@@ -1114,7 +1237,7 @@ class ReinforceAgent(NoAgent):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "actions": self.actions, "hidden": self.cfg.policy_hidden,
-                "observation": observation_spec(), "policy": tensors_to_json(self.policy.state_dict()),
+                "observation": observation_spec(self.cfg), "policy": tensors_to_json(self.policy.state_dict()),
                 "optimizer": tensors_to_json(self.optimizer.state_dict()), "baseline": self.baseline,
                 "generator": self.generator.get_state().tolist(), "updates": self.updates,
                 "prev_val": self.prev_val, "steps": self.steps}
@@ -1129,9 +1252,9 @@ class ReinforceAgent(NoAgent):
         """What a later run takes from a trained one: the network, its optimizer and the return baseline."""
         if state.get("actions") != self.actions:
             raise UserError(f"the reinforce policy has actions {state.get('actions')}, this run {self.actions}")
-        if state.get("observation") != observation_spec():
-            raise UserError(f"the reinforce policy observes {state.get('observation')}, this version "
-                            f"{observation_spec()}: retrain it")
+        if state.get("observation") != observation_spec(self.cfg):
+            raise UserError(f"the reinforce policy observes {state.get('observation')}, this run "
+                            f"{observation_spec(self.cfg)}: retrain it (or match --lr_groups)")
         try:
             self.policy.load_state_dict(tensors_from_json(state["policy"]))
             self.optimizer.load_state_dict(tensors_from_json(state["optimizer"], int_keys=True))
@@ -1144,7 +1267,11 @@ class ReinforceAgent(NoAgent):
 
 class SB3Agent(NoAgent):
     """A stable-baselines3 PPO or DQN policy trained by train_agent.py, deployed frozen: at each evaluation
-    the policy's most likely action on observation_features() (stable-baselines3 is imported only here)."""
+    the policy's most likely action on observation_features() (stable-baselines3 is imported only here).
+    --lr_groups layer: the policy observes one group row and is applied to every row of the table, as
+    train_agent.py trained it (each group an agent of one shared policy), whatever the depth."""
+
+    PER_GROUP = True
 
     def __init__(self, cfg: Config, seed: int, policy_file: Path):
         super().__init__(cfg, seed)
@@ -1157,16 +1284,20 @@ class SB3Agent(NoAgent):
             raise UserError(f"cannot load the {cfg.agent} policy {policy_file} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from e
         shape, n = self.model.observation_space.shape, getattr(self.model.action_space, "n", None)
-        if shape != (len(OBSERVATION_FEATURES),) or n != len(self.actions):
+        if shape != (policy_feature_count(cfg),) or n != len(self.actions):
             raise UserError(f"the {cfg.agent} policy {policy_file} observes {shape} and has {n} actions; this "
-                            f"version observes ({len(OBSERVATION_FEATURES)},) with {len(self.actions)} actions")
+                            f"run observes ({policy_feature_count(cfg)},) with {len(self.actions)} actions")
 
     def observe(self, obs: Observation) -> dict:
         if obs.it >= obs.max_iters:
             return self.record(obs, action=None, reward=None, epsilon=None, state=None)
-        action, _ = self.model.predict(observation_features(obs), deterministic=True)
-        action = int(action)
-        self.multiplier = self.clip(self.multiplier * self.actions[action])
+        action, _ = self.model.predict(policy_features(self.cfg, obs), deterministic=True)
+        if self.group_multipliers is not None:  # a batch of rows: one action each
+            action = [int(a) for a in action]
+            self.apply([self.actions[a] for a in action])
+        else:
+            action = int(action)
+            self.multiplier = self.clip(self.multiplier * self.actions[action])
         return self.record(obs, action=action, reward=None, epsilon=None, state=None)
 
 
@@ -1239,8 +1370,12 @@ def trained_policy(cfg: Config) -> Optional[dict]:
         raise UserError(f"{folder / POLICY_MANIFEST} is not a train_agent.py manifest")
     if manifest.get("agent") != cfg.agent:
         raise UserError(f"--agent_init {folder} holds a {manifest.get('agent')} policy, not {cfg.agent}")
-    if manifest.get("observation") != observation_spec():
-        theirs = manifest.get("observation") or {}
+    if manifest.get("observation") != observation_spec(cfg):
+        theirs, ours = manifest.get("observation") or {}, observation_spec(cfg)
+        if ("group_features" in theirs) != ("group_features" in ours):
+            raise UserError(f"--agent_init {folder} was trained with --lr_groups "
+                            f"{'layer' if 'group_features' in theirs else 'global'}; this run has "
+                            f"--lr_groups {lr_groups_kind(cfg)}")
         raise UserError(f"--agent_init {folder} was trained on observation version {theirs.get('version')} "
                         f"({len(theirs.get('features', []))} features); this version observes "
                         f"{OBSERVATION_VERSION} ({len(OBSERVATION_FEATURES)}): retrain it")
@@ -1473,6 +1608,8 @@ class SeedState:
     grad_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # since the last evaluation: sum of
     grad_steps: int = 0                    # gradient norms, of their squares, clipped steps; steps taken
     interval: dict = field(default_factory=dict)  # those statistics as of the last evaluation (Observation fields)
+    group_grad_sums: list = field(default_factory=list)  # --lr_groups layer: per group, sum of gradient norms
+    # and of their squares since the last evaluation ([sums, squares])
     elapsed: float = 0.0           # training-loop seconds spent before this process (resume)
     eval_time: float = 0.0
     agent_time: float = 0.0
@@ -1543,6 +1680,19 @@ class TrainingRun:
                             for split, s in self.eval_samplers.items()}
         self.state = SeedState()
         self.multiplier = 1.0
+        # --lr_groups layer: each group's own multiplier (set by a per-group agent) and trust factor (LAMB).
+        self.group_names = lr_group_names(cfg)
+        self.layered = len(self.group_names) > 1
+        self.group_multipliers = [1.0] * len(self.group_names)
+        self.trust = [1.0] * len(self.group_names)
+        self.params = list(self.model.parameters())  # the order of flat_weights()
+        self.param_sizes = [p.numel() for p in self.params]
+        group_of = {id(p): lr_group_of(name) for name, p in self.model.named_parameters()} if self.layered else {}
+        self.param_groups_index = torch.tensor([self.group_names.index(group_of.get(id(p), "all"))
+                                                for p in self.params], device=rt.device)
+        self.optimizer_groups = [(self.group_names.index(g.get("lr_group", "all")), g.get("matrices", True))
+                                 for g in self.optimizer.param_groups]  # (LR group, holds matrices)
+        self.group_grad_stats = torch.zeros(2, len(self.group_names), device=rt.device)
         self.saved_at: dict = {}  # "last" / "previous" -> the iteration its checkpoint holds
         self.on_log = on_log or (lambda it, loss, lr: None)
         self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
@@ -1575,6 +1725,16 @@ class TrainingRun:
     def lr(self, it: int) -> float:
         return controlled_lr(self.cfg, it, self.multiplier)
 
+    def group_lrs(self, it: int) -> list[float]:
+        """Each LR group's rate at step `it`: clamp(base x multiplier x its multiplier x its trust)."""
+        base = base_lr(self.cfg, it) * self.multiplier
+        return [min(max(base * m * t, self.cfg.lr_floor), self.cfg.lr_ceiling)
+                for m, t in zip(self.group_multipliers, self.trust)]
+
+    def lr_record(self, it: int) -> dict:
+        """The per-group rates of step `it` for the logs (nothing with one group: "lr" says it all)."""
+        return {"lr_groups": dict(zip(self.group_names, self.group_lrs(it)))} if self.layered else {}
+
     # --- training -----------------------------------------------------------------------------
 
     def advance(self, stop=lambda: False) -> EvalResult:
@@ -1598,14 +1758,16 @@ class TrainingRun:
                     s.next_it = it
                     return EvalResult(it, interrupted=True)
                 lr = self.lr(it)
+                logged = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
+                rates = self.lr_record(it) if logged else {}  # (before the step: LAMB moves the trust)
                 loss = self.step(it, lr)
                 window_iters += 1
-                if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
+                if logged:
                     lossf = loss.item()  # the only host sync of the step, once per log_interval
                     if is_diverged(lossf, s.reference_loss, cfg.divergence_factor):
                         return EvalResult(it, diverged=f"train loss {lossf:.4g} at iter {it}")
                     now = time.time()
-                    s.train_log.append({"iter": it, "loss": lossf, "lr": lr,
+                    s.train_log.append({"iter": it, "loss": lossf, "lr": lr, **rates,
                                         "time": (now - t_window) * 1000 / window_iters})
                     s.last_logged_loss = lossf
                     t_window, window_iters = now, 0
@@ -1615,9 +1777,15 @@ class TrainingRun:
             s.elapsed += time.time() - t_start
 
     def step(self, it: int, lr: float) -> torch.Tensor:
-        """One optimizer step at rate lr; returns the last micro-batch's loss (on the device, not synced)."""
+        """One optimizer step at rate lr (each group at its own, when layered); returns the last micro-batch's
+        loss (on the device, not synced)."""
         cfg, rt = self.cfg, self.rt
-        set_lr(self.optimizer, lr)
+        if self.layered:
+            rates = self.group_lrs(it)
+            for group, (index, _) in zip(self.optimizer.param_groups, self.optimizer_groups):
+                group["lr"] = rates[index]
+        else:
+            set_lr(self.optimizer, lr)
         for _ in range(cfg.gradient_accumulation_steps):
             x, y = self.sampler.next_batch()
             with rt.autocast:
@@ -1625,7 +1793,9 @@ class TrainingRun:
             if self.faults.poison(it, self.model):
                 loss = loss * float("nan")
             self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-        if cfg.grad_clip > 0:
+        if self.layered:
+            self.clip_by_group()
+        elif cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.grad_stats += torch.stack((norm, norm * norm, (norm > cfg.grad_clip).float()))
@@ -1636,7 +1806,56 @@ class TrainingRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.layer_trust == "lamb":
+            self.update_trust()
         return loss
+
+    def clip_by_group(self) -> None:
+        """Clip by the global norm as clip_grad_norm_ does, and keep each group's gradient norm too: the
+        per-parameter norms it needs anyway, summed by group (a few small ops per step, on the device)."""
+        cfg = self.cfg
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))  # as clip_grad_norm_ computes
+        total = torch.linalg.vector_norm(norms)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, total)
+        by_group = torch.zeros_like(self.group_grad_stats[0]).index_add_(0, self.param_groups_index, norms * norms)
+        self.group_grad_stats += torch.stack((by_group.sqrt(), by_group))
+        clipped = (total > cfg.grad_clip).float() if cfg.grad_clip > 0 else torch.zeros_like(total)
+        self.grad_stats += torch.stack((total, total * total, clipped))
+
+    def update_trust(self) -> None:
+        """LAMB's trust ratio (You et al. 2020) per layer: |w| / |u| over the layer's matrices (LAMB leaves
+        norms and biases unadapted), u the Adam update direction of the step just taken,
+        m_hat / (sqrt(v_hat) + eps) + weight_decay x w, read from the optimizer's state. LAMB multiplies a
+        much larger base rate by the raw ratio; here the ratios are normalised to geometric mean 1 over the
+        layers, so the schedule keeps its scale and the rule only redistributes it between layers, then
+        clipped to [1/trust_clip, trust_clip]. Used from the next step on (one step stale); one host sync."""
+        n = len(self.group_names)
+        weight_sq = torch.zeros(n, device=self.rt.device)
+        update_sq = torch.zeros(n, device=self.rt.device)
+        for group, (index, matrices) in zip(self.optimizer.param_groups, self.optimizer_groups):
+            if not matrices:
+                continue
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if not state:
+                    continue
+                step = float(state["step"])
+                update = (state["exp_avg"] / (1 - beta1 ** step)
+                          / ((state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + group["eps"])
+                          + group["weight_decay"] * p.detach())
+                update_sq[index] += update.float().square().sum()
+                weight_sq[index] += p.detach().float().square().sum()
+        adapted = update_sq > 0
+        if not bool(adapted.any()):
+            return
+        log_ratio = 0.5 * (weight_sq.clamp_min(1e-30).log() - update_sq.clamp_min(1e-30).log())
+        log_ratio = log_ratio - log_ratio[adapted].mean()
+        factor = log_ratio.exp().clamp(1 / self.cfg.trust_clip, self.cfg.trust_clip)
+        self.trust = torch.where(adapted, factor, torch.ones_like(factor)).tolist()
 
     def evaluate(self, it: int) -> EvalResult:
         cfg, s = self.cfg, self.state
@@ -1662,6 +1881,11 @@ class TrainingRun:
         sums = self.grad_stats.tolist()
         self.state.grad_sums = [a + b for a, b in zip(self.state.grad_sums, sums)]
         self.grad_stats.zero_()
+        if self.layered:
+            group_sums = self.group_grad_stats.tolist()
+            kept = self.state.group_grad_sums or [[0.0] * len(self.group_names)] * 2
+            self.state.group_grad_sums = [[a + b for a, b in zip(k, g)] for k, g in zip(kept, group_sums)]
+            self.group_grad_stats.zero_()
 
     def interval_statistics(self) -> dict:
         """Gradient norms (mean, std, share clipped) of the steps since the previous evaluation and the
@@ -1680,21 +1904,53 @@ class TrainingRun:
             if self.weights_at_eval is not None and n:
                 stats["update_ratio"] = float(torch.linalg.vector_norm(weights - self.weights_at_eval)
                                               / torch.linalg.vector_norm(weights).clamp_min(1e-12))
+            if self.layered:
+                stats["groups"] = self.group_statistics(weights, n)
         self.weights_at_eval = weights
         s.grad_sums, s.grad_steps = [0.0, 0.0, 0.0], 0
+        s.group_grad_sums = []
         return stats
+
+    def group_statistics(self, weights: torch.Tensor, steps: int) -> list[dict]:
+        """Per LR group: mean and std of its gradient norm over the interval's steps, the rms of its weights and
+        their change relative to their norm: sums over slices of the flat weight copies already made."""
+        def by_group(flat: torch.Tensor) -> list[float]:
+            squares = torch.stack([chunk.square().sum() for chunk in flat.split(self.param_sizes)])
+            return torch.zeros(len(self.group_names), device=flat.device).index_add_(
+                0, self.param_groups_index, squares).tolist()
+        weight_sq = by_group(weights)
+        change_sq = by_group(weights - self.weights_at_eval) if self.weights_at_eval is not None and steps else None
+        sums, squares = self.state.group_grad_sums or [[0.0] * len(self.group_names)] * 2
+        sizes = torch.zeros(len(self.group_names)).index_add_(
+            0, self.param_groups_index.cpu(), torch.tensor(self.param_sizes, dtype=torch.float32)).tolist()
+        groups = []
+        for k, name in enumerate(self.group_names):
+            g = {"name": name, "weight_rms": math.sqrt(weight_sq[k] / sizes[k])}
+            if steps and math.isfinite(sums[k]):
+                mean = sums[k] / steps
+                g.update(grad_norm_mean=mean, grad_norm_std=math.sqrt(max(squares[k] / steps - mean * mean, 0.0)))
+            if change_sq is not None:
+                g["update_ratio"] = math.sqrt(change_sq[k] / max(weight_sq[k], 1e-24))
+            groups.append(g)
+        return groups
 
     def flat_weights(self) -> torch.Tensor:
         """Every parameter in one float32 vector (a copy): the reference of the update-to-weight ratio."""
-        return torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
+        return torch.cat([p.detach().flatten().float() for p in self.params])
 
     def observation(self) -> Observation:
         """What an agent sees at the last evaluation, with the multiplier now in effect."""
         s, cfg = self.state, self.cfg
         train_loss, val_loss = self.last_eval_losses()
+        interval = dict(s.interval)
+        if self.layered:  # each group's statistics with the multiplier and rate now in effect
+            rates = self.group_lrs(s.last_eval_it)
+            stats = interval.get("groups") or [{"name": name} for name in self.group_names]
+            interval["groups"] = [{**g, "multiplier": m, "lr": r}
+                                  for g, m, r in zip(stats, self.group_multipliers, rates)]
         return Observation(s.last_eval_it, cfg.max_iters, train_loss, val_loss, prev_val_loss=s.prev_val_loss,
                            first_val_loss=s.first_val_loss, multiplier=self.multiplier, lr=self.lr(s.last_eval_it),
-                           base_lr=cfg.learning_rate, vocab_size=self.data.vocab_size, **s.interval)
+                           base_lr=cfg.learning_rate, vocab_size=self.data.vocab_size, **interval)
 
     def last_eval_losses(self) -> list:
         """[train, val] of the last evaluation (from the val log for checkpoints older than the field)."""
@@ -1742,7 +1998,8 @@ class TrainingRun:
             self.saved_at["previous"] = last
         self.flush_grad_stats()
         meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
-                "config": dataclasses.asdict(self.cfg), "previous_it": self.saved_at.get("previous")}
+                "config": dataclasses.asdict(self.cfg), "previous_it": self.saved_at.get("previous"),
+                **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {})}
         between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # reference
                    "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
@@ -1822,7 +2079,10 @@ class TrainingRun:
         self.sampler.generator.set_state(payload["sampler_rng"])
         self.state = SeedState(**meta["state"])
         self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
+        if self.layered:
+            self.group_multipliers, self.trust = list(meta["group_multipliers"]), list(meta["trust"])
         self.grad_stats.zero_()
+        self.group_grad_stats.zero_()
         self.weights_at_eval = payload.get("weights_at_eval")
         if self.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
             self.weights_at_eval = self.flat_weights()
@@ -1861,7 +2121,7 @@ def drive(run: TrainingRun, agent: NoAgent, stop=lambda: False, log=lambda line:
     status, "finished" or "diverged". The CLI's seeds and train_agent.py's episodes both run through here."""
     cfg = run.cfg
     while run.state.last_eval_it < cfg.max_iters:  # a seed resumed from its final checkpoint is done already
-        run.multiplier = agent.multiplier
+        follow(run, agent)
         result = run.advance(stop=stop)
         if result.interrupted:
             run.save(agent.state_dict())
@@ -1875,13 +2135,20 @@ def drive(run: TrainingRun, agent: NoAgent, stop=lambda: False, log=lambda line:
         agent_time = time.perf_counter() - t_agent
         run.state.agent_time += agent_time
         run.state.elapsed += agent_time
-        run.multiplier = agent.multiplier  # the agent's choice applies from this step on
+        follow(run, agent)  # the agent's choice applies from this step on
         lr = run.lr(result.it)
         run.state.val_log.append({"iter": result.it, "train/loss": result.train_loss, "val/loss": result.val_loss,
-                                  "lr": lr, **decision})
+                                  "lr": lr, **run.lr_record(result.it), **decision})
         log(f"[{label}] iter {result.it}: train {result.train_loss:.4f} val {result.val_loss:.4f} lr {lr:.2e}")
         run.save(agent.state_dict())
     return "finished"
+
+
+def follow(run: TrainingRun, agent: NoAgent) -> None:
+    """The agent's multipliers become the run's (a global agent leaves every group at 1)."""
+    run.multiplier = agent.multiplier
+    if agent.group_multipliers is not None:
+        run.group_multipliers = list(agent.group_multipliers)
 
 
 def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, log, label: str) -> bool:
@@ -1907,11 +2174,12 @@ def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, log, label: 
         return False
     log(f"[{label}] {result.diverged}: rollback {rollbacks}/{cfg.max_rollbacks} to iter {run.state.next_it}")
     agent.on_rollback(diverged_loss, next_eval)
-    run.multiplier = agent.multiplier
+    follow(run, agent)
     record = run.state.val_log[-1] if run.state.val_log else None
     if record is not None and record["iter"] == run.state.next_it:
         # What the optimizer uses from here on, so the logs (and --agent replay) say what was used.
-        record.update(multiplier=agent.multiplier, lr=run.lr(record["iter"]), rollbacks=record.get("rollbacks", 0) + 1)
+        record.update(multiplier=agent.multiplier, lr=run.lr(record["iter"]), **run.lr_record(record["iter"]),
+                      rollbacks=record.get("rollbacks", 0) + 1)
     run.save(agent.state_dict())
     return True
 
@@ -2323,6 +2591,7 @@ def validate(c: Config) -> None:
     if c.agent in SB3_AGENTS and c.agent_learn:
         raise UserError(f"--agent {c.agent} is deployed frozen (stable-baselines3 learns in its own loop: "
                         f"train it further with train_agent.py); drop --agent_learn")
+    check_lr_groups(c)
     if c.agent_init and c.agent != "replay":
         trained_policy(c)  # a folder from train_agent.py must match this run: one line if it does not
     if c.lr_floor > c.lr_ceiling:
@@ -2335,6 +2604,20 @@ def validate(c: Config) -> None:
     if c.schedule == "cosine" and c.lr_decay_iters < c.warmup_iters:
         raise UserError(f"--lr_decay_iters {c.lr_decay_iters} is shorter than --warmup_iters {c.warmup_iters}: "
                         f"the rate would drop from its peak to min_lr in one step")
+
+
+PER_GROUP_AGENTS = ("none", "random", "replay", "reinforce", "ppo")
+
+
+def check_lr_groups(c: Config) -> None:
+    if c.layer_trust != "none" and c.lr_groups == "global":
+        raise UserError(f"--layer_trust {c.layer_trust} scales each layer's rate: it needs --lr_groups layer "
+                        f"(the default with it)")
+    if c.layer_trust != "none" and c.optimizer != "adamw":
+        raise UserError(f"--layer_trust {c.layer_trust} reads AdamW's moments: use --optimizer adamw")
+    if lr_groups_kind(c) == "layer" and c.agent not in PER_GROUP_AGENTS:
+        raise UserError(f"--agent {c.agent} sets one global multiplier: use --lr_groups global, or a per-layer "
+                        f"agent ({', '.join(PER_GROUP_AGENTS[1:])})")
 
 
 def config_warnings(c: Config) -> list[str]:
@@ -2362,6 +2645,9 @@ def policy_warnings(c: Config, dataset: str, policy: Optional[dict]) -> list[str
     for key, here in (("dataset", dataset), ("profile", c.profile)):
         if manifest.get(key) not in (None, here):
             warnings.append(f"the policy was trained with {key} {manifest.get(key)}, deployed with {here}")
+    trained_layers = (manifest.get("config") or {}).get("n_layer")
+    if lr_groups_kind(c) == "layer" and trained_layers not in (None, c.n_layer):
+        warnings.append(f"the per-layer policy was trained on {trained_layers} layers, deployed on {c.n_layer}")
     return warnings
 
 

@@ -121,6 +121,7 @@ class Run:
     description: str
     final: dict                 # final_info.json
     configs: dict = field(default_factory=dict)  # run.json's per-dataset configs (max_iters for the LR plot)
+    policies: dict = field(default_factory=dict)  # run.json's per-dataset trained policy ({"dir", ...})
     # curves[dataset][series][seed_index] = (iterations, values), iterations sorted and unique
     curves: dict = field(default_factory=dict)
 
@@ -167,7 +168,8 @@ def load_run(path: Path, curves: bool = True) -> Run:
     title = _one_line(info.get("title")) or _one_line(info.get("description")) or path.name
     run = Run(path=path, name=path.name, number=run_number(path.name), title=title,
               description=_one_line(info.get("description")), final=final,
-              configs=info.get("configs") if isinstance(info.get("configs"), dict) else {})
+              configs=info.get("configs") if isinstance(info.get("configs"), dict) else {},
+              policies=info.get("policy") if isinstance(info.get("policy"), dict) else {})
     if curves:
         run.curves = _read_curves(path / "all_results.json", list(final))
     return run
@@ -223,12 +225,31 @@ def _read_curves(path: Path, datasets: list[str]) -> dict:
             steps = sorted((int(r["iter"]), float(r["lr"])) for r in records)
             curves.setdefault(dataset, {}).setdefault("step_lr", {})[seed] = (
                 np.array([i for i, _ in steps], dtype=float), np.array([v for _, v in steps], dtype=float))
+        groups = _group_rates(records)
+        if groups is not None and (match["kind"] == "train_info" or seed not in curves.get(dataset, {}).get(
+                "lr_groups", {})):  # --lr_groups layer: per logged step if recorded, else per evaluation
+            curves.setdefault(dataset, {}).setdefault("lr_groups", {})[seed] = groups
     for dataset in datasets:
         missing = [s for s in SERIES if not curves.get(dataset, {}).get(s)]
         if missing:
             kinds = sorted({SERIES[s][0] for s in missing})
             raise RunError(f"all_results.json has no {' or '.join(kinds)} for {dataset}")
     return curves
+
+
+def _group_rates(records: list) -> Optional[tuple]:
+    """(iterations, group names, rates[group, record]) from records that carry "lr_groups", else None."""
+    rows = [r for r in records if isinstance(r, dict) and isinstance(r.get("lr_groups"), dict) and r["lr_groups"]]
+    if not rows or len(rows) != len(records):
+        return None
+    names = list(rows[0]["lr_groups"])
+    try:
+        rates = np.array([[float(r["lr_groups"][name]) for r in rows] for name in names])
+        iters = np.array([int(r["iter"]) for r in rows], dtype=float)
+    except (KeyError, TypeError, ValueError):
+        return None
+    order = np.argsort(iters, kind="stable")
+    return iters[order], names, rates[:, order]
 
 
 def load_runs(paths: Iterable[Path], warn: Optional[Callable[[str], None]], curves: bool = True) -> list[Run]:
@@ -876,6 +897,77 @@ def plot_summary(runs: Sequence[Run], labels: Sequence[str], colours: Sequence, 
     save_figure(fig, path)
 
 
+def plot_lr_groups(run: Run, label: str, dataset: str, path: Path) -> None:
+    """--lr_groups layer: the rate of every layer (rows, input at the bottom) at every recorded iteration
+    (columns), log colour scale; one panel per seed (at most 5)."""
+    from matplotlib.colors import LogNorm
+    seeds = run.curves[dataset]["lr_groups"]
+    shown = sorted(seeds)[:5]
+    config = run.configs.get(dataset)
+    end = config.get("max_iters") if isinstance(config, dict) else None
+    fig = _new_figure(width=9.0, height=1.6 + 0.28 * len(seeds[shown[0]][1]) * len(shown))
+    axes = fig.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
+    positive = [rates[rates > 0] for _, _, rates in (seeds[s] for s in shown)]
+    low = min(float(r.min()) for r in positive if r.size) if any(r.size for r in positive) else 1e-6
+    high = max(float(r.max()) for r in positive if r.size) if any(r.size for r in positive) else 1e-3
+    norm = LogNorm(vmin=low, vmax=max(high, low * 1.0001))
+    for ax, seed in zip(axes, shown):
+        iters, names, rates = seeds[seed]
+        # column k holds the rate from iteration k until the next record (the last until max_iters)
+        edges = np.append(iters, end if isinstance(end, (int, float)) and end > iters[-1] else iters[-1] + 1)
+        mesh = ax.pcolormesh(edges, np.arange(len(names) + 1), np.where(rates > 0, rates, np.nan), norm=norm,
+                             cmap="viridis", shading="flat")
+        ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=7)
+        ax.set_ylabel(f"seed {seed}", fontsize=8)
+    axes[-1].set_xlabel("iteration")
+    fig.colorbar(mesh, ax=list(axes), label="learning rate (log scale)")
+    fig.suptitle(f"Per-layer learning rate: {label} on {_dataset_title([run], dataset)}\n"
+                 "each row a layer's parameter group (input at the bottom), the rate its optimizer group used",
+                 fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_learning_curve(curve: Sequence[dict], path: Path, title: str) -> None:
+    """A controller's training (train_agent.py's learning_curve.json): return and final val loss per episode,
+    coloured by the episode's base-LR factor, with a moving mean."""
+    from matplotlib.colors import Normalize
+    fig = _new_figure(width=11.0, height=4.2)
+    axes = fig.subplots(1, 2)
+    episodes = [r["episode"] for r in curve]
+    colour = np.log10([r.get("lr_factor", 1.0) for r in curve])
+    for ax, key, name in ((axes[0], "return", "return"), (axes[1], "final_val_loss", "final val loss")):
+        values = np.array([r[key] for r in curve], dtype=float)
+        points = ax.scatter(episodes, values, c=colour, cmap="coolwarm", s=12, norm=Normalize(-1, 1))
+        window = max(1, min(20, len(values) // 5))
+        if len(values) >= window > 1:
+            ax.plot(episodes[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"), "k-",
+                    label=f"mean of {window}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("episode")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.colorbar(points, ax=list(axes), label="log10 base-LR factor")
+    fig.suptitle(f"{title}: learning curve ({len(curve)} episodes)")
+    save_figure(fig, path)
+
+
+def _policy_learning_curve(run: Run, dataset: str) -> Optional[tuple[list, str]]:
+    """The learning curve of the trained policy a run deployed (its train_agent.py folder), if readable."""
+    policy = run.policies.get(dataset)
+    folder = Path(policy["dir"]) if isinstance(policy, dict) and isinstance(policy.get("dir"), str) else None
+    if folder is None or not (folder / "learning_curve.json").exists():
+        return None
+    try:
+        curve = json.loads((folder / "learning_curve.json").read_text())
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(curve, list) or not curve or not all(isinstance(r, dict) and "episode" in r for r in curve):
+        return None
+    groups = (manifest.get("config") or {}).get("lr_groups", "global")
+    return curve, f"{manifest.get('agent', 'policy')} ({groups} LR) deployed in {run.name}"
+
+
 def write_plots(runs: Sequence[Run], labels: Sequence[str], out_dir: Path) -> list[Path]:
     """Every figure for `runs` (labels in the same order) into out_dir; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -888,6 +980,14 @@ def write_plots(runs: Sequence[Run], labels: Sequence[str], out_dir: Path) -> li
             plot_loss(runs, labels, colours, dataset, series, written[-1])
         written.append(out_dir / f"lr_{dataset}.png")
         plot_lr(runs, labels, colours, dataset, written[-1])
+        for run, label in zip(runs, labels):
+            if run.curves.get(dataset, {}).get("lr_groups"):
+                written.append(out_dir / f"lr_groups_{run.name}_{dataset}.png")
+                plot_lr_groups(run, label, dataset, written[-1])
+            learned = _policy_learning_curve(run, dataset)
+            if learned is not None:
+                written.append(out_dir / f"learning_curve_{run.name}_{dataset}.png")
+                plot_learning_curve(*learned[:1], written[-1], learned[1])
     written.append(out_dir / "summary.png")
     plot_summary(runs, labels, colours, datasets, written[-1])
     return written

@@ -35,8 +35,10 @@ from typing import Optional
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from stable_baselines3.common.vec_env import VecEnv
 
 import experiment as ex
+import plot
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
 
@@ -55,6 +57,8 @@ class Args:
     lr_range: str = _arg("", "draw each episode's base learning rate (and min_lr) log-uniformly from these factors "
                              "of the profile's, e.g. 0.1,10, so the controller learns to correct a mis-set rate")
     seed: int = _arg(1_000_000, "episode e trains seed + e (the evaluation seeds are 1337 + index: keep clear)")
+    lr_groups: str = _arg("global", "global: one multiplier for the model; layer: one per layer, chosen by a policy "
+                                    "shared across layers (reinforce, ppo)", ("global", "layer"))
     reward: str = _arg("", "default improvement (-delta val loss) for reinforce/ppo/dqn, neg_val_loss for qlearning",
                        ("neg_val_loss", "improvement", "log_improvement"))
     agent_actions: str = _arg("", "action factors; default 0.1,0.5,1,1.5,2 (qlearning: 0.5,0.8,1,1.25,2)")
@@ -115,6 +119,8 @@ def episode_record(episode: int, run: ex.TrainingRun, lr_factor: float, decision
             "status": status, "rollbacks": s.rollbacks, "decisions": len(decisions),
             "lr_trajectory": [[d["iter"], d["lr"]] for d in decisions],
             "multipliers": [d["multiplier"] for d in decisions], "actions": [d.get("action") for d in decisions],
+            **({"group_multipliers": [d["multipliers"] for d in decisions],
+                "lr_groups": [d["lr_groups"] for d in decisions]} if run.layered else {}),
             "seconds": seconds, "train_seconds": s.elapsed - s.agent_time}
 
 
@@ -135,6 +141,11 @@ class LRControlEnv(gym.Env):
     to the evaluation where the action was taken, with the multiplier cut, and the agent decides again
     there; once the rollbacks are spent the episode terminates. The last evaluation terminates it too.
     No files, no printing; info carries the evaluation, and at the end "episode_record".
+
+    --lr_groups layer: the observation is a table, one row per LR group (experiment.group_observation_features),
+    and the action one factor per group (MultiDiscrete), applied to that group's multiplier. A divergence
+    cuts the global multiplier, as in a CLI run. GroupsAsAgents presents it to stable-baselines3 as one
+    agent per group sharing one policy.
     """
 
     metadata = {"render_modes": []}
@@ -144,9 +155,15 @@ class LRControlEnv(gym.Env):
         self.instance = instance or (lambda episode: (cfg.seed_base + episode, 1.0))
         self.actions = ex.agent_actions(cfg)
         self.reward_kind = ex.reward_kind(cfg)
-        self.action_space = spaces.Discrete(len(self.actions))
-        self.observation_space = spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT,
-                                            (len(ex.OBSERVATION_FEATURES),), np.float32)
+        self.layered = ex.lr_groups_kind(cfg) == "layer"
+        n_groups, n_features = len(ex.lr_group_names(cfg)), ex.policy_feature_count(cfg)
+        if self.layered:
+            self.action_space = spaces.MultiDiscrete([len(self.actions)] * n_groups)
+            shape = (n_groups, n_features)
+        else:
+            self.action_space = spaces.Discrete(len(self.actions))
+            shape = (n_features,)
+        self.observation_space = spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT, shape, np.float32)
         self.first_episode = self.next_episode = first_episode
         self.run: Optional[ex.TrainingRun] = None
 
@@ -167,18 +184,26 @@ class LRControlEnv(gym.Env):
         run, cfg = self.run, self.run.cfg
         prev_val = run.last_eval_losses()[1]
         it = run.state.last_eval_it
-        run.multiplier = self.clip(run.multiplier * self.actions[int(action)])
-        self.decisions.append({"iter": it, "action": int(action), "multiplier": run.multiplier, "lr": run.lr(it)})
+        if self.layered:
+            action = [int(a) for a in np.asarray(action).reshape(-1)]
+            run.group_multipliers = [self.clip(m * self.actions[a]) for m, a in zip(run.group_multipliers, action)]
+        else:
+            action = int(action)
+            run.multiplier = self.clip(run.multiplier * self.actions[action])
+        self.decisions.append({"iter": it, "action": action, "multiplier": run.multiplier, "lr": run.lr(it),
+                               **({"multipliers": list(run.group_multipliers)} if self.layered else {}),
+                               **run.lr_record(it)})
         result = run.advance()
         terminated, status = result.done, "finished"
         if result.diverged:
             reward = (ex.reward_for(self.reward_kind, prev_val, ex.divergence_loss(cfg, run.state.reference_loss))
                       + cfg.divergence_penalty)
             rollbacks = run.state.rollbacks + 1
-            failed_multiplier = run.multiplier
+            failed_multiplier, failed_groups = run.multiplier, list(run.group_multipliers)
             if run.rollback_before(result.it) is not None and rollbacks <= cfg.max_rollbacks:
                 run.state.rollbacks = rollbacks
                 run.multiplier = self.clip(failed_multiplier * cfg.rollback_cut)
+                run.group_multipliers = failed_groups  # the decision stands; the global cut slows every group
             else:
                 terminated, status = True, "diverged"
                 run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
@@ -196,11 +221,62 @@ class LRControlEnv(gym.Env):
         return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
 
     def observe(self) -> np.ndarray:
-        return ex.observation_features(self.run.observation())
+        return ex.policy_features(self.cfg, self.run.observation())
 
     def info(self, result: ex.EvalResult) -> dict:
         return {"it": result.it, "train_loss": result.train_loss, "val_loss": result.val_loss,
                 "diverged": result.diverged, "multiplier": self.run.multiplier}
+
+
+class GroupsAsAgents(VecEnv):
+    """A per-layer LRControlEnv as stable-baselines3 sees it: one agent per LR group, all driven by one shared
+    policy (parameter sharing, as SOLAR's per-group controller). The G "environments" of this VecEnv are the
+    G groups of the same training run: each observes its row of the table, chooses its group's factor and
+    receives the run's reward; all end together. The policy's input is one row, so it runs on any depth."""
+
+    def __init__(self, env: LRControlEnv):
+        self.env = env
+        n_groups, n_features = env.observation_space.shape
+        super().__init__(n_groups, spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT, (n_features,),
+                                              np.float32), spaces.Discrete(len(env.actions)))
+        self.pending = None
+
+    def reset(self):
+        observation, _ = self.env.reset(seed=self._seeds[0])
+        self._reset_seeds()
+        return observation
+
+    def step_async(self, actions) -> None:
+        self.pending = actions
+
+    def step_wait(self):
+        observation, reward, terminated, truncated, info = self.env.step(self.pending)
+        done = terminated or truncated
+        infos = [dict(info)] + [{} for _ in range(self.num_envs - 1)]  # the episode is logged once
+        if done:
+            for i, row in enumerate(observation):
+                infos[i].update(terminal_observation=row, **{"TimeLimit.truncated": truncated and not terminated})
+            observation, _ = self.env.reset()
+        return observation, np.full(self.num_envs, reward, np.float32), np.full(self.num_envs, done), infos
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _all(self, indices) -> int:
+        return len(range(self.num_envs)[indices] if isinstance(indices, slice) else
+                   range(self.num_envs) if indices is None else [indices] if isinstance(indices, int) else indices)
+
+    def get_attr(self, attr_name, indices=None):
+        return [getattr(self.env, attr_name)] * self._all(indices)
+
+    def set_attr(self, attr_name, value, indices=None) -> None:
+        setattr(self.env, attr_name, value)
+
+    def env_method(self, method_name, *method_args, indices=None, **method_kwargs):
+        return [getattr(self.env, method_name)(*method_args, **method_kwargs)] * self._all(indices)
+
+    def env_is_wrapped(self, wrapper_class, indices=None):
+        return [False] * self._all(indices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,16 +301,18 @@ def own_agent_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Lo
         log.episode_done([record], save=lambda: ex.atomic_write_json(out / "policy.json", agent.state_dict()))
 
 
-def sb3_controller(args: Args, env: LRControlEnv):
+def sb3_controller(args: Args, env):
     """A stable-baselines3 PPO or DQN sized in evaluations, not in its defaults' Atari-scale steps:
-    PPO collects n_steps (2048 by default) before its first update, so n_steps = episodes_per_update x
-    decisions; DQN counts learning_starts and target_update_interval (10,000 by default) in env steps."""
+    PPO collects n_steps (2048 by default) per environment before its first update, so n_steps =
+    episodes_per_update x decisions (x the groups of GroupsAsAgents in a minibatch); DQN counts
+    learning_starts and target_update_interval (10,000 by default) in env steps."""
     from stable_baselines3 import DQN, PPO
-    decisions = decisions_per_episode(env.cfg)
+    decisions = decisions_per_episode(env.cfg if hasattr(env, "cfg") else env.env.cfg)
     policy_kwargs = {"net_arch": [args.hidden]}
     if args.agent == "ppo":
         n_steps = args.episodes_per_update * decisions
-        return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=decisions, n_epochs=10, gamma=args.gamma,
+        n_envs = env.num_envs if isinstance(env, VecEnv) else 1
+        return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=decisions * n_envs, n_epochs=10, gamma=args.gamma,
                    learning_rate=args.controller_lr or 3e-4, ent_coef=0.01, policy_kwargs=policy_kwargs,
                    seed=args.seed, device="cpu", verbose=0)
     return DQN("MlpPolicy", env, learning_rate=args.controller_lr or 1e-3, buffer_size=100_000,
@@ -251,6 +329,8 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
     from stable_baselines3.common.callbacks import BaseCallback
 
     env = LRControlEnv(cfg, data, rt, instance=lambda e: instance(args, e), first_episode=log.done)
+    if env.layered:
+        env = GroupsAsAgents(env)
     policy, buffer = out / "policy.zip", out / "replay_buffer.pkl"
     if log.done:
         algorithm = {"ppo": PPO, "dqn": DQN}[args.agent]
@@ -295,7 +375,8 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
     callback = EpisodeLog()
     decisions = decisions_per_episode(cfg)
     while log.done < args.episodes:  # each pass budgets the remaining episodes; rollbacks may need another
-        steps = max(decisions, args.episodes * decisions - model.num_timesteps)
+        per_decision = model.n_envs  # GroupsAsAgents: one timestep per group and decision
+        steps = max(decisions, args.episodes * decisions - model.num_timesteps // per_decision) * per_decision
         model.learn(total_timesteps=steps, callback=callback, reset_num_timesteps=False, progress_bar=False)
         callback.flush()
 
@@ -316,7 +397,7 @@ def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) ->
     return {"agent": args.agent, "dataset": args.dataset, "profile": cfg.profile,
             "lr_range": list(lr_range) if lr_range else None,
             "seed": args.seed, "reward": ex.reward_kind(cfg), "actions": ex.agent_actions(cfg),
-            "observation": ex.observation_spec(), "controller": controller, "config": dataclasses.asdict(cfg),
+            "observation": ex.observation_spec(cfg), "controller": controller, "config": dataclasses.asdict(cfg),
             "policy_file": policy_file, "episodes": args.episodes, "episodes_done": 0, "seeds": [],
             "command": [sys.executable] + argv, "started": ex.now_iso(), **ex.environment_record(rt)}
 
@@ -372,7 +453,8 @@ class Log:
                              train_seconds=sum(r["train_seconds"] for r in self.curve),
                              episode_seconds=sum(r["seconds"] for r in self.curve))
         ex.atomic_write_json(self.out / ex.POLICY_MANIFEST, self.manifest)
-        plot_learning_curve(self.curve, self.out / "learning_curve.png", self.args.agent)
+        plot.plot_learning_curve(self.curve, self.out / "learning_curve.png",
+                                 f"{self.args.agent} ({self.args.lr_groups} LR)")
         elapsed = time.time() - self.t0
         eta = elapsed / max(self.done - self.start, 1) * (self.args.episodes - self.done)
         for r in records:
@@ -388,31 +470,6 @@ class Log:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def plot_learning_curve(curve: list[dict], path: Path, agent: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    episodes = [r["episode"] for r in curve]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "return", "return"), (axes[1], "final_val_loss", "final val loss")):
-        values = np.array([r[key] for r in curve], dtype=float)
-        colour = np.log10([r["lr_factor"] for r in curve])
-        points = ax.scatter(episodes, values, c=colour, cmap="coolwarm", s=12, vmin=-1, vmax=1)
-        window = max(1, min(20, len(values) // 5))
-        if len(values) >= window > 1:
-            ax.plot(episodes[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"), "k-",
-                    label=f"mean of {window}")
-            ax.legend()
-        ax.set_xlabel("episode")
-        ax.set_ylabel(label)
-    fig.colorbar(points, ax=axes, label="log10 base-LR factor")
-    fig.suptitle(f"{agent}: learning curve ({len(curve)} episodes)")
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +511,7 @@ def episode_config(args: Args) -> ex.Config:
         overrides[name] = value.lower() in ("1", "true", "yes") if f.type in ("bool", "Optional[bool]") \
             else ex.parse_value(f, value)
     base = ex.Config(data_dir=args.data_dir, source_dir=args.source_dir, agent=args.agent,
-                     agent_actions=args.agent_actions, reward=args.reward, agent_learn=True,
+                     agent_actions=args.agent_actions, reward=args.reward, agent_learn=True, lr_groups=args.lr_groups,
                      policy_hidden=args.hidden, policy_lr=args.controller_lr or 1e-3, policy_gamma=args.gamma,
                      final_eval_tokens=0, inference_samples=0, seeds=1)
     if args.agent == "qlearning" and args.controller_lr:
@@ -462,6 +519,7 @@ def episode_config(args: Args) -> ex.Config:
     cfg = ex.config_for_dataset(base, overrides, args.profile, args.dataset)
     cfg = dataclasses.replace(cfg, seeds=1, final_eval_tokens=0, inference_samples=0)
     ex.validate(dataclasses.replace(cfg, agent="none"))  # (ppo/dqn need no --agent_init to be trained)
+    ex.check_lr_groups(cfg)
     lr_range = parse_lr_range(args.lr_range) or (1.0, 1.0)
     if cfg.learning_rate * lr_range[1] > cfg.lr_ceiling:
         raise ex.UserError(f"--lr_range {args.lr_range} reaches {cfg.learning_rate * lr_range[1]:g}, above "
