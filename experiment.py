@@ -2311,6 +2311,11 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def command_line(script: str, argv: list[str]) -> list[str]:
+    """The command that ran: interpreter, script (absolute: rerunnable from anywhere) and arguments."""
+    return [sys.executable, str(Path(script).resolve()), *map(str, argv)]
+
+
 def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
     """Refuse to touch a folder holding results unless --overwrite; then clear our files from it."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -2507,7 +2512,7 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
 
     if run_record is None:
         run_record = {"title": base.title, "description": base.description, "profile": profile,
-                      "datasets": datasets, "command": [sys.executable] + argv, "cwd": os.getcwd(),
+                      "datasets": datasets, "command": command_line(__file__, argv), "cwd": os.getcwd(),
                       "started": now_iso(), "finished": None,
                       "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
                       "data": {d: loaded[d].provenance for d in datasets},
@@ -2518,7 +2523,7 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
                                                                 "seeds", "lr_range", "reward")}}
                 for d, p in policies.items()}
     else:
-        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": [sys.executable] + argv})
+        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command_line(__file__, argv)})
     run_record.update(status="running", error=None)
     atomic_write_json(out_dir / "run.json", run_record)
 

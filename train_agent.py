@@ -399,7 +399,7 @@ def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) ->
             "seed": args.seed, "reward": ex.reward_kind(cfg), "actions": ex.agent_actions(cfg),
             "observation": ex.observation_spec(cfg), "controller": controller, "config": dataclasses.asdict(cfg),
             "policy_file": policy_file, "episodes": args.episodes, "episodes_done": 0, "seeds": [],
-            "command": [sys.executable] + argv, "started": ex.now_iso(), **ex.environment_record(rt)}
+            "command": ex.command_line(__file__, argv), "started": ex.now_iso(), **ex.environment_record(rt)}
 
 
 def open_out_dir(out: Path, manifest: dict) -> tuple[list[dict], dict]:

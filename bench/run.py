@@ -11,6 +11,9 @@ Every figure is also a ratio against a naive reference measured in the same proc
   MFU        model FLOPs (nanoGPT's 6N + 12·L·H·Q·T per token) over a peak measured here: a large matmul
              in the training dtype
   shares     evaluation and agent time as a fraction of a real (short) training run of the harness
+  LR groups  the harness's own step (TrainingRun.step) with one LR group, a group per layer (--lr_groups layer:
+             per-parameter gradient norms summed by group), and per layer with LAMB trust ratios
+             (--layer_trust lamb), interleaved -- vs the one-group step
 """
 from __future__ import annotations
 
@@ -168,6 +171,32 @@ def run_shares(profile: str, max_iters: int, data_dir: str, device: str) -> dict
             "checkpoint_share": info["checkpoint_time"] / total, "total_s": total}
 
 
+def time_lr_groups(size: str, data_dir: str, device: str, rounds: int, steps: int) -> dict:
+    """Median ms per TrainingRun.step for each way of grouping the learning rate, interleaved round by round."""
+    variants = {"one group (--lr_groups global)": {}, "a group per layer (--lr_groups layer)": {"lr_groups": "layer"},
+                "per layer + LAMB trust (--layer_trust lamb)": {"layer_trust": "lamb"}}
+    runs, times = {}, {}
+    for name, flags in variants.items():
+        cfg = ex.config_for_dataset(ex.Config(), {"data_dir": data_dir, "device": device, **flags}, size,
+                                    "shakespeare_char")
+        ex.ensure_prepared(cfg, "shakespeare_char", log=lambda *a: None)
+        run = ex.TrainingRun(cfg, ex.load_dataset(cfg, "shakespeare_char"), 0, ex.Runtime.choose(cfg), None)
+        for it in range(2):  # warm-up
+            run.step(it, run.lr(it))
+        runs[name], times[name] = run, []
+    for _ in range(rounds):
+        for name, run in runs.items():
+            for _ in range(steps):
+                it = 2 + len(times[name])  # the step's place in the schedule
+                t0 = time.perf_counter()
+                run.step(it, run.lr(it))
+                sync(run.rt.device)
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(next(iter(times.values())))
+    return {name: {"ms_per_iter": statistics.median(t) * 1000, "ratio_vs_one_group": statistics.median(t) / base,
+                   "groups": len(runs[name].group_names)} for name, t in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps only (CI): checks the code, not the speed")
@@ -225,6 +254,12 @@ def main(argv=None) -> int:
                                                             "speedup": cached / free, "new_tokens": new_tokens}
             rows.append((size, f"sampling {new_tokens} tokens, block {block}, batch 1",
                          f"{free:,.0f} tok/s no cache", f"{cached:,.0f} tok/s KV cache", "", f"x{cached / free:.2f}"))
+
+    lr_groups = time_lr_groups("cpu", args.data_dir, device.type, rounds=1 if args.quick else 6, steps=steps)
+    report["lr_groups"] = lr_groups
+    for name, r in lr_groups.items():
+        rows.append(("cpu", f"step, {name}, {r['groups']} groups", f"{r['ms_per_iter']:.1f} ms/iter", "", "",
+                     f"x{r['ratio_vs_one_group']:.3f}"))
 
     shares = run_shares("smoke" if args.quick else "cpu", 30 if args.quick else 500, args.data_dir, device.type)
     report["shares"] = shares

@@ -17,4 +17,7 @@ def test_quick_benchmark_writes_every_figure(prepared_data_dir, tmp_path):
     sampling = report["sampling"]["cpu block 64"]
     assert sampling["kv_cache_tok_s"] > 0 and sampling["cache_free_tok_s"] > 0
     assert 0 < report["shares"]["eval_share"] < 1 and 0 <= report["shares"]["agent_share"] < 1
+    groups = report["lr_groups"]
+    assert [r["groups"] for r in groups.values()] == [1, 6, 6]  # the cpu profile: 4 blocks, embeddings, ln_f
+    assert all(r["ms_per_iter"] > 0 for r in groups.values())
     assert "ms/iter" in proc.stdout and "KV cache" in proc.stdout

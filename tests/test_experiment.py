@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import experiment as ex
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 CONTRACT_KEYS = ("final_train_loss", "best_val_loss", "total_train_time", "avg_inference_tokens_per_second")
 AGENT_FIELDS = ("multiplier", "action", "reward", "epsilon", "state")
@@ -135,7 +135,7 @@ def test_run_json_records_config_command_versions_and_device(smoke_run):
     run = json.loads((smoke_run / "run.json").read_text())
     assert run["status"] == "finished" and run["finished"] >= run["started"]
     assert run["description"] == "smoke test" and run["profile"] == "smoke"
-    assert "--out_dir" in run["command"]
+    assert run["command"][1] == str(ROOT / "experiment.py") and "--out_dir" in run["command"]  # rerunnable as is
     assert run["versions"]["torch"].startswith("2.") and run["versions"]["numpy"]
     assert run["device"]["type"] == "cpu"
     shakespeare = run["configs"]["shakespeare_char"]
