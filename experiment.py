@@ -149,6 +149,9 @@ class Config:
                                     "(a per-layer redistribution of the same schedule), clipped to "
                                     "[1/trust_clip, trust_clip]", ("none", "lamb"))
     trust_clip: float = _opt(10.0, "--layer_trust: bound of a layer's trust factor", bounds="[1, inf)")
+    control: str = _opt("lr", "hyperparameters the agent sets, from lr,weight_decay,grad_clip,dropout: each its own "
+                              "multiplier on the configured value (lr: multiplier_min..max; the others: "
+                              "CONTROL_BOUNDS), the action one factor per hyperparameter")
     lr_floor: float = _opt(0.0, "the learning rate never goes below this", bounds="[0, inf)")
     lr_ceiling: float = _opt(0.1, "the learning rate never goes above this", bounds="(0, inf)")
     # --- reliability ---
@@ -646,6 +649,55 @@ def lr_group_of(parameter_name: str) -> str:
     return "ln_f"
 
 
+# --control: besides the learning rate, an agent may set weight decay, the gradient-clipping norm and dropout,
+# each as configured x its own multiplier. (The rate's multiplier is the agent's `multiplier`, as ever.)
+CONTROLLABLE = ("lr", "weight_decay", "grad_clip", "dropout")
+CONTROL_BOUNDS = {"weight_decay": (0.125, 8.0), "grad_clip": (0.125, 8.0), "dropout": (0.25, 2.0)}
+DROPOUT_MAX = 0.5  # dropout x its multiplier never goes above this
+
+
+def controlled(cfg: Config) -> list[str]:
+    """The controlled hyperparameters, in CONTROLLABLE's order (which fixes the order of an action's factors)."""
+    names = {n.strip() for n in cfg.control.split(",") if n.strip()}
+    return [n for n in CONTROLLABLE if n in names]
+
+
+def extra_controlled(cfg: Config) -> list[str]:
+    """The controlled hyperparameters besides the learning rate."""
+    return [n for n in controlled(cfg) if n != "lr"]
+
+
+def multi_control(cfg: Config) -> bool:
+    return controlled(cfg) != ["lr"]
+
+
+def hparam_values(cfg: Config, lr: float, multipliers: dict) -> dict:
+    """The value of every controlled hyperparameter given the rate and the others' multipliers."""
+    values = {"lr": lr, "weight_decay": cfg.weight_decay * multipliers.get("weight_decay", 1.0),
+              "grad_clip": cfg.grad_clip * multipliers.get("grad_clip", 1.0),
+              "dropout": min(cfg.dropout * multipliers.get("dropout", 1.0), DROPOUT_MAX)}
+    return {n: values[n] for n in controlled(cfg)}
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of the model (the nn.Dropout modules and attention's dropout_p) to p."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(module, CausalSelfAttention):
+            module.dropout = p
+
+
+def control_action(cfg: Config, action, n_actions: int) -> list[int]:
+    """One action index per controlled hyperparameter, from a vector (MultiDiscrete) or from one index into
+    their product (the flattened action set a Discrete-only agent such as DQN acts in)."""
+    n = len(controlled(cfg))
+    flat = np.asarray(action).reshape(-1)
+    if flat.size == 1 and n > 1:
+        return [int(a) for a in np.unravel_index(int(flat[0]), [n_actions] * n)]
+    return [int(a) for a in flat]
+
+
 def optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
     """Schedule-free AdamW evaluates at the averaged weights: switch before evaluating and back after."""
     if hasattr(optimizer, "train") and hasattr(optimizer, "eval"):
@@ -685,6 +737,8 @@ class Observation:
     groups: Optional[list] = None           # --lr_groups layer: per LR group, input to output, a dict of its
     # name, grad_norm_mean/grad_norm_std (since the previous evaluation), weight_rms, update_ratio,
     # multiplier (its own, in effect until this decision) and lr (its rate now)
+    hparams: Optional[dict] = None          # --control: each controlled hyperparameter besides lr -> its
+    # multiplier, in effect until this decision
 
 
 # The features a policy network sees (train_agent.py's environment observes the same vector). A policy
@@ -719,20 +773,46 @@ OBSERVATION_VERSION = 1
 OBSERVATION_LIMIT = 10.0  # every feature is clipped to +-this (a gymnasium Box needs bounds)
 
 
+# --control: after the features above, log2(multiplier) / 3 of each controlled hyperparameter besides lr.
+
+
+def control_features(cfg: Config) -> list[str]:
+    return [f"log2_{name}_multiplier" for name in extra_controlled(cfg)]
+
+
 def observation_spec(cfg: Optional[Config] = None) -> dict:
     spec = {"version": OBSERVATION_VERSION, "features": list(OBSERVATION_FEATURES)}
     if cfg is not None and lr_groups_kind(cfg) == "layer":
         spec["group_features"] = list(GROUP_FEATURES)
+    if cfg is not None and extra_controlled(cfg):
+        spec["control_features"] = control_features(cfg)
     return spec
 
 
 def policy_feature_count(cfg: Config) -> int:
     """Inputs of a policy network: per decision (global), or per group row (--lr_groups layer)."""
-    return len(OBSERVATION_FEATURES) + (len(GROUP_FEATURES) if lr_groups_kind(cfg) == "layer" else 0)
+    return (len(OBSERVATION_FEATURES) + (len(GROUP_FEATURES) if lr_groups_kind(cfg) == "layer" else 0)
+            + len(extra_controlled(cfg)))
+
+
+def policy_action_sizes(cfg: Config, n_actions: int) -> list[int]:
+    """A policy's action space as a list of choice counts: [n] for one decision (per group row, with
+    --lr_groups layer); with --control, one n per controlled hyperparameter, or for dqn, which acts in a
+    Discrete space only, the one product n^k (control_action decodes it)."""
+    k = len(controlled(cfg))
+    if k == 1:
+        return [n_actions]
+    return [n_actions ** k] if cfg.agent == "dqn" else [n_actions] * k
 
 
 def policy_features(cfg: Config, obs: Observation) -> np.ndarray:
-    return group_observation_features(obs) if lr_groups_kind(cfg) == "layer" else observation_features(obs)
+    if lr_groups_kind(cfg) == "layer":
+        return group_observation_features(obs)
+    features = observation_features(obs)
+    if extra_controlled(cfg):  # the other hyperparameters' multipliers
+        own = [math.log2(obs.hparams[name]) / 3 for name in extra_controlled(cfg)]
+        features = np.concatenate([features, np.array(own, dtype=np.float32)])
+    return features
 
 
 def _log10(x: Optional[float]) -> Optional[float]:
@@ -818,19 +898,39 @@ def divergence_loss(cfg: Config, reference: Optional[float]) -> float:
     return (cfg.divergence_factor if cfg.divergence_factor > 0 else 2.0) * reference
 
 
+def apply_control_factors(cfg: Config, multiplier: float, hparam_multipliers: dict,
+                          factors: list[float]) -> tuple[float, dict]:
+    """(the LR multiplier, the other hyperparameters' multipliers) after one factor per controlled
+    hyperparameter, each clipped to its bounds (the rate's: multiplier_min..multiplier_max)."""
+    hparams = dict(hparam_multipliers)
+    for name, factor in zip(controlled(cfg), factors):
+        if name == "lr":
+            multiplier = min(max(multiplier * factor, cfg.multiplier_min), cfg.multiplier_max)
+        else:
+            low, high = CONTROL_BOUNDS[name]
+            hparams[name] = min(max(hparams[name] * factor, low), high)
+    return multiplier, hparams
+
+
 class NoAgent:
     """The baseline: the multiplier stays 1, so the run is the plain base schedule.
 
     Under --lr_groups layer an agent that acts per group (PER_GROUP) also holds group_multipliers, one per
-    LR group, which it sets instead of the global multiplier (that one then only takes rollback cuts)."""
+    LR group, which it sets instead of the global multiplier (that one then only takes rollback cuts).
+    Under --control with more than lr, an agent that sets several hyperparameters (MULTI_CONTROL) holds
+    hparam_multipliers too, one per controlled hyperparameter besides the rate, and acts with one factor
+    per controlled hyperparameter (apply_controls)."""
 
     PER_GROUP = False
+    MULTI_CONTROL = False
 
     def __init__(self, cfg: Config, seed: int):
         self.cfg = cfg
         self.n_groups = len(lr_group_names(cfg)) if self.PER_GROUP and lr_groups_kind(cfg) == "layer" else 0
         self.multiplier, self.trajectory = 1.0, []
         self.group_multipliers = [1.0] * self.n_groups if self.n_groups else None
+        self.controls = controlled(cfg) if self.MULTI_CONTROL and multi_control(cfg) else None
+        self.hparam_multipliers = {n: 1.0 for n in extra_controlled(cfg)} if self.controls else None
 
     def clip(self, multiplier: float) -> float:
         return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
@@ -839,10 +939,16 @@ class NoAgent:
         """Multiply each group's multiplier by its factor, within the bounds."""
         self.group_multipliers = [self.clip(m * f) for m, f in zip(self.group_multipliers, factors)]
 
+    def apply_controls(self, factors: list[float]) -> None:
+        """One factor per controlled hyperparameter (controlled(cfg) order), each within its bounds."""
+        self.multiplier, self.hparam_multipliers = apply_control_factors(self.cfg, self.multiplier,
+                                                                         self.hparam_multipliers, factors)
+
     def start_run(self) -> None:
         """A new run begins with this agent (train_agent.py): the multipliers start at 1 again."""
         self.multiplier, self.trajectory = 1.0, []
         self.group_multipliers = [1.0] * self.n_groups if self.n_groups else None
+        self.hparam_multipliers = {n: 1.0 for n in extra_controlled(self.cfg)} if self.controls else None
 
     def observe(self, obs: Observation) -> dict:
         return self.record(obs, action=None, reward=None, epsilon=None, state=None)
@@ -861,23 +967,30 @@ class NoAgent:
 
     def record(self, obs: Observation, **fields) -> dict:
         groups = {} if self.group_multipliers is None else {"multipliers": list(self.group_multipliers)}
+        if self.hparam_multipliers is not None:
+            groups["hparam_multipliers"] = dict(self.hparam_multipliers)
         self.trajectory.append({"iter": obs.it, "multiplier": self.multiplier, **groups})
         return {"multiplier": self.multiplier, **groups, **fields}
 
     def state_dict(self) -> dict:
         groups = {} if self.group_multipliers is None else {"group_multipliers": self.group_multipliers}
+        if self.hparam_multipliers is not None:
+            groups["hparam_multipliers"] = self.hparam_multipliers
         return {"agent": self.cfg.agent, "multiplier": self.multiplier, "trajectory": self.trajectory, **groups}
 
     def load_state_dict(self, state: dict) -> None:
         self.multiplier, self.trajectory = state["multiplier"], [dict(t) for t in state["trajectory"]]
         self.group_multipliers = state.get("group_multipliers")
+        if self.controls:
+            self.hparam_multipliers = dict(state.get("hparam_multipliers") or self.hparam_multipliers)
 
 
 class RandomAgent(NoAgent):
     """Control: multiplies by a uniformly random action factor after each evaluation (--lr_groups layer:
-    an independent draw for every group)."""
+    an independent draw for every group; --control: for every controlled hyperparameter)."""
 
     PER_GROUP = True
+    MULTI_CONTROL = True
 
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
@@ -885,6 +998,10 @@ class RandomAgent(NoAgent):
         self.rng = np.random.default_rng(seed)
 
     def observe(self, obs: Observation) -> dict:
+        if self.controls is not None:
+            actions = [int(a) for a in self.rng.integers(len(self.actions), size=len(self.controls))]
+            self.apply_controls([self.actions[a] for a in actions])
+            return self.record(obs, action=actions, reward=None, epsilon=None, state=None)
         if self.group_multipliers is not None:
             actions = [int(a) for a in self.rng.integers(len(self.actions), size=self.n_groups)]
             self.apply([self.actions[a] for a in actions])
@@ -905,10 +1022,16 @@ class ReplayAgent(NoAgent):
     """Control: plays back the multipliers an earlier run used, open loop (--agent_init that run)."""
 
     PER_GROUP = True
+    MULTI_CONTROL = True
 
     def __init__(self, cfg: Config, seed: int, recorded: dict):
         super().__init__(cfg, seed)
         self.plan = {step["iter"]: step["multiplier"] for step in recorded["trajectory"]}
+        self.hparam_plan = {step["iter"]: step.get("hparam_multipliers") for step in recorded["trajectory"]}
+        recorded_controls = {tuple(sorted(h)) if h else () for h in self.hparam_plan.values()}
+        if recorded_controls != {tuple(sorted(self.hparam_multipliers or {}))}:
+            raise UserError(f"replay: the recorded run controlled {sorted(recorded_controls)[0] or ('lr',)} "
+                            f"besides lr, this run {tuple(extra_controlled(cfg))}: use the same --control")
         self.group_plan = {step["iter"]: step.get("multipliers") for step in recorded["trajectory"]}
         lengths = {len(m) if m else 0 for m in self.group_plan.values()}
         if lengths != {self.n_groups}:
@@ -922,6 +1045,8 @@ class ReplayAgent(NoAgent):
         self.multiplier = self.clip(self.plan[obs.it])
         if self.group_multipliers is not None:
             self.group_multipliers = [self.clip(m) for m in self.group_plan[obs.it]]
+        if self.hparam_multipliers is not None:
+            self.hparam_multipliers = dict(self.hparam_plan[obs.it])
         return self.record(obs, action=None, reward=None, epsilon=None, state=None)
 
 
@@ -1269,9 +1394,12 @@ class SB3Agent(NoAgent):
     """A stable-baselines3 PPO or DQN policy trained by train_agent.py, deployed frozen: at each evaluation
     the policy's most likely action on observation_features() (stable-baselines3 is imported only here).
     --lr_groups layer: the policy observes one group row and is applied to every row of the table, as
-    train_agent.py trained it (each group an agent of one shared policy), whatever the depth."""
+    train_agent.py trained it (each group an agent of one shared policy), whatever the depth.
+    --control with more than lr: one factor per controlled hyperparameter (ppo: MultiDiscrete; dqn: one
+    index into their product, decoded by control_action)."""
 
     PER_GROUP = True
+    MULTI_CONTROL = True
 
     def __init__(self, cfg: Config, seed: int, policy_file: Path):
         super().__init__(cfg, seed)
@@ -1283,16 +1411,21 @@ class SB3Agent(NoAgent):
         except Exception as e:  # a truncated zip, another algorithm's file: say which
             raise UserError(f"cannot load the {cfg.agent} policy {policy_file} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from e
-        shape, n = self.model.observation_space.shape, getattr(self.model.action_space, "n", None)
-        if shape != (policy_feature_count(cfg),) or n != len(self.actions):
-            raise UserError(f"the {cfg.agent} policy {policy_file} observes {shape} and has {n} actions; this "
-                            f"run observes ({policy_feature_count(cfg)},) with {len(self.actions)} actions")
+        space = self.model.action_space
+        shape, n = self.model.observation_space.shape, [int(k) for k in getattr(space, "nvec", [getattr(space, "n", 0)])]
+        if shape != (policy_feature_count(cfg),) or n != policy_action_sizes(cfg, len(self.actions)):
+            raise UserError(f"the {cfg.agent} policy {policy_file} observes {shape} with actions {n}; this run "
+                            f"observes ({policy_feature_count(cfg)},) with actions "
+                            f"{policy_action_sizes(cfg, len(self.actions))} (match --control and --agent_actions)")
 
     def observe(self, obs: Observation) -> dict:
         if obs.it >= obs.max_iters:
             return self.record(obs, action=None, reward=None, epsilon=None, state=None)
         action, _ = self.model.predict(policy_features(self.cfg, obs), deterministic=True)
-        if self.group_multipliers is not None:  # a batch of rows: one action each
+        if self.controls is not None:  # one factor per controlled hyperparameter
+            action = control_action(self.cfg, action, len(self.actions))
+            self.apply_controls([self.actions[a] for a in action])
+        elif self.group_multipliers is not None:  # a batch of rows: one action each
             action = [int(a) for a in action]
             self.apply([self.actions[a] for a in action])
         else:
@@ -1376,6 +1509,10 @@ def trained_policy(cfg: Config) -> Optional[dict]:
             raise UserError(f"--agent_init {folder} was trained with --lr_groups "
                             f"{'layer' if 'group_features' in theirs else 'global'}; this run has "
                             f"--lr_groups {lr_groups_kind(cfg)}")
+        if theirs.get("control_features") != ours.get("control_features"):
+            trained = (manifest.get("config") or {}).get("control", "lr")
+            raise UserError(f"--agent_init {folder} was trained with --control {trained}; this run has "
+                            f"--control {cfg.control}")
         raise UserError(f"--agent_init {folder} was trained on observation version {theirs.get('version')} "
                         f"({len(theirs.get('features', []))} features); this version observes "
                         f"{OBSERVATION_VERSION} ({len(OBSERVATION_FEATURES)}): retrain it")
@@ -1693,6 +1830,9 @@ class TrainingRun:
         self.optimizer_groups = [(self.group_names.index(g.get("lr_group", "all")), g.get("matrices", True))
                                  for g in self.optimizer.param_groups]  # (LR group, holds matrices)
         self.group_grad_stats = torch.zeros(2, len(self.group_names), device=rt.device)
+        # --control: the other controlled hyperparameters' multipliers (the rate's is `multiplier`).
+        self.hparam_multipliers = {name: 1.0 for name in extra_controlled(cfg)}
+        self.steps_taken = 0  # optimizer steps this object has run (rollbacks and restores included): compute
         self.saved_at: dict = {}  # "last" / "previous" -> the iteration its checkpoint holds
         self.on_log = on_log or (lambda it, loss, lr: None)
         self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
@@ -1732,8 +1872,28 @@ class TrainingRun:
                 for m, t in zip(self.group_multipliers, self.trust)]
 
     def lr_record(self, it: int) -> dict:
-        """The per-group rates of step `it` for the logs (nothing with one group: "lr" says it all)."""
-        return {"lr_groups": dict(zip(self.group_names, self.group_lrs(it)))} if self.layered else {}
+        """The per-group rates of step `it` for the logs (nothing with one group: "lr" says it all), and with
+        --control the value of every controlled hyperparameter at that step."""
+        record = {"lr_groups": dict(zip(self.group_names, self.group_lrs(it)))} if self.layered else {}
+        if self.hparam_multipliers:
+            record["hparams"] = hparam_values(self.cfg, self.lr(it), self.hparam_multipliers)
+        return record
+
+    def grad_clip(self) -> float:
+        return self.cfg.grad_clip * self.hparam_multipliers.get("grad_clip", 1.0)
+
+    def set_weight_decay(self) -> None:
+        """Weight decay of the matrices' param groups: configured x its multiplier (none on the others)."""
+        decay = self.cfg.weight_decay * self.hparam_multipliers.get("weight_decay", 1.0)
+        for group, (_, matrices) in zip(self.optimizer.param_groups, self.optimizer_groups):
+            group["weight_decay"] = decay if matrices else 0.0
+
+    def apply_hparams(self) -> None:
+        """The controlled weight decay and dropout, for the next step."""
+        if "weight_decay" in self.hparam_multipliers:
+            self.set_weight_decay()
+        if "dropout" in self.hparam_multipliers:
+            set_dropout(self.model, hparam_values(self.cfg, 0.0, self.hparam_multipliers)["dropout"])
 
     # --- training -----------------------------------------------------------------------------
 
@@ -1786,6 +1946,8 @@ class TrainingRun:
                 group["lr"] = rates[index]
         else:
             set_lr(self.optimizer, lr)
+        if self.hparam_multipliers:
+            self.apply_hparams()
         for _ in range(cfg.gradient_accumulation_steps):
             x, y = self.sampler.next_batch()
             with rt.autocast:
@@ -1797,12 +1959,14 @@ class TrainingRun:
             self.clip_by_group()
         elif cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.grad_stats += torch.stack((norm, norm * norm, (norm > cfg.grad_clip).float()))
+            clip = self.grad_clip()
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.grad_stats += torch.stack((norm, norm * norm, (norm > clip).float()))
         elif not self.scaler.is_enabled():  # (with a float16 scaler and no clipping the grads are scaled: skipped)
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
             self.grad_stats += torch.stack((norm, norm * norm, torch.zeros_like(norm)))
         self.state.grad_steps += 1
+        self.steps_taken += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -1819,10 +1983,10 @@ class TrainingRun:
         norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))  # as clip_grad_norm_ computes
         total = torch.linalg.vector_norm(norms)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, total)
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip(), total)
         by_group = torch.zeros_like(self.group_grad_stats[0]).index_add_(0, self.param_groups_index, norms * norms)
         self.group_grad_stats += torch.stack((by_group.sqrt(), by_group))
-        clipped = (total > cfg.grad_clip).float() if cfg.grad_clip > 0 else torch.zeros_like(total)
+        clipped = (total > self.grad_clip()).float() if cfg.grad_clip > 0 else torch.zeros_like(total)
         self.grad_stats += torch.stack((total, total * total, clipped))
 
     def update_trust(self) -> None:
@@ -1948,6 +2112,8 @@ class TrainingRun:
             stats = interval.get("groups") or [{"name": name} for name in self.group_names]
             interval["groups"] = [{**g, "multiplier": m, "lr": r}
                                   for g, m, r in zip(stats, self.group_multipliers, rates)]
+        if self.hparam_multipliers:
+            interval["hparams"] = dict(self.hparam_multipliers)
         return Observation(s.last_eval_it, cfg.max_iters, train_loss, val_loss, prev_val_loss=s.prev_val_loss,
                            first_val_loss=s.first_val_loss, multiplier=self.multiplier, lr=self.lr(s.last_eval_it),
                            base_lr=cfg.learning_rate, vocab_size=self.data.vocab_size, **interval)
@@ -1999,7 +2165,8 @@ class TrainingRun:
         self.flush_grad_stats()
         meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
                 "config": dataclasses.asdict(self.cfg), "previous_it": self.saved_at.get("previous"),
-                **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {})}
+                **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {}),
+                **({"hparam_multipliers": self.hparam_multipliers} if self.hparam_multipliers else {})}
         between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # reference
                    "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
@@ -2081,6 +2248,9 @@ class TrainingRun:
         self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
         if self.layered:
             self.group_multipliers, self.trust = list(meta["group_multipliers"]), list(meta["trust"])
+        if self.hparam_multipliers:
+            self.hparam_multipliers = dict(meta["hparam_multipliers"])
+        self.set_weight_decay()  # the optimizer's state brought the saving run's: this run's config decides
         self.grad_stats.zero_()
         self.group_grad_stats.zero_()
         self.weights_at_eval = payload.get("weights_at_eval")
@@ -2090,10 +2260,11 @@ class TrainingRun:
 
 
 def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, out_dir: Path,
-                   interactive: bool, stop: StopRequest, resume: bool = False) -> dict:
+                   interactive: bool, stop: StopRequest, resume: bool = False, on_evaluation=None) -> dict:
     """Train one model with its agent; return its final_info, train log and val log (the all_results.npy
     records). The loop: advance to the next evaluation, let the agent decide, checkpoint; on a divergence
-    roll back and tell the agent; on SIGTERM/Ctrl-C checkpoint and stop."""
+    roll back and tell the agent; on SIGTERM/Ctrl-C checkpoint and stop. on_evaluation(run), if given, is
+    called after every evaluation's checkpoint (sweep.py reports to Ray Tune there)."""
     run = TrainingRun(cfg, data, seed_index, rt, checkpoint_file(out_dir, data.name, seed_index))
     agent = make_agent(cfg, run.seed, data.name, seed_index)
     saved_agent = run.resume() if resume else None
@@ -2105,7 +2276,8 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     if run.state.next_it:
         progress.write(f"[{label}] resuming at iter {run.state.next_it}")
     try:
-        status = drive(run, agent, stop=lambda: stop.signal_name is not None, log=progress.write, label=label)
+        status = drive(run, agent, stop=lambda: stop.signal_name is not None, log=progress.write, label=label,
+                       on_evaluation=on_evaluation)
     except Interrupted as e:
         raise Interrupted(f"{stop.signal_name}: {e}") from None
     finally:
@@ -2115,7 +2287,8 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
             "sample": run.sample, "agent_state": agent.state_dict()}
 
 
-def drive(run: TrainingRun, agent: NoAgent, stop=lambda: False, log=lambda line: None, label: str = "") -> str:
+def drive(run: TrainingRun, agent: NoAgent, stop=lambda: False, log=lambda line: None, label: str = "",
+          on_evaluation=None) -> str:
     """The control loop: advance to the next evaluation, let the agent decide, checkpoint; on a divergence
     roll back and tell the agent; when stop() asks, checkpoint and raise Interrupted. Returns the run's
     status, "finished" or "diverged". The CLI's seeds and train_agent.py's episodes both run through here."""
@@ -2141,6 +2314,8 @@ def drive(run: TrainingRun, agent: NoAgent, stop=lambda: False, log=lambda line:
                                   "lr": lr, **run.lr_record(result.it), **decision})
         log(f"[{label}] iter {result.it}: train {result.train_loss:.4f} val {result.val_loss:.4f} lr {lr:.2e}")
         run.save(agent.state_dict())
+        if on_evaluation is not None:
+            on_evaluation(run)
     return "finished"
 
 
@@ -2149,6 +2324,8 @@ def follow(run: TrainingRun, agent: NoAgent) -> None:
     run.multiplier = agent.multiplier
     if agent.group_multipliers is not None:
         run.group_multipliers = list(agent.group_multipliers)
+    if agent.hparam_multipliers is not None:
+        run.hparam_multipliers = dict(agent.hparam_multipliers)
 
 
 def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, log, label: str) -> bool:
@@ -2338,7 +2515,7 @@ def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
 
 
 def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interactive: bool, stop: StopRequest,
-              resume: bool) -> dict:
+              resume: bool, on_evaluation=None) -> dict:
     """Every dataset and seed; per-seed files are written as soon as each seed ends."""
     all_results = read_json(out_dir / "all_results.json") if resume and (out_dir / "all_results.json").exists() else {}
     final_infos = {}
@@ -2350,7 +2527,8 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
                 print(f"[{dataset} seed {seed_index}] finished earlier: kept", flush=True)
                 per_seed.append(done)
                 continue
-            result = train_one_seed(cfg, loaded[dataset], seed_index, rt, out_dir, interactive, stop, resume)
+            result = train_one_seed(cfg, loaded[dataset], seed_index, rt, out_dir, interactive, stop, resume,
+                                    on_evaluation)
             info = result["final_info"]
             per_seed.append(info)
             for kind in ("final_info", "train_info", "val_info"):
@@ -2597,6 +2775,7 @@ def validate(c: Config) -> None:
         raise UserError(f"--agent {c.agent} is deployed frozen (stable-baselines3 learns in its own loop: "
                         f"train it further with train_agent.py); drop --agent_learn")
     check_lr_groups(c)
+    check_control(c)
     if c.agent_init and c.agent != "replay":
         trained_policy(c)  # a folder from train_agent.py must match this run: one line if it does not
     if c.lr_floor > c.lr_ceiling:
@@ -2623,6 +2802,27 @@ def check_lr_groups(c: Config) -> None:
     if lr_groups_kind(c) == "layer" and c.agent not in PER_GROUP_AGENTS:
         raise UserError(f"--agent {c.agent} sets one global multiplier: use --lr_groups global, or a per-layer "
                         f"agent ({', '.join(PER_GROUP_AGENTS[1:])})")
+
+
+CONTROL_AGENTS = ("none", "random", "replay", "ppo", "dqn")
+
+
+def check_control(c: Config) -> None:
+    names = [n.strip() for n in c.control.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTROLLABLE]
+    if unknown or not names:
+        raise UserError(f"--control {c.control!r}: choose from {','.join(CONTROLLABLE)} (comma-separated)")
+    if not multi_control(c):
+        return
+    if c.agent not in CONTROL_AGENTS:
+        raise UserError(f"--agent {c.agent} sets the learning rate only: use --control lr, or an agent that sets "
+                        f"several ({', '.join(CONTROL_AGENTS[1:])})")
+    if lr_groups_kind(c) == "layer":
+        raise UserError("--control with more than lr and --lr_groups layer cannot be combined: choose one")
+    for name, value in (("weight_decay", c.weight_decay), ("grad_clip", c.grad_clip), ("dropout", c.dropout)):
+        if name in names and value <= 0:
+            raise UserError(f"--control {name}: the configured --{name} is 0, so its multiplier would do "
+                            f"nothing; set --{name} above 0 (or leave it out of --control)")
 
 
 def config_warnings(c: Config) -> list[str]:

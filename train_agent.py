@@ -59,6 +59,8 @@ class Args:
     seed: int = _arg(1_000_000, "episode e trains seed + e (the evaluation seeds are 1337 + index: keep clear)")
     lr_groups: str = _arg("global", "global: one multiplier for the model; layer: one per layer, chosen by a policy "
                                     "shared across layers (reinforce, ppo)", ("global", "layer"))
+    control: str = _arg("lr", "hyperparameters the policy sets, from lr,weight_decay,grad_clip,dropout (ppo: one "
+                              "factor each, MultiDiscrete; dqn: one index into their product)")
     reward: str = _arg("", "default improvement (-delta val loss) for reinforce/ppo/dqn, neg_val_loss for qlearning",
                        ("neg_val_loss", "improvement", "log_improvement"))
     agent_actions: str = _arg("", "action factors; default 0.1,0.5,1,1.5,2 (qlearning: 0.5,0.8,1,1.25,2)")
@@ -121,6 +123,7 @@ def episode_record(episode: int, run: ex.TrainingRun, lr_factor: float, decision
             "multipliers": [d["multiplier"] for d in decisions], "actions": [d.get("action") for d in decisions],
             **({"group_multipliers": [d["multipliers"] for d in decisions],
                 "lr_groups": [d["lr_groups"] for d in decisions]} if run.layered else {}),
+            **({"hparams": [d["hparams"] for d in decisions]} if run.hparam_multipliers else {}),
             "seconds": seconds, "train_seconds": s.elapsed - s.agent_time}
 
 
@@ -156,12 +159,14 @@ class LRControlEnv(gym.Env):
         self.actions = ex.agent_actions(cfg)
         self.reward_kind = ex.reward_kind(cfg)
         self.layered = ex.lr_groups_kind(cfg) == "layer"
+        self.multi = ex.multi_control(cfg)
         n_groups, n_features = len(ex.lr_group_names(cfg)), ex.policy_feature_count(cfg)
+        sizes = ex.policy_action_sizes(cfg, len(self.actions))
         if self.layered:
             self.action_space = spaces.MultiDiscrete([len(self.actions)] * n_groups)
             shape = (n_groups, n_features)
         else:
-            self.action_space = spaces.Discrete(len(self.actions))
+            self.action_space = spaces.MultiDiscrete(sizes) if len(sizes) > 1 else spaces.Discrete(sizes[0])
             shape = (n_features,)
         self.observation_space = spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT, shape, np.float32)
         self.first_episode = self.next_episode = first_episode
@@ -187,11 +192,16 @@ class LRControlEnv(gym.Env):
         if self.layered:
             action = [int(a) for a in np.asarray(action).reshape(-1)]
             run.group_multipliers = [self.clip(m * self.actions[a]) for m, a in zip(run.group_multipliers, action)]
+        elif self.multi:
+            action = ex.control_action(cfg, action, len(self.actions))
+            run.multiplier, run.hparam_multipliers = ex.apply_control_factors(
+                cfg, run.multiplier, run.hparam_multipliers, [self.actions[a] for a in action])
         else:
             action = int(action)
             run.multiplier = self.clip(run.multiplier * self.actions[action])
         self.decisions.append({"iter": it, "action": action, "multiplier": run.multiplier, "lr": run.lr(it),
                                **({"multipliers": list(run.group_multipliers)} if self.layered else {}),
+                               **({"hparam_multipliers": dict(run.hparam_multipliers)} if self.multi else {}),
                                **run.lr_record(it)})
         result = run.advance()
         terminated, status = result.done, "finished"
@@ -200,10 +210,12 @@ class LRControlEnv(gym.Env):
                       + cfg.divergence_penalty)
             rollbacks = run.state.rollbacks + 1
             failed_multiplier, failed_groups = run.multiplier, list(run.group_multipliers)
+            failed_hparams = dict(run.hparam_multipliers)
             if run.rollback_before(result.it) is not None and rollbacks <= cfg.max_rollbacks:
                 run.state.rollbacks = rollbacks
                 run.multiplier = self.clip(failed_multiplier * cfg.rollback_cut)
                 run.group_multipliers = failed_groups  # the decision stands; the global cut slows every group
+                run.hparam_multipliers = failed_hparams
             else:
                 terminated, status = True, "diverged"
                 run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
@@ -512,6 +524,7 @@ def episode_config(args: Args) -> ex.Config:
             else ex.parse_value(f, value)
     base = ex.Config(data_dir=args.data_dir, source_dir=args.source_dir, agent=args.agent,
                      agent_actions=args.agent_actions, reward=args.reward, agent_learn=True, lr_groups=args.lr_groups,
+                     control=args.control,
                      policy_hidden=args.hidden, policy_lr=args.controller_lr or 1e-3, policy_gamma=args.gamma,
                      final_eval_tokens=0, inference_samples=0, seeds=1)
     if args.agent == "qlearning" and args.controller_lr:
@@ -520,6 +533,7 @@ def episode_config(args: Args) -> ex.Config:
     cfg = dataclasses.replace(cfg, seeds=1, final_eval_tokens=0, inference_samples=0)
     ex.validate(dataclasses.replace(cfg, agent="none"))  # (ppo/dqn need no --agent_init to be trained)
     ex.check_lr_groups(cfg)
+    ex.check_control(cfg)
     lr_range = parse_lr_range(args.lr_range) or (1.0, 1.0)
     if cfg.learning_rate * lr_range[1] > cfg.lr_ceiling:
         raise ex.UserError(f"--lr_range {args.lr_range} reaches {cfg.learning_rate * lr_range[1]:g}, above "
