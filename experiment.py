@@ -2882,6 +2882,20 @@ RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "d
                     "overwrite", "download", "notes", "plot", "resume", "debug", "device", "dtype", "compile"}
 
 
+def dataclass_parser(fields_of, description: str) -> argparse.ArgumentParser:
+    """A one-line-error parser with a --flag per field of a dataclass whose fields carry "help" and "choices"
+    metadata (train_agent.py's Args, sweep.py's SweepArgs)."""
+    parser = OneLineArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(fields_of):
+        kwargs = dict(dest=f.name, default=f.default, help=f.metadata["help"] + f" [default: {f.default}]")
+        if f.type == "bool":
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
+                                choices=f.metadata["choices"], **kwargs)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         usage="%(prog)s [--out_dir DIR] [--profile {auto,full,cpu,smoke}] [--datasets LIST] [--FIELD VALUE ...]",

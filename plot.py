@@ -951,6 +951,49 @@ def plot_learning_curve(curve: Sequence[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def plot_best_so_far(sweep_dir: Path, path: Path) -> None:
+    """sweep.py: the best full_val_loss found so far against the training steps spent, trials counted in the
+    order they finished, one curve per method found in sweep_dir/<method>/results.json."""
+    fig = _new_figure(width=7.5, height=4.5)
+    ax = fig.subplots()
+    drawn = 0
+    for results in sorted(Path(sweep_dir).glob("*/results.json")):
+        summary = json.loads(results.read_text())
+        trials = sorted((t for t in summary.get("trials", []) if t.get("full_val_loss") is not None),
+                        key=lambda t: t.get("finished") or "")
+        if not trials:
+            continue
+        spent = np.cumsum([t.get("steps") or 0 for t in trials])
+        best = np.minimum.accumulate([t["full_val_loss"] for t in trials])
+        ax.step(spent, best, where="post", marker="o", label=f"{summary.get('method', results.parent.name)} "
+                f"({len(trials)} trials)")
+        drawn += 1
+    ax.set_xlabel("training steps spent (all trials, cumulative)")
+    ax.set_ylabel("best full_val_loss so far")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    fig.suptitle("Search: best held-out loss against compute")
+    save_figure(fig, path)
+
+
+def update_notes_section(notes_path: Path, header: str, body: Sequence[str]) -> None:
+    """Replace (or append) a section `header` + body lines in notes.txt, locked and atomic like the runs'."""
+    def edit(lines: list[str]) -> list[str]:
+        lines = list(lines)
+        section = [header, *body, ""]
+        if header in lines:
+            i = lines.index(header)
+            j = i + 1
+            while j < len(lines) and lines[j] and not lines[j].startswith("#"):
+                j += 1
+            return lines[:i] + section + lines[j + (j < len(lines) and lines[j] == ""):]
+        if lines and lines[-1] != "":
+            lines.append("")
+        return lines + section
+    _rewrite_notes(notes_path, edit, DEFAULT_TITLE, DEFAULT_DESCRIPTION)
+
+
 def _policy_learning_curve(run: Run, dataset: str) -> Optional[tuple[list, str]]:
     """The learning curve of the trained policy a run deployed (its train_agent.py folder), if readable."""
     policy = run.policies.get(dataset)

@@ -489,16 +489,7 @@ class Log:
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ex.OneLineArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        kwargs = dict(dest=f.name, default=f.default, help=f.metadata["help"] + f" [default: {f.default}]")
-        if f.type == "bool":
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
-                                choices=f.metadata["choices"], **kwargs)
-    return parser
+    return ex.dataclass_parser(Args, __doc__.split("\n\n")[0].strip())
 
 
 def parse_args(argv: list[str]) -> Args:
