@@ -9,7 +9,7 @@ harness's training hyperparameters, every trial an ordinary harness run with its
 
 The search space is data: a JSON or TOML file, or inline, NAME=LOW:HIGH[:log|:lin] separated by commas, NAME a
 numeric training setting of experiment.py (default: learning_rate, weight_decay, grad_clip, warmup_iters, all on
-log scales). grid: --grid_points values per setting (or a setting's own "grid" list in a file), every
+log scales). Trials train seeds 2000+ (--set seed_base=N), clear of the evaluation seeds 1337+. grid: --grid_points values per setting (or a setting's own "grid" list in a file), every
 combination once; random: --trials configurations drawn with --seed; pbt: --trials runs started from random
 configurations, and at every evaluation (all members there) the worse half copies the better half's weights and settings (through
 the harness's own checkpoints, which Ray hands to the restarted trial) and perturbs learning_rate,
@@ -45,6 +45,7 @@ import experiment as ex
 RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'
 METHODS = ("grid", "random", "pbt")
 PBT_MUTATED = ("learning_rate", "weight_decay", "grad_clip")  # what can change mid-run; warmup only matters early
+SWEEP_SEED_BASE = 2000  # trials train seeds 2000, 2001, ...: the evaluation seeds (1337 + index) stay held out
 
 
 def _arg(default, help, choices=None):
@@ -261,7 +262,7 @@ def check_args(args: SweepArgs) -> tuple[ex.Config, dict, list[dict], dict]:
     if args.method == "pbt" and args.seeds != 1:
         raise ex.UserError("--method pbt: one seed per trial (a population member is one run); re-run the best "
                            "configuration on held-out seeds afterwards")
-    overrides = parse_settings(args.set)
+    overrides = {"seed_base": SWEEP_SEED_BASE, **parse_settings(args.set)}
     base = ex.Config(data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else "",
                      source_dir=args.source_dir, seeds=args.seeds, notes="off", inference_samples=0)
     cfg = ex.config_for_dataset(base, {**overrides, "seeds": args.seeds}, args.profile, datasets[0])

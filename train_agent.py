@@ -124,7 +124,7 @@ def episode_record(episode: int, run: ex.TrainingRun, lr_factor: float, decision
             **({"group_multipliers": [d["multipliers"] for d in decisions],
                 "lr_groups": [d["lr_groups"] for d in decisions]} if run.layered else {}),
             **({"hparams": [d["hparams"] for d in decisions]} if run.hparam_multipliers else {}),
-            "seconds": seconds, "train_seconds": s.elapsed - s.agent_time}
+            "steps": run.steps_taken, "seconds": seconds, "train_seconds": s.elapsed - s.agent_time}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,7 +61,9 @@ def test_every_trial_is_a_contract_valid_run_folder(prepared_data_dir, tmp_path,
         final = json.loads((folder / "final_info.json").read_text())["shakespeare_char"]
         assert final["means"]["full_val_loss_mean"] == trial["full_val_loss"]
         assert {"final_info.json", "all_results.npy", "all_results.json", "run.json"} <= {p.name for p in folder.iterdir()}
-        assert json.loads((folder / "run.json").read_text())["status"] == "finished"
+        record = json.loads((folder / "run.json").read_text())
+        assert record["status"] == "finished" and record["command"][1].endswith("sweep.py")
+        assert record["configs"]["shakespeare_char"]["seed_base"] == sweep.SWEEP_SEED_BASE  # 1337.. stay held out
         assert trial["steps"] == 20  # the compute it spent: every optimizer step, counted once
         assert not list(folder.glob("ckpt_*.pt"))  # finished seeds leave no checkpoints behind
     assert results["steps"] == 40 and "| trial |" in (out / "random" / "results.md").read_text()
