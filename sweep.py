@@ -310,8 +310,9 @@ def run_sweep(args: SweepArgs, argv: list[str]) -> dict:
     ray, tune = import_ray()
     out = Path(args.out_dir).resolve()  # Ray changes the trials' working directory: absolute paths only
     folder = out / args.method
-    if (folder / "results.json").exists():
-        raise ex.UserError(f"{folder} already holds a finished {args.method} sweep; choose another --out_dir")
+    if (folder / "results.json").exists() or any(folder.glob("trial_*")):
+        state = "a finished" if (folder / "results.json").exists() else "an unfinished"
+        raise ex.UserError(f"{folder} already holds {state} {args.method} sweep; choose another --out_dir")
     folder.mkdir(parents=True, exist_ok=True)
     setup = {"base": dataclasses.asdict(dataclasses.replace(cfg, data_dir=str(data_dir))),
              "overrides": overrides, "profile": cfg.profile, "dataset": dataset, "method": args.method,

@@ -67,6 +67,10 @@ def test_every_trial_is_a_contract_valid_run_folder(prepared_data_dir, tmp_path,
         assert trial["steps"] == 20  # the compute it spent: every optimizer step, counted once
         assert not list(folder.glob("ckpt_*.pt"))  # finished seeds leave no checkpoints behind
     assert results["steps"] == 40 and "| trial |" in (out / "random" / "results.md").read_text()
+    before = (out / "random" / "results.json").read_bytes()
+    args = ["--method", "random", "--trials", "2", "--profile", "smoke", "--out_dir", out, "--data_dir", prepared_data_dir]
+    assert sweep.main([str(a) for a in args]) == 2  # a finished sweep is never overwritten
+    assert (out / "random" / "results.json").read_bytes() == before
 
 
 def test_random_search_is_reproducible_with_its_seed(prepared_data_dir):
