@@ -1,6 +1,7 @@
 """sweep.py: grid, random and PBT search on Ray Tune, every trial an ordinary run folder. One local Ray
 instance (2 CPUs) serves every test; the smoke profile keeps each trial to seconds."""
 import json
+import os
 import subprocess
 import sys
 
@@ -134,4 +135,16 @@ def test_bad_sweep_input_is_one_line_exit_2(prepared_data_dir, tmp_path, bad):
     proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *map(str, args + bad)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "S").exists()
+
+
+def test_without_ray_sweep_says_which_command_installs_it(prepared_data_dir, tmp_path):
+    shadow = tmp_path / "no_ray" / "ray"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "--trials", "2", "--profile", "smoke",
+                           "--out_dir", str(tmp_path / "S"), "--data_dir", str(prepared_data_dir)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(shadow.parent)})
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: sweep.py runs on Ray Tune, which is not " \
+                                                          f"installed: {sweep.RAY_INSTALL}", proc.stderr
     assert not (tmp_path / "S").exists()
