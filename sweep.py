@@ -181,8 +181,8 @@ def trial_config(setup: dict, hp: dict) -> ex.Config:
 
 
 def trainable(config: dict, setup: dict) -> None:
-    """Ray Tune's function trainable. Restores Ray's checkpoint if it hands one (a retry after a failure, or a
-    PBT exploit of another trial's), trains through experiment.train_all, reports every evaluation with the
+    """Ray Tune's function trainable. Restores Ray's checkpoint if it hands one (its own, when Ray resumes it
+    after a failure or a synchronous-PBT pause; another trial's, when PBT exploits), trains through experiment.train_all, reports every evaluation with the
     harness checkpoint, and writes the trial's run folder."""
     from ray import tune
 
@@ -210,10 +210,10 @@ def trainable(config: dict, setup: dict) -> None:
             origin = json.loads((Path(d) / "origin.json").read_text())
             for f in Path(d).glob("ckpt_*.pt"):
                 shutil.copy2(f, folder / f.name)
-        # A PBT exploit (another trial's weights) or a retry (this trial's own), and the settings from here on.
+        # A PBT exploit (another trial's weights) or a resume (this trial's own), and the settings from here on.
         record["restores"].append({"at": ex.now_iso(), "from_trial": origin["trial"], "iter": origin["iter"],
                                    "val_loss": origin["val_loss"], "hp": config["hp"],
-                                   "kind": "retry" if origin["trial"] == folder.name else "exploit"})
+                                   "kind": "resume" if origin["trial"] == folder.name else "exploit"})
         record["configs"] = {dataset: dataclasses.asdict(cfg)}
     ex.atomic_write_json(record_path, {**record, "status": "running"})
     compute_path = folder / "compute.json"
@@ -370,19 +370,20 @@ def summarize(args: SweepArgs, folder: Path, out: Path, seconds: float) -> dict:
                      "seconds": (record.get("compute") or {}).get("seconds"),
                      "finished": record.get("finished"),
                      "exploits": sum(r["kind"] == "exploit" for r in record.get("restores", [])),
-                     "retries": sum(r["kind"] == "retry" for r in record.get("restores", []))})
+                     "resumes": sum(r["kind"] == "resume" for r in record.get("restores", []))})
     done = [r for r in rows if r["full_val_loss"] is not None]
     best = min(done, key=lambda r: r["full_val_loss"]) if done else None
     summary = {"method": args.method, "trials": rows, "best": best, "seconds": seconds,
                "steps": sum(r["steps"] or 0 for r in rows), "profile": args.profile, "dataset": args.datasets}
     ex.atomic_write_json(folder / "results.json", summary)
     ex.atomic_write_json(folder / "best.json", best or {})
-    lines = [f"| trial | configuration | full_val_loss | steps | seconds | exploits | retries |", "|---|---|---|---|---|---|---|"]
+    lines = ["| trial | configuration | full_val_loss | steps | seconds | exploits | resumes |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         hp = ", ".join(f"{k}={v:.4g}" for k, v in r["hp"].items())
         loss = f"{r['full_val_loss']:.4f}" if r["full_val_loss"] is not None else r["status"]
         lines.append(f"| {r['trial']} | {hp} | {loss} | {r['steps']} | {r['seconds'] or 0:.0f} | {r['exploits']} | "
-                     f"{r['retries']} |")
+                     f"{r['resumes']} |")
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     plot.plot_best_so_far(out, out / "best_so_far.png")
     plot.update_notes_section(out / "notes.txt", f"## Sweep {args.method}",

@@ -112,7 +112,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint(prepared_data_dir, tmp_path,
                                      name="clean")
     (trial,), (clean_trial,) = results["trials"], clean_results["trials"]
     record = json.loads((out / "random" / trial["trial"] / "run.json").read_text())
-    assert [r["kind"] for r in record["restores"]] == ["retry"] and record["restores"][0]["iter"] == 10
+    assert [r["kind"] for r in record["restores"]] == ["resume"] and record["restores"][0]["iter"] == 10
     assert trial["full_val_loss"] == clean_trial["full_val_loss"]  # resumed, not restarted: the same run
     assert val_losses(out / "random" / trial["trial"]) == val_losses(clean / "random" / clean_trial["trial"])
     assert trial["steps"] == 20  # killed right after the checkpoint at 10: no step was run twice
