@@ -55,6 +55,7 @@ import tempfile
 import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import reduce
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
@@ -951,19 +952,30 @@ def plot_learning_curve(curve: Sequence[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def steps_spent_by(trials: Sequence[dict], moment: float) -> float:
+    """Training steps all trials had spent at `moment` (a timestamp), each trial's steps spread evenly over
+    its run from start to finish: trials that run side by side, or wait for each other (synchronous PBT),
+    are charged for what they had done by then, not only once they finish."""
+    total = 0.0
+    for t in trials:
+        start, end = (datetime.fromisoformat(t[k]).timestamp() for k in ("started", "finished"))
+        total += (t.get("steps") or 0) * min(1.0, max(0.0, (moment - start) / max(end - start, 1e-9)))
+    return total
+
+
 def plot_best_so_far(sweep_dir: Path, path: Path) -> None:
-    """sweep.py: the best full_val_loss found so far against the training steps spent, trials counted in the
-    order they finished, one curve per method found in sweep_dir/<method>/results.json."""
+    """sweep.py: the best full_val_loss found so far against the training steps spent by all trials when it was
+    found (steps_spent_by), one curve per method found in sweep_dir/<method>/results.json."""
     fig = _new_figure(width=7.5, height=4.5)
     ax = fig.subplots()
     drawn = 0
     for results in sorted(Path(sweep_dir).glob("*/results.json")):
         summary = json.loads(results.read_text())
-        trials = sorted((t for t in summary.get("trials", []) if t.get("full_val_loss") is not None),
-                        key=lambda t: t.get("finished") or "")
+        trials = sorted((t for t in summary.get("trials", []) if t.get("full_val_loss") is not None
+                         and t.get("started") and t.get("finished")), key=lambda t: t["finished"])
         if not trials:
             continue
-        spent = np.cumsum([t.get("steps") or 0 for t in trials])
+        spent = [steps_spent_by(trials, datetime.fromisoformat(t["finished"]).timestamp()) for t in trials]
         best = np.minimum.accumulate([t["full_val_loss"] for t in trials])
         ax.step(spent, best, where="post", marker="o", label=f"{summary.get('method', results.parent.name)} "
                 f"({len(trials)} trials)")
@@ -973,7 +985,7 @@ def plot_best_so_far(sweep_dir: Path, path: Path) -> None:
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=8)
-    fig.suptitle("Search: best held-out loss against compute")
+    fig.suptitle("Search: best full_val_loss (validation split, search seeds) against compute")
     save_figure(fig, path)
 
 

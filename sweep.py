@@ -368,7 +368,7 @@ def summarize(args: SweepArgs, folder: Path, out: Path, seconds: float) -> dict:
                      "full_val_loss": entry["means"].get("full_val_loss_mean") if entry else None,
                      "steps": (record.get("compute") or {}).get("steps"),
                      "seconds": (record.get("compute") or {}).get("seconds"),
-                     "finished": record.get("finished"),
+                     "started": record.get("started"), "finished": record.get("finished"),
                      "exploits": sum(r["kind"] == "exploit" for r in record.get("restores", [])),
                      "resumes": sum(r["kind"] == "resume" for r in record.get("restores", []))})
     done = [r for r in rows if r["full_val_loss"] is not None]

@@ -1,6 +1,7 @@
 """sweep.py: grid, random and PBT search on Ray Tune, every trial an ordinary run folder. One local Ray
 instance (2 CPUs) serves every test; the smoke profile keeps each trial to seconds."""
 import json
+from datetime import datetime
 import os
 import subprocess
 import sys
@@ -148,3 +149,15 @@ def test_without_ray_sweep_says_which_command_installs_it(prepared_data_dir, tmp
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: sweep.py runs on Ray Tune, which is not " \
                                                           f"installed: {sweep.RAY_INSTALL}", proc.stderr
     assert not (tmp_path / "S").exists()
+
+
+def test_best_so_far_charges_the_steps_every_trial_had_spent_when_a_result_came():
+    import plot
+
+    def trial(start, end, steps=1000):
+        return {"started": f"2026-01-01T00:00:{start:02d}+00:00", "finished": f"2026-01-01T00:00:{end:02d}+00:00",
+                "steps": steps}
+    moment = datetime.fromisoformat("2026-01-01T00:00:10+00:00").timestamp()
+    assert plot.steps_spent_by([trial(0, 10), trial(10, 20)], moment) == 1000  # one after the other
+    assert plot.steps_spent_by([trial(0, 10), trial(0, 20)], moment) == 1500  # side by side: half of the second
+    assert plot.steps_spent_by([trial(0, 10), trial(0, 10)], moment) == 2000  # synchronous: all done together
