@@ -1412,7 +1412,8 @@ class SB3Agent(NoAgent):
             raise UserError(f"cannot load the {cfg.agent} policy {policy_file} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from e
         space = self.model.action_space
-        shape, n = self.model.observation_space.shape, [int(k) for k in getattr(space, "nvec", [getattr(space, "n", 0)])]
+        shape = self.model.observation_space.shape
+        n = [int(k) for k in getattr(space, "nvec", [getattr(space, "n", 0)])]
         if shape != (policy_feature_count(cfg),) or n != policy_action_sizes(cfg, len(self.actions)):
             raise UserError(f"the {cfg.agent} policy {policy_file} observes {shape} with actions {n}; this run "
                             f"observes ({policy_feature_count(cfg)},) with actions "

@@ -9,11 +9,14 @@ harness's training hyperparameters, every trial an ordinary harness run with its
 
 The search space is data: a JSON or TOML file, or inline, NAME=LOW:HIGH[:log|:lin] separated by commas, NAME a
 numeric training setting of experiment.py (default: learning_rate, weight_decay, grad_clip, warmup_iters, all on
-log scales). Trials train seeds 2000+ (--set seed_base=N), clear of the evaluation seeds 1337+. grid: --grid_points values per setting (or a setting's own "grid" list in a file), every
-combination once; random: --trials configurations drawn with --seed; pbt: --trials runs started from random
-configurations, and at every evaluation (all members there) the worse half copies the better half's weights and settings (through
-the harness's own checkpoints, which Ray hands to the restarted trial) and perturbs learning_rate,
-weight_decay and grad_clip. A trial that dies is retried from its last checkpoint (--max_failures).
+log scales). Trials train seeds 2000+ (--set seed_base=N), clear of the evaluation seeds 1337+.
+
+grid: --grid_points values per setting (or a setting's own "grid" list in a file), every combination once.
+random: --trials configurations drawn with --seed.
+pbt: --trials runs started from random configurations; at every evaluation (synchronous: all members there)
+the worse half copies the better half's weights and settings, through the harness's own checkpoints, which
+Ray hands to the restarted trial, and perturbs learning_rate, weight_decay and grad_clip.
+A trial that dies is retried from its last checkpoint (--max_failures).
 
 Output, in S/<method>/: trial_NNNNN/ (a run folder: final_info.json, all_results.npy, run.json, ...),
 results.json and results.md (trial, configuration, full_val_loss, compute), best.json; in S/: best_so_far.png
@@ -122,7 +125,8 @@ def parse_space(text: str, cfg: ex.Config) -> dict:
         low, high, log = spec["low"], spec["high"], bool(spec.get("log", True))
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)) or not low < high \
                 or (log and low <= 0):
-            raise ex.UserError(f"--space: {name} needs finite low < high" + (", both > 0 on a log scale" if log else ""))
+            scale = ", both > 0 on a log scale" if log else ""
+            raise ex.UserError(f"--space: {name} needs finite low < high{scale}")
         grid = spec.get("grid")
         if grid is not None and (not isinstance(grid, list) or not grid or
                                  not all(isinstance(v, (int, float)) and low <= v <= high for v in grid)):
@@ -182,7 +186,8 @@ def trial_config(setup: dict, hp: dict) -> ex.Config:
 
 def trainable(config: dict, setup: dict) -> None:
     """Ray Tune's function trainable. Restores Ray's checkpoint if it hands one (its own, when Ray resumes it
-    after a failure or a synchronous-PBT pause; another trial's, when PBT exploits), trains through experiment.train_all, reports every evaluation with the
+    after a failure or a synchronous-PBT pause; another trial's, when PBT exploits), trains through
+    experiment.train_all, reports every evaluation with the
     harness checkpoint, and writes the trial's run folder."""
     from ray import tune
 

@@ -5,7 +5,8 @@ Tune"). Every method gets the same number of training steps on shakespeare_char 
     python bench/sweep_study.py --out sweep_study            # ~20 min on a 2-core CPU; resumable
     python bench/sweep_study.py --out sweep_study --runs 16  # a larger budget: 16 runs' worth of steps each
 
-1. grid (2 values of each of learning_rate, weight_decay, grad_clip: 8 runs; 3 values from --runs 27), random (--runs draws) and PBT
+1. grid (2 values of each of learning_rate, weight_decay, grad_clip: 8 runs; 3 values from --runs 27),
+   random (--runs draws) and PBT
    (a population of --runs) with sweep.py over the same log-scaled space, trials on seeds 2000+;
 2. ppo with --control lr,weight_decay,grad_clip trained by train_agent.py for --runs episodes (the same steps:
    its training is charged to its budget), seeds 1,000,000+;

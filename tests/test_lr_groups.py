@@ -140,7 +140,8 @@ def test_lr_groups_global_is_the_run_from_before_lr_groups_existed(prepared_data
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / agent / "all_results.json").read_text())
     for seed, reference in REFERENCE["runs"][agent].items():
-        val = [[r["iter"], r["train/loss"], r["val/loss"], r["lr"]] for r in results[f"shakespeare_char_{seed}_val_info"]]
+        val_info = results[f"shakespeare_char_{seed}_val_info"]
+        val = [[r["iter"], r["train/loss"], r["val/loss"], r["lr"]] for r in val_info]
         train = [[r["iter"], r["loss"], r["lr"]] for r in results[f"shakespeare_char_{seed}_train_info"]]
         full = results[f"shakespeare_char_{seed}_final_info"]["full_val_loss"]
         got, expected = (val, train, full), (reference["val"], reference["train"], reference["full_val_loss"])
@@ -202,7 +203,8 @@ def test_each_group_is_observed_between_evaluations_from_statistics_the_steps_ga
     obs = run.observation()
     assert [g["name"] for g in obs.groups] == SMOKE_GROUPS
     for g in obs.groups:
-        assert g["grad_norm_mean"] > 0 and g["grad_norm_std"] == pytest.approx(0, abs=1e-3) and g["weight_rms"] > 0 and g["update_ratio"] > 0
+        assert g["grad_norm_mean"] > 0 and g["weight_rms"] > 0 and g["update_ratio"] > 0
+        assert g["grad_norm_std"] == pytest.approx(0, abs=1e-3)  # one step (float32 cancellation: not exactly 0)
         assert g["multiplier"] == 1.0 and g["lr"] == obs.lr
     total = math.sqrt(sum(g["grad_norm_mean"] ** 2 for g in obs.groups))
     assert total == pytest.approx(obs.grad_norm_mean, rel=1e-5)  # the whole model's norm, split by group
@@ -265,7 +267,7 @@ def test_plot_draws_the_per_layer_heatmap_and_the_deployed_policys_learning_curv
     proc = deploy(runs, prepared_data_dir, "reinforce", policy, "run_0", "--lr_groups", "layer")
     assert proc.returncode == 0, proc.stderr
     proc = run_cli(["--out_dir", runs / "run_1", "--profile", "smoke", "--datasets", "shakespeare_char",
-                    "--data_dir", prepared_data_dir, "--notes", "off", "--inference_samples", "0"])  # global: no heatmap
+                    "--data_dir", prepared_data_dir, "--notes", "off", "--inference_samples", "0"])  # global: none
     assert proc.returncode == 0, proc.stderr
     plots = tmp_path / "plots"
     done = subprocess.run([sys.executable, str(ROOT / "plot.py"), "--out_dir", plots], cwd=runs,

@@ -62,7 +62,8 @@ def test_every_trial_is_a_contract_valid_run_folder(prepared_data_dir, tmp_path,
         folder = out / "random" / trial["trial"]
         final = json.loads((folder / "final_info.json").read_text())["shakespeare_char"]
         assert final["means"]["full_val_loss_mean"] == trial["full_val_loss"]
-        assert {"final_info.json", "all_results.npy", "all_results.json", "run.json"} <= {p.name for p in folder.iterdir()}
+        names = {p.name for p in folder.iterdir()}
+        assert {"final_info.json", "all_results.npy", "all_results.json", "run.json"} <= names
         record = json.loads((folder / "run.json").read_text())
         assert record["status"] == "finished" and record["command"][1].endswith("sweep.py")
         assert record["configs"]["shakespeare_char"]["seed_base"] == sweep.SWEEP_SEED_BASE  # 1337.. stay held out
@@ -70,7 +71,8 @@ def test_every_trial_is_a_contract_valid_run_folder(prepared_data_dir, tmp_path,
         assert not list(folder.glob("ckpt_*.pt"))  # finished seeds leave no checkpoints behind
     assert results["steps"] == 40 and "| trial |" in (out / "random" / "results.md").read_text()
     before = (out / "random" / "results.json").read_bytes()
-    args = ["--method", "random", "--trials", "2", "--profile", "smoke", "--out_dir", out, "--data_dir", prepared_data_dir]
+    args = ["--method", "random", "--trials", "2", "--profile", "smoke", "--out_dir", out,
+            "--data_dir", prepared_data_dir]
     assert sweep.main([str(a) for a in args]) == 2  # a finished sweep is never overwritten
     assert (out / "random" / "results.json").read_bytes() == before
 
@@ -145,7 +147,8 @@ def test_without_ray_sweep_says_which_command_installs_it(prepared_data_dir, tmp
     (shadow / "__init__.py").write_text("raise ImportError('No module named ray')\n")
     proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "--trials", "2", "--profile", "smoke",
                            "--out_dir", str(tmp_path / "S"), "--data_dir", str(prepared_data_dir)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(shadow.parent)})
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(shadow.parent)})
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: sweep.py runs on Ray Tune, which is not " \
                                                           f"installed: {sweep.RAY_INSTALL}", proc.stderr
     assert not (tmp_path / "S").exists()
