@@ -70,7 +70,8 @@ class SweepArgs:
     set: str = _arg("", "experiment.py settings for every trial, e.g. max_iters=2000,eval_interval=200")
     address: str = _arg("", "a running Ray cluster (auto, or HEAD_IP:6379); default: Ray on this machine")
     cpus_per_trial: int = _arg(1, "CPUs (and torch threads) per trial: trials run side by side on the rest")
-    gpus_per_trial: float = _arg(0.0, "GPUs per trial (e.g. 0.5 shares one GPU between two trials)")
+    gpus_per_trial: float = _arg(-1.0, "GPUs per trial: -1 = one each where CUDA is present, else none; 0.5 shares "
+                                       "a GPU between two trials")
     max_failures: int = _arg(2, "retries of a trial that dies, each from its last checkpoint")
     data_dir: str = _arg("", "as experiment.py --data_dir")
     source_dir: str = _arg("", "as experiment.py --source_dir")
@@ -337,7 +338,9 @@ def run_sweep(args: SweepArgs, argv: list[str]) -> dict:
             time_attr="iter", perturbation_interval=cfg.eval_interval, hyperparam_mutations=mutations,
             quantile_fraction=0.5, resample_probability=0.25,
             synch=True)  # all members reach an evaluation, then the worse half copies: no race decides who exploits
-    resources = {"cpu": args.cpus_per_trial, **({"gpu": args.gpus_per_trial} if args.gpus_per_trial else {})}
+    gpus = args.gpus_per_trial if args.gpus_per_trial >= 0 else float(ex.torch.cuda.is_available())
+    # Ray hides the GPUs from a trial that asks for none: on a CUDA machine each trial asks for one by default.
+    resources = {"cpu": args.cpus_per_trial, **({"gpu": gpus} if gpus else {})}
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, setup=setup), resources),
         param_space={"hp": tune.grid_search(configs)},
