@@ -9,7 +9,7 @@ harness's training hyperparameters, every trial an ordinary harness run with its
 
 The search space is data: a JSON or TOML file, or inline, NAME=LOW:HIGH[:log|:lin] separated by commas, NAME a
 numeric training setting of experiment.py (default: learning_rate, weight_decay, grad_clip, warmup_iters, all on
-log scales). Trials train seeds 2000+ (--set seed_base=N), clear of the evaluation seeds 1337+.
+log scales). Every trial trains seed 2000 (--set seed_base=B), clear of the evaluation seeds 1337+.
 
 grid: --grid_points values per setting (or a setting's own "grid" list in a file), every combination once.
 random: --trials configurations drawn with --seed.
@@ -48,7 +48,7 @@ import experiment as ex
 RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'
 METHODS = ("grid", "random", "pbt")
 PBT_MUTATED = ("learning_rate", "weight_decay", "grad_clip")  # what can change mid-run; warmup only matters early
-SWEEP_SEED_BASE = 2000  # trials train seeds 2000, 2001, ...: the evaluation seeds (1337 + index) stay held out
+SWEEP_SEED_BASE = 2000  # every trial trains seed 2000 (+ index with --seeds): evaluation seeds 1337+ stay held out
 
 
 def _arg(default, help, choices=None):

@@ -7,7 +7,7 @@ Tune"). Every method gets the same number of training steps on shakespeare_char 
 
 1. grid (2 values of each of learning_rate, weight_decay, grad_clip: 8 runs; 3 values from --runs 27),
    random (--runs draws) and PBT
-   (a population of --runs) with sweep.py over the same log-scaled space, trials on seeds 2000+;
+   (a population of --runs) with sweep.py over the same log-scaled space, every trial on seed 2000;
 2. ppo with --control lr,weight_decay,grad_clip trained by train_agent.py for --runs episodes (the same steps:
    its training is charged to its budget), seeds 1,000,000+;
 3. the best configuration of each search (PBT: the settings its best member ended with) and the frozen policy
