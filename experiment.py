@@ -184,6 +184,8 @@ class Config:
     dtype: str = _opt("auto", "compute dtype; auto = bfloat16/float16 on CUDA, float32 elsewhere",
                       ("auto", "float32", "bfloat16", "float16"))
     compile: Optional[bool] = _opt(None, "torch.compile the model; default: only on CUDA with Triton")
+    backend: str = _opt("auto", "process-group backend under torchrun (several processes); auto = nccl on CUDA, "
+                                "gloo on the CPU", ("auto", "nccl", "gloo"))
     debug: bool = _opt(False, "show full tracebacks for errors")
 
 
@@ -1569,25 +1571,160 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
 # 7. Training one dataset and seed
 # ----------------------------------------------------------------------------------------------
 
+# Several processes (torchrun): every rank trains the same model on its own batches and PyTorch's
+# DistributedDataParallel averages their gradients. DDP synchronises gradients, not optimizer settings,
+# so whatever steers training is decided once and shared: the agent decides on rank 0 and its multipliers
+# reach every rank before its next step; evaluations are sharded and summed, so every rank sees the same
+# losses and takes the same rollbacks; a stop request is agreed at logged steps. Rank 0 alone writes files.
+
+RANK_SEED_STRIDE = 1_000_003  # rank r draws its training batches and dropout from seed + r x this
+
+
+@dataclass
+class World:
+    """The processes of one job. size 1 (no torchrun, or one process): a plain run, no collective at all."""
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    backend: Optional[str] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_environment(cfg: Config) -> "World":
+        """Join torchrun's process group when RANK/WORLD_SIZE say there is one (WORLD_SIZE > 1)."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return World()
+        import torch.distributed as dist
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+        backend = cfg.backend if cfg.backend != "auto" else "nccl" if cuda else "gloo"
+        if cfg.device == "mps":
+            raise UserError("--device mps cannot train in several processes: use cuda or cpu under torchrun")
+        if backend == "nccl" and not cuda:
+            raise UserError("--backend nccl needs CUDA devices; use --backend gloo on the CPU")
+        if cuda:
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                                f"set torchrun's --nproc_per_node to at most that")
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+        return World(rank, local_rank, size, backend)
+
+    def close(self, together: bool = True) -> None:
+        """Leave the process group. together: every rank gets here (the job ended well, or failed on every
+        rank alike); they wait for each other first, since gloo aborts a rank whose peer has already left."""
+        import torch.distributed as dist
+        if self.distributed and dist.is_initialized():
+            if together:
+                dist.barrier()
+            dist.destroy_process_group()
+
+    def micro_steps(self, gradient_accumulation_steps: int) -> int:
+        """Micro-batches each rank takes per optimizer step: the configured ones divided among the ranks
+        (nanoGPT's rule), so the global batch stays what one process would take; at least one."""
+        return max(1, gradient_accumulation_steps // self.size)
+
+    # --- collectives: every rank calls each one at the same point, in the same order ---------------------
+
+    def comm_device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: the sum over the ranks (a no-op in one process)."""
+        if self.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        return self.sum_(torch.tensor([value], dtype=torch.float64, device=self.comm_device())).item() / self.size
+
+    def any(self, flag: bool) -> bool:
+        if not self.distributed:
+            return flag
+        return bool(self.sum_(torch.tensor([float(flag)], device=self.comm_device())).item())
+
+    def gather(self, obj) -> list:
+        """Every rank's obj, in rank order (on every rank)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def from_main(self, make):
+        """make() run on rank 0 and its result sent to every rank; rank 0's UserError or RunFailed is raised
+        on every rank (the others stay silent: see main)."""
+        if not self.distributed:
+            return make()
+        import torch.distributed as dist
+        box = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", make())
+            except (UserError, RunFailed) as e:
+                box[0] = (type(e).__name__, str(e))
+            except BaseException as e:  # a bug on rank 0: let the others end instead of waiting for it
+                dist.broadcast_object_list([("RunFailed", f"rank 0 failed: {type(e).__name__}: {e}")], src=0)
+                raise
+        dist.broadcast_object_list(box, src=0)
+        return _result_or_raise(*box[0])
+
+    def everywhere(self, make):
+        """make() on every rank; if it failed on any, every rank raises the first failure."""
+        if not self.distributed:
+            return make()
+        result, failure = None, None
+        try:
+            result = make()
+        except (UserError, RunFailed) as e:
+            failure = (type(e).__name__, f"rank {self.rank}: {e}" if self.rank else str(e))
+        failed = [f for f in self.gather(failure) if f is not None]
+        if failed:
+            _result_or_raise(*failed[0])
+        return result
+
+
+def _result_or_raise(kind: str, value):
+    if kind == "ok":
+        return value
+    raise (UserError if kind == "UserError" else RunFailed)(value)
+
+
 @dataclass
 class Runtime:
-    """What the machine decides: device, compute dtype, autocast context, compile."""
+    """What the machine decides: device, compute dtype, autocast context, compile, and the processes."""
     device: torch.device
     dtype: torch.dtype
     autocast: object
     compile: bool
+    world: World = field(default_factory=World)
 
     @staticmethod
-    def choose(cfg: Config) -> "Runtime":
+    def choose(cfg: Config, world: Optional[World] = None) -> "Runtime":
+        world = world or World()
         if cfg.device == "auto":
             name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+            if world.distributed and name == "mps":
+                name = "cpu"
         else:
             name = cfg.device
             if name == "cuda" and not torch.cuda.is_available():
                 raise UserError("--device cuda requested but CUDA is not available")
             if name == "mps" and not torch.backends.mps.is_available():
                 raise UserError("--device mps requested but MPS is not available")
-        device = torch.device(name)
+        device = torch.device(name, world.local_rank) if name == "cuda" and world.distributed else torch.device(name)
         dtype_name = cfg.dtype
         if dtype_name == "auto":
             dtype_name = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if name == "cuda" else "float32"
@@ -1599,19 +1736,25 @@ class Runtime:
         use_compile = cfg.compile
         if use_compile is None:
             use_compile = name == "cuda" and importlib.util.find_spec("triton") is not None
-        return Runtime(device, dtype, ctx, bool(use_compile))
+        return Runtime(device, dtype, ctx, bool(use_compile), world)
 
 
 class StopRequest:
-    """Set by SIGTERM / Ctrl-C; the loop checkpoints at the next step and exits cleanly."""
+    """Set by SIGTERM / Ctrl-C; the loop checkpoints at the next step and exits cleanly.
 
-    def __init__(self):
+    A second signal stops at once, unless it comes within repeat_grace_s of the first: under torchrun a
+    Ctrl-C reaches each worker twice, from the terminal and forwarded by the launcher."""
+
+    def __init__(self, repeat_grace_s: float = 0.0):
         self.signal_name: Optional[str] = None
+        self.repeat_grace_s, self.first_at = repeat_grace_s, 0.0
 
     def __call__(self, signum, frame):
-        if self.signal_name is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            if time.monotonic() - self.first_at < self.repeat_grace_s:
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal_name, self.first_at = signal.Signals(signum).name, time.monotonic()
 
 
 class Interrupted(Exception):
@@ -1673,17 +1816,19 @@ class Progress:
 
 @torch.no_grad()
 def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime) -> dict:
-    """Mean loss over the run's fixed evaluation batches, per split (one host sync per split)."""
+    """Mean loss over the run's fixed evaluation batches, per split (one host sync per split). Under torchrun
+    rank r evaluates batches r, r + size, ... and the sums are added up: every rank gets the same means."""
+    world = rt.world
     model.eval()
     out = {}
     for split, starts_list in eval_starts.items():
         total = torch.zeros((), device=rt.device)
-        for starts in starts_list:
+        for starts in starts_list[world.rank::world.size]:
             x, y = samplers[split].batch_at(starts)
             with rt.autocast:
                 _, loss = model(x, y)
             total += loss.float()
-        out[split] = (total / len(starts_list)).item()
+        out[split] = (world.sum_(total) / len(starts_list)).item()
     model.train()
     return out
 
@@ -1702,16 +1847,17 @@ def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime) -
     not fill a last window are left out.
     """
     model.eval()
+    world = rt.world  # under torchrun each rank reads every size-th batch of windows; the sums are added up
     n_windows, block = final_eval_windows(len(tokens), cfg), cfg.block_size
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for first in range(0, n_windows, cfg.batch_size):
+    for first in range(world.rank * cfg.batch_size, n_windows, world.size * cfg.batch_size):
         starts = np.arange(first, min(first + cfg.batch_size, n_windows)) * block
         x, y = windows_at(tokens, starts, block, rt.device)
         with rt.autocast:
             _, loss = model(x, y)
         total += loss.double() * len(starts)
     model.train()
-    return (total / n_windows).item()
+    return (world.sum_(total) / n_windows).item()
 
 
 def final_evaluation(model: nn.Module, data: CharDataset, cfg: Config, rt: Runtime) -> dict:
@@ -1800,8 +1946,12 @@ class TrainingRun:
         self.memory: dict = {}  # "last" / "previous" -> checkpoint bytes, when checkpoint is None
         self.seed = cfg.seed_base + seed_index
         self.cuda_rng = rt.device.type == "cuda"
+        self.world = rt.world
+        rank_seed = self.seed + RANK_SEED_STRIDE * self.world.rank  # rank 0: the single-process streams
         with self.own_rng(initial_seed=self.seed):
             self.model = GPT(model_config(cfg, data.vocab_size)).to(rt.device)
+            if self.world.rank:  # the same initial weights everywhere, each rank's own dropout masks
+                torch.manual_seed(rank_seed)
         self.optimizer = self.model.make_optimizer(cfg, rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.compile_time, self.step_model = 0.0, self.model
@@ -1809,9 +1959,16 @@ class TrainingRun:
             t = time.time()
             self.step_model = torch.compile(self.model)
             self.compile_time = time.time() - t  # the lazy compile itself lands in the first steps' time
-        # Separate generators: training batches, and the fixed evaluation batches drawn once per run,
-        # so every evaluation (and every agent reward) compares the model on the same text.
-        self.sampler = BatchSampler(data.splits["train"], cfg.block_size, cfg.batch_size, rt.device, self.seed)
+        self.eval_model = self.step_model  # evaluation runs outside DDP: no gradient hooks, no collectives
+        self.micro_steps = self.world.micro_steps(cfg.gradient_accumulation_steps)
+        if self.world.distributed:  # nanoGPT's order: compile, then wrap (DDP also sends rank 0's weights out)
+            from torch.nn.parallel import DistributedDataParallel
+            self.step_model = DistributedDataParallel(
+                self.step_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        self.rank_lrs: list = []  # under torchrun: this process's optimizer rates at each logged step it took
+        # Separate generators: training batches (each rank its own stream), and the fixed evaluation batches
+        # drawn once per run, so every evaluation (and every agent reward) compares the model on the same text.
+        self.sampler = BatchSampler(data.splits["train"], cfg.block_size, cfg.batch_size, rt.device, rank_seed)
         self.eval_samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device,
                                                   self.seed + 7919 + k) for k, split in enumerate(("train", "val"))}
         self.eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)]
@@ -1915,16 +2072,19 @@ class TrainingRun:
             while True:
                 if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and s.last_eval_it < it:
                     return self.evaluate(it)
-                if stop():
+                logged = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
+                if self.stop_agreed(stop, logged):
                     s.next_it = it
                     return EvalResult(it, interrupted=True)
                 lr = self.lr(it)
-                logged = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
                 rates = self.lr_record(it) if logged else {}  # (before the step: LAMB moves the trust)
                 loss = self.step(it, lr)
                 window_iters += 1
                 if logged:
                     lossf = loss.item()  # the only host sync of the step, once per log_interval
+                    if self.world.distributed:  # the ranks' mean, so that all of them see the same divergence
+                        lossf = self.world.mean(lossf)
+                        self.rank_lrs.append({"iter": it, "lr": [g["lr"] for g in self.optimizer.param_groups]})
                     if is_diverged(lossf, s.reference_loss, cfg.divergence_factor):
                         return EvalResult(it, diverged=f"train loss {lossf:.4g} at iter {it}")
                     now = time.time()
@@ -1937,10 +2097,17 @@ class TrainingRun:
         finally:
             s.elapsed += time.time() - t_start
 
+    def stop_agreed(self, stop, logged: bool) -> bool:
+        """stop() before a step. Under torchrun the ranks must stop at the same step, and agreeing costs a
+        collective: they ask at logged steps only (a signal waits at most log_interval steps)."""
+        if not self.world.distributed:
+            return stop()
+        return logged and self.world.any(stop())
+
     def step(self, it: int, lr: float) -> torch.Tensor:
         """One optimizer step at rate lr (each group at its own, when layered); returns the last micro-batch's
         loss (on the device, not synced)."""
-        cfg, rt = self.cfg, self.rt
+        cfg = self.cfg
         if self.layered:
             rates = self.group_lrs(it)
             for group, (index, _) in zip(self.optimizer.param_groups, self.optimizer_groups):
@@ -1949,13 +2116,7 @@ class TrainingRun:
             set_lr(self.optimizer, lr)
         if self.hparam_multipliers:
             self.apply_hparams()
-        for _ in range(cfg.gradient_accumulation_steps):
-            x, y = self.sampler.next_batch()
-            with rt.autocast:
-                _, loss = self.step_model(x, y)
-            if self.faults.poison(it, self.model):
-                loss = loss * float("nan")
-            self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        loss = self.accumulate_gradients(it)
         if self.layered:
             self.clip_by_group()
         elif cfg.grad_clip > 0:
@@ -1973,6 +2134,21 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.layer_trust == "lamb":
             self.update_trust()
+        return loss
+
+    def accumulate_gradients(self, it: int) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches; the gradients are their mean (under torchrun,
+        DDP's mean over every rank's, exchanged in the last micro-step's backward only)."""
+        rt = self.rt
+        for k in range(self.micro_steps):
+            x, y = self.sampler.next_batch()
+            last = k == self.micro_steps - 1
+            with self.step_model.no_sync() if self.world.distributed and not last else nullcontext():
+                with rt.autocast:
+                    _, loss = self.step_model(x, y)
+                if self.faults.poison(it, self.model):
+                    loss = loss * float("nan")
+                self.scaler.scale(loss / self.micro_steps).backward()
         return loss
 
     def clip_by_group(self) -> None:
@@ -2026,7 +2202,7 @@ class TrainingRun:
         cfg, s = self.cfg, self.state
         t = time.time()
         optimizer_mode(self.optimizer, training=False)
-        losses = estimate_loss(self.step_model, self.eval_samplers, self.eval_starts, self.rt)
+        losses = estimate_loss(self.eval_model, self.eval_samplers, self.eval_starts, self.rt)
         optimizer_mode(self.optimizer, training=True)
         s.eval_time += time.time() - t
         if is_diverged(losses["val"], s.reference_loss, cfg.divergence_factor):
@@ -2130,7 +2306,9 @@ class TrainingRun:
         last_train, last_val = self.last_eval_losses()
         optimizer_mode(self.optimizer, training=False)  # evaluate and sample the weights that were evaluated
         final_eval = final_evaluation(self.model, self.data, cfg, self.rt)
-        speed = measure_inference_speed(self.model, self.data, cfg, self.rt, self.seed)
+        # Sampling speed is measured on rank 0's device alone (the others' numbers would not be written).
+        sampling = cfg if self.world.is_main else dataclasses.replace(cfg, inference_samples=0)
+        speed = measure_inference_speed(self.model, self.data, sampling, self.rt, self.seed)
         self.sample = speed["sample"]
         return {
             "final_train_loss": s.last_logged_loss if s.last_logged_loss is not None else last_train,
@@ -2157,13 +2335,23 @@ class TrainingRun:
     # --- checkpoints --------------------------------------------------------------------------
 
     def save(self, agent_state: dict) -> None:
-        """Atomically (temp file + rename); loads with torch.load(weights_only=True)."""
+        """Atomically (temp file + rename); loads with torch.load(weights_only=True).
+
+        Under torchrun every rank calls it: the model and optimizer are the same on every rank, the RNG
+        streams are not, so rank 0 gathers them all and alone keeps the checkpoint."""
         t = time.perf_counter()
         last = self.saved_at.get("last")
         if last is not None and last < self.state.next_it and self.has_checkpoint("last"):
-            self.rotate_checkpoints()  # the last good state becomes the fallback
+            if self.world.is_main:
+                self.rotate_checkpoints()  # the last good state becomes the fallback
             self.saved_at["previous"] = last
         self.flush_grad_stats()
+        rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"], "sampler_rng": self.sampler.generator.get_state(),
+                                      "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []}) \
+            if self.world.distributed else None
+        if not self.world.is_main:
+            self.saved_at["last"] = self.state.next_it
+            return
         meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
                 "config": dataclasses.asdict(self.cfg), "previous_it": self.saved_at.get("previous"),
                 **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {}),
@@ -2173,7 +2361,8 @@ class TrainingRun:
                    "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
                    "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else [],
                    "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta),
-                   "weights_at_eval": self.weights_at_eval if between_evaluations else None}
+                   "weights_at_eval": self.weights_at_eval if between_evaluations else None,
+                   **({"rank_rng": rank_rng} if rank_rng else {})}
         buf = io.BytesIO()
         torch.save(payload, buf)
         if self.checkpoint is None:
@@ -2188,15 +2377,16 @@ class TrainingRun:
         Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
         if self.checkpoint is None:
             return None
-        path = self.checkpoint if self.checkpoint.exists() else self.previous_checkpoint
-        if not path.exists():
+        found = self.world.from_main(lambda: [p.exists() for p in (self.checkpoint, self.previous_checkpoint)])
+        if not any(found):
             return None
-        meta = self.restore(path)
-        if path == self.previous_checkpoint:
+        last_exists, previous_exists = found
+        meta = self.restore(self.checkpoint if last_exists else self.previous_checkpoint)
+        if not last_exists:
             self.saved_at = {"previous": self.state.next_it}
         else:
             self.saved_at = {"last": self.state.next_it}
-            if meta.get("previous_it") is not None and self.previous_checkpoint.exists():
+            if meta.get("previous_it") is not None and previous_exists:
                 self.saved_at["previous"] = meta["previous_it"]
         return meta["agent"]
 
@@ -2207,21 +2397,29 @@ class TrainingRun:
         for key in ("last", "previous"):
             at = self.saved_at.get(key)
             if at is not None and at < it and self.has_checkpoint(key):
-                meta = self.restore(self.checkpoint_source(key))
+                meta = self.restore(key)
                 for k, v in spent.items():
                     setattr(self.state, k, v)
                 return meta["agent"]
         return None
 
     def has_checkpoint(self, key: str) -> bool:
+        """Whether the "last" / "previous" checkpoint is there (rank 0 holds them: it answers for all)."""
         if self.checkpoint is None:
-            return key in self.memory
-        return (self.checkpoint if key == "last" else self.previous_checkpoint).exists()
+            return self.world.from_main(lambda: key in self.memory)
+        path = self.checkpoint if key == "last" else self.previous_checkpoint
+        return self.world.from_main(path.exists)
 
-    def checkpoint_source(self, key: str):
-        if self.checkpoint is None:
-            return io.BytesIO(self.memory[key])
-        return self.checkpoint if key == "last" else self.previous_checkpoint
+    def checkpoint_bytes(self, source) -> bytes:
+        """A checkpoint's bytes, from a path or from the "last" / "previous" one (a file, or in memory)."""
+        if source in ("last", "previous"):
+            if self.checkpoint is None:
+                return self.memory[source]
+            source = self.checkpoint if source == "last" else self.previous_checkpoint
+        try:
+            return Path(source).read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read checkpoint {source}: {e.strerror or e}; delete it to restart this seed") from e
 
     def rotate_checkpoints(self) -> None:
         if self.checkpoint is None:
@@ -2230,21 +2428,25 @@ class TrainingRun:
             os.replace(self.checkpoint, self.previous_checkpoint)
 
     def restore(self, source) -> dict:
-        """Load a checkpoint (a path, or a file-like object holding one)."""
+        """Load a checkpoint: a path, or the "last" / "previous" one. Under torchrun rank 0 reads it and every
+        rank loads the same bytes, each taking its own RNG streams from them."""
+        data = self.world.from_main(lambda: self.checkpoint_bytes(source))
+        name = source if source not in ("last", "previous") else f"{self.checkpoint or 'in memory'} ({source})"
         try:
-            payload = torch.load(source, map_location="cpu", weights_only=True)
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             meta = json.loads(payload["meta"])
+            rng = payload["rank_rng"][self.world.rank] if self.world.distributed else payload
         except Exception as e:  # a truncated or foreign file: say which, do not guess
-            raise UserError(f"checkpoint {source} is unreadable ({type(e).__name__}); "
+            raise UserError(f"checkpoint {name} is unreadable ({type(e).__name__}); "
                             f"delete it to restart this seed") from e
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
-        self.rng_state = {"cpu": payload["torch_rng"],
-                          "cuda": payload["cuda_rng"][0] if self.cuda_rng and payload["cuda_rng"] else None}
+        self.rng_state = {"cpu": rng["torch_rng"],
+                          "cuda": rng["cuda_rng"][0] if self.cuda_rng and rng["cuda_rng"] else None}
         if self.cuda_rng and self.rng_state["cuda"] is None:
             self.rng_state["cuda"] = torch.cuda.get_rng_state()
-        self.sampler.generator.set_state(payload["sampler_rng"])
+        self.sampler.generator.set_state(rng["sampler_rng"])
         self.state = SeedState(**meta["state"])
         self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
         if self.layered:
@@ -2267,25 +2469,34 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     roll back and tell the agent; on SIGTERM/Ctrl-C checkpoint and stop. on_evaluation(run), if given, is
     called after every evaluation's checkpoint (sweep.py reports to Ray Tune there)."""
     run = TrainingRun(cfg, data, seed_index, rt, checkpoint_file(out_dir, data.name, seed_index))
-    agent = make_agent(cfg, run.seed, data.name, seed_index)
+    main = rt.world.is_main  # under torchrun the other ranks follow rank 0's agent (see follow) and are quiet
+    agent = make_agent(cfg, run.seed, data.name, seed_index) if main else NoAgent(cfg, run.seed)
     saved_agent = run.resume() if resume else None
     if saved_agent is not None:
         agent.load_state_dict(saved_agent)
     label = f"{data.name} seed {seed_index}"
-    progress = Progress(label, cfg.max_iters, run.state.next_it, interactive)
-    run.on_log = lambda it, loss, lr: progress.update(it, loss, lr, force=it == cfg.max_iters)
+    progress = Progress(label, cfg.max_iters, run.state.next_it, interactive and main)
+    log = progress.write if main else lambda line: None
+    if main:
+        run.on_log = lambda it, loss, lr: progress.update(it, loss, lr, force=it == cfg.max_iters)
     if run.state.next_it:
-        progress.write(f"[{label}] resuming at iter {run.state.next_it}")
+        log(f"[{label}] resuming at iter {run.state.next_it}")
     try:
-        status = drive(run, agent, stop=lambda: stop.signal_name is not None, log=progress.write, label=label,
+        status = drive(run, agent, stop=lambda: stop.signal_name is not None, log=log, label=label,
                        on_evaluation=on_evaluation)
     except Interrupted as e:
-        raise Interrupted(f"{stop.signal_name}: {e}") from None
+        raise Interrupted(f"{stop.signal_name or 'another rank'}: {e}") from None
     finally:
         progress.close()
     final_info = run.finish(status)
-    return {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
-            "sample": run.sample, "agent_state": agent.state_dict()}
+    result = {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
+              "sample": run.sample, "agent_state": agent.state_dict()}
+    if rt.world.distributed:  # the evidence that every rank's optimizer used the same rates
+        result["rank_lr_info"] = rt.world.gather(run.rank_lrs)
+        final_info["ranks_lr_agree"] = all(r == result["rank_lr_info"][0] for r in result["rank_lr_info"])
+        if not final_info["ranks_lr_agree"]:
+            log(f"[{label}] warning: the ranks' optimizers used different learning rates (all_results: rank_lr_info)")
+    return result
 
 
 def drive(run: TrainingRun, agent: NoAgent, stop=lambda: False, log=lambda line: None, label: str = "",
@@ -2321,12 +2532,16 @@ def drive(run: TrainingRun, agent: NoAgent, stop=lambda: False, log=lambda line:
 
 
 def follow(run: TrainingRun, agent: NoAgent) -> None:
-    """The agent's multipliers become the run's (a global agent leaves every group at 1)."""
+    """The agent's multipliers become the run's (a global agent leaves every group at 1). Under torchrun
+    only rank 0 holds the agent: every rank takes rank 0's multipliers, before any rank's next step."""
     run.multiplier = agent.multiplier
     if agent.group_multipliers is not None:
         run.group_multipliers = list(agent.group_multipliers)
     if agent.hparam_multipliers is not None:
         run.hparam_multipliers = dict(agent.hparam_multipliers)
+    if run.world.distributed:
+        run.multiplier, run.group_multipliers, run.hparam_multipliers = run.world.from_main(
+            lambda: (run.multiplier, run.group_multipliers, run.hparam_multipliers))
 
 
 def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, log, label: str) -> bool:
@@ -2517,23 +2732,32 @@ def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
 
 def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interactive: bool, stop: StopRequest,
               resume: bool, on_evaluation=None) -> dict:
-    """Every dataset and seed; per-seed files are written as soon as each seed ends."""
-    all_results = read_json(out_dir / "all_results.json") if resume and (out_dir / "all_results.json").exists() else {}
+    """Every dataset and seed; per-seed files are written as soon as each seed ends (under torchrun: by
+    rank 0; every rank trains every seed, and the others return their own, unwritten, final_infos)."""
+    main = rt.world.is_main
+    all_results = {}
+    if resume and main and (out_dir / "all_results.json").exists():
+        all_results = read_json(out_dir / "all_results.json")
     final_infos = {}
     for dataset, cfg in configs.items():
         per_seed = []
         for seed_index in range(cfg.seeds):
-            done = finished_seed(out_dir, all_results, dataset, seed_index) if resume else None
+            done = rt.world.from_main(lambda: finished_seed(out_dir, all_results, dataset, seed_index)) \
+                if resume else None
             if done is not None:
-                print(f"[{dataset} seed {seed_index}] finished earlier: kept", flush=True)
+                if main:
+                    print(f"[{dataset} seed {seed_index}] finished earlier: kept", flush=True)
                 per_seed.append(done)
                 continue
             result = train_one_seed(cfg, loaded[dataset], seed_index, rt, out_dir, interactive, stop, resume,
                                     on_evaluation)
             info = result["final_info"]
             per_seed.append(info)
-            for kind in ("final_info", "train_info", "val_info"):
-                all_results[f"{dataset}_{seed_index}_{kind}"] = result[kind]
+            if not main:
+                continue
+            for kind in ("final_info", "train_info", "val_info", "rank_lr_info"):
+                if kind in result:
+                    all_results[f"{dataset}_{seed_index}_{kind}"] = result[kind]
             atomic_write_json(agent_file(out_dir, dataset, seed_index), result["agent_state"])
             atomic_save_npy(out_dir / "all_results.npy", all_results)  # after every seed: a crash loses one seed
             atomic_write_json(out_dir / "all_results.json", all_results)  # the same, readable without unpickling
@@ -2640,7 +2864,9 @@ def record_in_notebook(cfg: Config, out_dir: Path) -> None:
             print("warning: plot.py could not draw the runs (see above)", file=sys.stderr, flush=True)
 
 
-def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
+def resolve_configs(base: Config, cli_overrides: dict, world: World):
+    """(profile, configs, run_record) of the run to start or resume, validated; run_record None for a new run;
+    configs None when a resumed run has finished already. Rank 0's work: it alone reads the run folder."""
     out_dir = Path(base.out_dir)
     profile = resolve_profile(base.profile)
     run_record = None
@@ -2650,9 +2876,12 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         if not (out_dir / "run.json").exists():
             raise UserError(f"--resume: {out_dir} holds no run to resume (no run.json)")
         if (out_dir / "final_info.json").exists():
-            print(f"{out_dir} is already finished: nothing to resume", flush=True)
-            return read_json(out_dir / "final_info.json")
+            return profile, None, None
         run_record = read_json(out_dir / "run.json")
+        trained_by = (run_record.get("distributed") or {}).get("world_size", 1)
+        if trained_by != world.size:
+            raise UserError(f"--resume: {out_dir} was trained by {trained_by} process(es) (world size {trained_by}); "
+                            f"this job has world size {world.size}: resume it with the same number of processes")
         for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
             stale.unlink()
         profile = run_record.get("profile", profile)
@@ -2665,14 +2894,42 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         configs = {d: config_for_dataset(base, cli_overrides, profile, d) for d in datasets}
     for c in configs.values():
         validate(c)
-    datasets = list(configs)
-    rt = Runtime.choose(configs[datasets[0]])
+        check_world(c, world)
+    return profile, configs, run_record
+
+
+def load_data(configs: dict, world: World) -> dict:
+    """Every dataset, prepared where missing (from an offline copy or downloaded), loaded and checked: all
+    data before the run folder is touched. Under torchrun rank 0 goes first (it may prepare the data), then
+    the first rank of every other node (which may have to prepare it on its own disk), then the rest; every
+    rank checks that it reads the tokens rank 0 reads."""
     loaded = {}
-    for dataset in datasets:  # all data first: a missing dataset must fail before the run folder is touched
-        ensure_prepared(configs[dataset], dataset)
-        loaded[dataset] = load_dataset(configs[dataset], dataset)
-        check_fits(configs[dataset], loaded[dataset])
-        configs[dataset] = with_step_interval_from_epochs(configs[dataset], loaded[dataset])
+
+    def load_here() -> dict:
+        for dataset, cfg in configs.items():
+            ensure_prepared(cfg, dataset, log=print if world.is_main else (lambda line: None))
+            loaded[dataset] = load_dataset(cfg, dataset)
+            check_fits(cfg, loaded[dataset])
+        return {d: data.provenance["sha256"] for d, data in loaded.items()}
+
+    expected = world.from_main(load_here)
+
+    def load_same(turn: bool) -> None:
+        if turn and load_here() != expected:
+            differ = [d for d, data in loaded.items() if data.provenance["sha256"] != expected[d]]
+            raise UserError(f"rank {world.rank} reads other {', '.join(differ)} data than rank 0 "
+                            f"({loaded[differ[0]].provenance['folder']}): every node needs the same prepared data")
+
+    if world.distributed:
+        world.everywhere(lambda: load_same(not world.is_main and world.local_rank == 0))
+        world.everywhere(lambda: load_same(world.local_rank != 0))
+    return loaded
+
+
+def open_run_folder(base: Config, configs: dict, loaded: dict, run_record: Optional[dict]) -> dict:
+    """Rank 0, before anything is written: the trained policies load, a resumed run still has its data;
+    then the run folder is cleared for a new run. Returns the trained policies by dataset."""
+    out_dir = Path(base.out_dir)
     policies = {d: p for d, c in configs.items() if c.agent != "replay" and (p := trained_policy(c))}
     for dataset, cfg in configs.items():  # a policy file that cannot be loaded stops the run here, not mid-way
         if cfg.agent in POLICY_AGENTS or dataset in policies:
@@ -2681,47 +2938,47 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         check_same_data(out_dir, run_record, loaded)
     else:
         prepare_run_folder(out_dir, base.overwrite)
-    warnings = {d: config_warnings(c) + policy_warnings(c, d, policies.get(d)) for d, c in configs.items()}
-    for d, lines in warnings.items():
-        for line in lines:
-            print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
-    interactive = sys.stderr.isatty()
-    print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile} | "
-          f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
+    return policies
 
-    if run_record is None:
-        run_record = {"title": base.title, "description": base.description, "profile": profile,
-                      "datasets": datasets, "command": command_line(__file__, argv), "cwd": os.getcwd(),
-                      "started": now_iso(), "finished": None,
-                      "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
-                      "data": {d: loaded[d].provenance for d in datasets},
-                      "warnings": {d: w for d, w in warnings.items() if w}, **environment_record(rt)}
-        if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
-            run_record["policy"] = {d: {k: p[k] for k in ("dir", "file", "sha256")} | {"frozen": frozen(configs[d], True),
-                "trained": {k: p["manifest"].get(k) for k in ("agent", "dataset", "profile", "episodes_done",
-                                                                "seeds", "lr_range", "reward")}}
-                for d, p in policies.items()}
-    else:
-        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command_line(__file__, argv)})
-    run_record.update(status="running", error=None)
-    atomic_write_json(out_dir / "run.json", run_record)
 
-    stop = StopRequest()
+def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Optional[World] = None) -> dict:
+    """The run, start to end. Under torchrun every rank calls it: rank 0 plans and writes, every rank trains."""
+    world = world or World()
+    out_dir = Path(base.out_dir)
+    profile, configs, run_record = world.from_main(lambda: resolve_configs(base, cli_overrides, world))
+    if configs is None:
+        if world.is_main:
+            print(f"{out_dir} is already finished: nothing to resume", flush=True)
+            return read_json(out_dir / "final_info.json")
+        return {}
+    datasets = list(configs)
+    rt = Runtime.choose(configs[datasets[0]], world)
+    loaded = load_data(configs, world)
+    configs = {d: with_step_interval_from_epochs(c, loaded[d], world) for d, c in configs.items()}
+    policies = world.from_main(lambda: open_run_folder(base, configs, loaded, run_record))
+    warnings = {d: config_warnings(c) + world_warnings(c, world) + policy_warnings(c, d, policies.get(d))
+                for d, c in configs.items()}
+    if world.is_main:
+        run_record = start_run_record(base, configs, loaded, rt, profile, policies, warnings, run_record, argv)
+    stop = StopRequest(repeat_grace_s=2.0 if world.distributed else 0.0)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        final_infos = train_all(configs, loaded, rt, out_dir, interactive, stop, base.resume)
+        final_infos = train_all(configs, loaded, rt, out_dir, sys.stderr.isatty(), stop, base.resume)
     except BaseException as e:  # record how the run ended; finished seeds and checkpoints stay
-        interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
-        run_record.update(status="interrupted" if interrupted else "failed", error=f"{type(e).__name__}: {e}",
-                          finished=now_iso())
-        try:
-            atomic_write_json(out_dir / "run.json", run_record)
-        except OSError:
-            pass  # the original error (a full disk, say) is the one to report
+        if world.is_main:
+            interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
+            run_record.update(status="interrupted" if interrupted else "failed", error=f"{type(e).__name__}: {e}",
+                              finished=now_iso())
+            try:
+                atomic_write_json(out_dir / "run.json", run_record)
+            except OSError:
+                pass  # the original error (a full disk, say) is the one to report
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not world.is_main:
+        return final_infos
     atomic_write_json(out_dir / "final_info.json", final_infos)
     run_record.update(status="finished", finished=now_iso())
     atomic_write_json(out_dir / "run.json", run_record)
@@ -2733,6 +2990,46 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str]) -> dict:
         print(f"{dataset}: best val loss {mean:.4f}{spread}" + (f", {diverged} seed(s) diverged" if diverged else ""),
               flush=True)
     return final_infos
+
+
+def start_run_record(base: Config, configs: dict, loaded: dict, rt: Runtime, profile: str, policies: dict,
+                     warnings: dict, run_record: Optional[dict], argv: list[str]) -> dict:
+    """Print the warnings and what runs where, and write run.json (a new one, or the resumed run's, extended)."""
+    out_dir, datasets, world = Path(base.out_dir), list(configs), rt.world
+    for d, lines in warnings.items():
+        for line in lines:
+            print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
+    processes = f" | {world.size} processes ({world.backend})" if world.distributed else ""
+    print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile}{processes} | "
+          f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
+    if run_record is None:
+        run_record = {"title": base.title, "description": base.description, "profile": profile,
+                      "datasets": datasets, "command": command_line(__file__, argv), "cwd": os.getcwd(),
+                      "started": now_iso(), "finished": None,
+                      "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
+                      "data": {d: loaded[d].provenance for d in datasets},
+                      "warnings": {d: w for d, w in warnings.items() if w},
+                      "distributed": world_record(configs, world), **environment_record(rt)}
+        if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
+            run_record["policy"] = {d: {k: p[k] for k in ("dir", "file", "sha256")} | {"frozen": frozen(configs[d], True),
+                "trained": {k: p["manifest"].get(k) for k in ("agent", "dataset", "profile", "episodes_done",
+                                                                "seeds", "lr_range", "reward")}}
+                for d, p in policies.items()}
+    else:
+        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command_line(__file__, argv)})
+    run_record.update(status="running", error=None)
+    atomic_write_json(out_dir / "run.json", run_record)
+    return run_record
+
+
+def world_record(configs: dict, world: World) -> dict:
+    """run.json's "distributed": the processes, and the batch one optimizer step averages over all of them."""
+    batches = {}
+    for d, c in configs.items():
+        per_rank = world.micro_steps(c.gradient_accumulation_steps)
+        sequences = c.batch_size * per_rank * world.size
+        batches[d] = {"micro_steps_per_rank": per_rank, "sequences": sequences, "tokens": sequences * c.block_size}
+    return {"world_size": world.size, "backend": world.backend, "global_batch": batches}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2857,11 +3154,29 @@ def policy_warnings(c: Config, dataset: str, policy: Optional[dict]) -> list[str
     return warnings
 
 
-def with_step_interval_from_epochs(c: Config, data: CharDataset) -> Config:
+def check_world(c: Config, world: World) -> None:
+    """Under torchrun the configured micro-batches are divided among the ranks: they must divide evenly."""
+    accumulation = c.gradient_accumulation_steps
+    if world.distributed and accumulation > world.size and accumulation % world.size:
+        raise UserError(f"--gradient_accumulation_steps {accumulation} cannot be divided among {world.size} "
+                        f"processes: use a multiple of {world.size}")
+
+
+def world_warnings(c: Config, world: World) -> list[str]:
+    accumulation = c.gradient_accumulation_steps
+    if not world.distributed or accumulation >= world.size:
+        return []
+    return [f"{world.size} processes and --gradient_accumulation_steps {accumulation}: each rank takes one "
+            f"micro-batch per step, so a step averages {world.size} micro-batches of {c.batch_size} sequences, "
+            f"{world.size / accumulation:g}x one process's batch (set it to a multiple of {world.size} to keep that)"]
+
+
+def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional[World] = None) -> Config:
     """A plan's "x0.1 every 10 epochs" in steps: an epoch is one pass over the train split's tokens."""
     if c.step_epochs <= 0:
         return c
-    tokens_per_step = c.batch_size * c.block_size * c.gradient_accumulation_steps
+    world = world or World()
+    tokens_per_step = c.batch_size * c.block_size * world.micro_steps(c.gradient_accumulation_steps) * world.size
     return dataclasses.replace(c, step_interval=max(1, round(c.step_epochs * len(data.splits["train"]) / tokens_per_step)))
 
 
@@ -2880,7 +3195,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
-                    "overwrite", "download", "notes", "plot", "resume", "debug", "device", "dtype", "compile"}
+                    "overwrite", "download", "notes", "plot", "resume", "debug", "device", "dtype", "compile",
+                    "backend"}
 
 
 def dataclass_parser(fields_of, description: str) -> argparse.ArgumentParser:
@@ -2948,23 +3264,33 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    report = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 speaks for the job: one line, not one per rank
+    world, together = World(), False  # together: every rank ends here alike (see World.close)
     try:
         base, typed = parse_args(argv)
-        run_experiment(base, typed, argv)
+        world = World.from_environment(base)
+        run_experiment(base, typed, argv, world)
+        together = True
         return 0
-    except (UserError, RunFailed, Interrupted) as e:
+    except (UserError, RunFailed, Interrupted) as e:  # raised on every rank alike (World.from_main, agreed stops)
+        together = True
         if debug:
             raise
-        print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+        if report:
+            print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a full disk, a vanished folder: earlier results are intact (atomic writes)
         if debug:
             raise
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        if report:
+            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        if report:
+            print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        world.close(together)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,16 @@ def test_quick_benchmark_writes_every_figure(prepared_data_dir, tmp_path):
     assert [r["groups"] for r in groups.values()] == [1, 6, 6]  # the cpu profile: 4 blocks, embeddings, ln_f
     assert all(r["ms_per_iter"] > 0 for r in groups.values())
     assert "ms/iter" in proc.stdout and "KV cache" in proc.stdout
+
+
+def test_quick_ddp_benchmark_compares_one_process_with_two(prepared_data_dir, tmp_path):
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ddp.py"), "--quick", "--json", str(out),
+                           "--data_dir", str(prepared_data_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    arms = json.loads(out.read_text())["arms"]
+    assert len(arms) == 3 and all(a["tokens_per_s"] > 0 for a in arms.values())
+    one, _, two = arms.values()
+    # the same global batch either way: 2 micro-batches in one process, one on each of two
+    assert one["runs"][0]["global_batch_tokens"] == two["runs"][0]["global_batch_tokens"]
+    assert (one["runs"][0]["micro_steps_per_rank"], two["runs"][0]["micro_steps_per_rank"]) == (2, 1)
