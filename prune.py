@@ -242,11 +242,22 @@ def own_global_rngs():
             random.setstate(py_state)
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def ppo_search(space: PruneSpace, target: float, score, episodes: int, seed: int, hidden: int = 64,
-               episodes_per_update: int = 4) -> dict:
+               episodes_per_update: int = 4, **ppo_settings) -> dict:
     """Train PPO for `episodes` episodes on PruneEnv, then roll out its greedy policy once; returns the best
     allocation found and how the search went. PPO collects n_steps before its first update (SB3 #366), so
-    n_steps is sized in episodes: episodes_per_update x layers (one minibatch)."""
+    n_steps is sized in episodes: episodes_per_update x layers (one minibatch). ppo_settings override
+    PPO_SETTINGS (prune.py itself uses the seed's)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -254,12 +265,20 @@ def ppo_search(space: PruneSpace, target: float, score, episodes: int, seed: int
         def _on_step(self) -> bool:
             return len(env.history) < episodes
 
+    threads = torch.get_num_threads()
+
+    def scored(allocation):  # the pruned model is scored with the caller's threads
+        with torch_threads(threads):
+            return score(allocation)
+
     t0 = time.time()
-    env = PruneEnv(space, target, score)
+    env = PruneEnv(space, target, scored)
     n_steps = space.n_layer * max(1, min(episodes_per_update, episodes))
-    with own_global_rngs():  # SB3 seeds and draws from the global RNGs: leave the caller's alone
+    # SB3 seeds and draws from the global RNGs: leave the caller's alone. The policy is tiny: on one thread
+    # (several threads on its small matmuls cost more than they save: x7 slower on 2 busy cores here).
+    with own_global_rngs(), torch_threads(1):
         agent = PPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps, policy_kwargs={"net_arch": [hidden]},
-                    seed=seed, device="cpu", verbose=0, **PPO_SETTINGS)
+                    seed=seed, device="cpu", verbose=0, **{**PPO_SETTINGS, **ppo_settings})
         agent.learn(total_timesteps=episodes * space.n_layer, callback=StopAfterEpisodes(), progress_bar=False)
         obs, _ = env.reset()
         done = False
@@ -386,7 +405,7 @@ def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
-        raise ex.UserError(f"unknown --method {','.join(unknown) or text!r}: choose from {', '.join(METHODS)} "
+        raise ex.UserError(f"unknown --method {','.join(unknown) or repr(text)}: choose from {', '.join(METHODS)} "
                            f"(comma-separated)")
     return list(dict.fromkeys(methods))
 
