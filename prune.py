@@ -65,6 +65,9 @@ from gymnasium import spaces
 import experiment as ex
 
 METHODS = ("rl", "magnitude", "random")
+FLOPS_FORMULA = ("forward FLOPs per token = sum over layers of [2*C*3*h*d (qkv) + 4*h*d*T (attention) + 2*h*d*C "
+                 "(output projection) + 4*C*m (MLP)] + 2*C*V (output head); C = n_embd, d = n_embd // n_head, "
+                 "T = block_size, V = vocab_size, h heads and m MLP neurons in the layer")
 PPO_SETTINGS = dict(clip_range=0.2, gamma=0.99, learning_rate=3e-4, n_epochs=10, ent_coef=0.01)  # the seed's
 
 
@@ -655,7 +658,7 @@ def prune(args: Args, argv: list[str]) -> dict:
               "source": {"run": str(source.run_dir.resolve()), "dataset": args.dataset, "seed_index": args.seed,
                          "model": str(source.model_path.resolve()), "model_sha256": sha256_of(source.model_path),
                          "model_config": dataclasses.asdict(source.model.config)},
-              "flops_formula": __doc__.split("FLOPs per token")[1].split("\n\n")[0].strip(),
+              "flops_formula": FLOPS_FORMULA,
               "reward_slice": {"split": "train", "tokens": args.reward_tokens, "from": len(train) - args.reward_tokens},
               "data": source.data.provenance, "finetune_config": dataclasses.asdict(ft_cfg), "search": {},
               **ex.environment_record(source.rt)}
