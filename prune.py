@@ -515,7 +515,6 @@ def reward_scorer(source: Source, importance, tokens: np.ndarray) -> Callable[[l
             cache[key] = ex.split_loss(prune_model(source.model, *kept_units(importance, allocation)), tokens, cfg,
                                        source.rt)
         return cache[key]
-    score.cache = cache
     return score
 
 
