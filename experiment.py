@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ from torch.nn import functional as F
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
 SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw datasets
-RESULT_FILES = ("final_info.json", "all_results.npy", "all_results.json", "run.json")  # plus final_info_*.json, agent_*.json
+RESULT_FILES = ("final_info.json", "all_results.npy", "all_results.json", "run.json")  # plus final_info_*.json,
+# agent_*.json, model_*.pt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,6 +473,22 @@ class GPTConfig:
     n_embd: int
     dropout: float
     bias: bool
+    # Structured pruning (prune.py): per layer, the attention heads and MLP hidden neurons it has. None = every
+    # layer has n_head heads and 4 * n_embd neurons, nanoGPT's model. The head width stays n_embd // n_head, and
+    # the residual width and the tied embedding are never pruned. 0 is allowed: a layer with no heads (or no
+    # neurons) adds only its output projection's bias (nothing without bias), i.e. the sublayer is removed.
+    layer_heads: Optional[list] = None
+    layer_mlp: Optional[list] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def heads(self, layer: int) -> int:
+        return self.n_head if self.layer_heads is None else int(self.layer_heads[layer])
+
+    def mlp_width(self, layer: int) -> int:
+        return 4 * self.n_embd if self.layer_mlp is None else int(self.layer_mlp[layer])
 
 
 class LayerNorm(nn.Module):
@@ -485,19 +503,33 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    """nn.Linear; one pruned to nothing (0 rows or columns) without torch's warning that it initialises nothing."""
+    if n_in and n_out:
+        return nn.Linear(n_in, n_out, bias=bias)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(n_in, n_out, bias=bias)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, c: GPTConfig):
+    def __init__(self, c: GPTConfig, layer: int = 0):
         super().__init__()
-        self.n_head, self.dropout = c.n_head, c.dropout
-        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.n_head, self.head_dim, self.dropout = c.heads(layer), c.head_dim, c.dropout
+        width = self.n_head * self.head_dim  # n_embd unless pruned
+        # q, k, v in one matmul: rows [q of head 0, q of head 1, ..., k of head 0, ..., v of head 0, ...]
+        self.c_attn = linear(c.n_embd, 3 * width, c.bias)
+        self.c_proj = linear(width, c.n_embd, c.bias)  # columns: head 0's outputs, head 1's, ...
         self.resid_dropout = nn.Dropout(c.dropout)
 
     def forward(self, x, cache: Optional[dict] = None):
         """cache (sampling only): this layer's keys/values so far; filled from empty, then one token at a time."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.n_head == 0:  # every head pruned: nothing to attend with, only c_proj's bias remains
+            return self.resid_dropout(self.c_proj(x.new_zeros(B, T, 0)))
+        width = self.n_head * self.head_dim
+        q, k, v = self.c_attn(x).split(width, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         causal = True
         if cache is not None:
             if "k" in cache:  # one new token attends to every cached position: no mask needed
@@ -507,15 +539,15 @@ class CausalSelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, width)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, c: GPTConfig):
+    def __init__(self, c: GPTConfig, layer: int = 0):
         super().__init__()
-        self.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
-        self.c_proj = nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
+        self.c_fc = linear(c.n_embd, c.mlp_width(layer), c.bias)  # a row per hidden neuron
+        self.c_proj = linear(c.mlp_width(layer), c.n_embd, c.bias)  # a column per hidden neuron
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x):
@@ -525,10 +557,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, c: GPTConfig):
+    def __init__(self, c: GPTConfig, layer: int = 0):
         super().__init__()
-        self.ln_1, self.attn = LayerNorm(c.n_embd, c.bias), CausalSelfAttention(c)
-        self.ln_2, self.mlp = LayerNorm(c.n_embd, c.bias), MLP(c)
+        self.ln_1, self.attn = LayerNorm(c.n_embd, c.bias), CausalSelfAttention(c, layer)
+        self.ln_2, self.mlp = LayerNorm(c.n_embd, c.bias), MLP(c, layer)
 
     def forward(self, x, cache: Optional[dict] = None):
         x = x + self.attn(self.ln_1(x), cache)
@@ -543,20 +575,22 @@ class GPT(nn.Module):
             wte=nn.Embedding(c.vocab_size, c.n_embd),
             wpe=nn.Embedding(c.block_size, c.n_embd),
             drop=nn.Dropout(c.dropout),
-            h=nn.ModuleList([Block(c) for _ in range(c.n_layer)]),
+            h=nn.ModuleList([Block(c, layer) for layer in range(c.n_layer)]),
             ln_f=LayerNorm(c.n_embd, c.bias),
         ))
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and p.numel():
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
     @staticmethod
     def _init_weights(module):
+        # (A fully pruned sublayer's weights are empty: nothing to draw, and torch warns if asked to.)
         if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.weight.numel():
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -596,6 +630,31 @@ class GPT(nn.Module):
                                                   warmup_steps=cfg.warmup_iters)
         fused = device.type == "cuda"  # one kernel for all parameters; foreach (the default) on CPU
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def model_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
+    """Each seed's final weights, kept in its run folder (prune.py starts from them)."""
+    return Path(run_dir) / f"model_{dataset}_{seed_index}.pt"
+
+
+def save_model(path: Path, model: GPT) -> None:
+    """The weights and the GPTConfig that builds them (pruned layer sizes included), atomically; plain tensors,
+    numbers and lists, so load_model reads it with torch.load(weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save({"model_config": dataclasses.asdict(model.config), "model": model.state_dict()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_model(path: Path, device="cpu") -> GPT:
+    """A model saved by save_model, on `device`, in eval mode."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig(**payload["model_config"]))
+        model.load_state_dict(payload["model"])
+    except Exception as e:  # a truncated or foreign file: say which, do not guess
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"model file {path} is unreadable ({type(e).__name__}: {reason})") from e
+    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1934,13 +1993,14 @@ class TrainingRun:
     detected at step j lies in the weights entering step j, which the checkpoint saved at j holds; a
     rollback must go back to a checkpoint from before j, or it would replay the same weights and batch.
     checkpoint=None keeps both in memory (short runs by the thousand: train_agent.py).
+    model=None builds a fresh GPT from cfg; a given model (e.g. a pruned one) is trained as it is.
 
     The run draws from its own torch RNG stream (initialisation, dropout), swapped in around its work:
     a caller's RNG (a policy sampling actions, another run) neither moves it nor is moved by it.
     """
 
     def __init__(self, cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, checkpoint: Optional[Path],
-                 on_log=None):
+                 on_log=None, model: Optional[GPT] = None):
         self.cfg, self.data, self.rt = cfg, data, rt
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.memory: dict = {}  # "last" / "previous" -> checkpoint bytes, when checkpoint is None
@@ -1948,8 +2008,8 @@ class TrainingRun:
         self.cuda_rng = rt.device.type == "cuda"
         self.world = rt.world
         rank_seed = self.seed + RANK_SEED_STRIDE * self.world.rank  # rank 0: the single-process streams
-        with self.own_rng(initial_seed=self.seed):
-            self.model = GPT(model_config(cfg, data.vocab_size)).to(rt.device)
+        with self.own_rng(initial_seed=self.seed):  # model=: train that one instead (prune.py's fine-tuning)
+            self.model = (model if model is not None else GPT(model_config(cfg, data.vocab_size))).to(rt.device)
             if self.world.rank:  # the same initial weights everywhere, each rank's own dropout masks
                 torch.manual_seed(rank_seed)
         self.optimizer = self.model.make_optimizer(cfg, rt.device)
@@ -2490,7 +2550,7 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         progress.close()
     final_info = run.finish(status)
     result = {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
-              "sample": run.sample, "agent_state": agent.state_dict()}
+              "sample": run.sample, "agent_state": agent.state_dict(), "model": run.model}
     if rt.world.distributed:  # the evidence that every rank's optimizer used the same rates
         result["rank_lr_info"] = rt.world.gather(run.rank_lrs)
         final_info["ranks_lr_agree"] = all(r == result["rank_lr_info"][0] for r in result["rank_lr_info"])
@@ -2713,7 +2773,8 @@ def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
     """Refuse to touch a folder holding results unless --overwrite; then clear our files from it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} exists and is not a folder")
-    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES or p.name.startswith(("final_info_", "agent_", "ckpt_"))] \
+    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES
+            or p.name.startswith(("final_info_", "agent_", "ckpt_", "model_"))] \
         if out_dir.exists() else []
     if ours and not overwrite:
         state = "finished results" if (out_dir / "final_info.json").exists() else "an unfinished run"
@@ -2759,6 +2820,7 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
                 if kind in result:
                     all_results[f"{dataset}_{seed_index}_{kind}"] = result[kind]
             atomic_write_json(agent_file(out_dir, dataset, seed_index), result["agent_state"])
+            save_model(model_file(out_dir, dataset, seed_index), result["model"])  # the final weights are kept
             atomic_save_npy(out_dir / "all_results.npy", all_results)  # after every seed: a crash loses one seed
             atomic_write_json(out_dir / "all_results.json", all_results)  # the same, readable without unpickling
             atomic_write_json(out_dir / f"final_info_{dataset}_{seed_index}.json",  # last: marks the seed done

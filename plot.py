@@ -39,6 +39,7 @@ Python API (experiment.py calls the notes functions when a run finishes; neither
     holm(p_values) -> list[float]                     Holm-Bonferroni adjusted p-values (the table's correction)
     data_check(runs, dataset) -> DataCheck            what the runs' data records say (.note(), .label())
     load_run(path) -> Run, find_run_dirs(folder) -> list[Path], mean_curve(seeds), write_plots(...)
+    plot_pareto(final_info, path, title)              prune.py: loss against FLOPs, one line per method
 """
 
 from __future__ import annotations
@@ -986,6 +987,32 @@ def plot_best_so_far(sweep_dir: Path, path: Path) -> None:
     if drawn:
         ax.legend(fontsize=8)
     fig.suptitle("Search: best full_val_loss (validation split, search seeds) against compute")
+    save_figure(fig, path)
+
+
+def plot_pareto(final_info: dict, path: Path, title: str) -> None:
+    """prune.py: full_val_loss against FLOPs per token (as a fraction of the unpruned model's), one line per
+    method through its targets: solid after fine-tuning, dashed before; the unpruned model as a star."""
+    fig = _new_figure(width=7.5, height=4.8)
+    ax = fig.subplots()
+    methods = list(dict.fromkeys(e.get("method") for k, e in final_info.items() if k != "unpruned"))
+    colours = run_colours(len(methods))
+    for method, colour in zip(methods, colours):
+        entries = sorted((e for e in final_info.values() if e.get("method") == method),
+                         key=lambda e: e["means"]["flops_ratio_mean"])
+        x = [e["means"]["flops_ratio_mean"] for e in entries]
+        for key, style, label in (("full_val_loss", "o-", "fine-tuned"), ("full_val_loss_before", "x--", "before")):
+            y = [e["means"].get(f"{key}_mean", float("nan")) for e in entries]
+            ax.plot(x, y, style, color=colour, alpha=1.0 if key == "full_val_loss" else 0.5,
+                    label=f"{method} ({label})")
+    if "unpruned" in final_info:
+        ax.plot([1.0], [final_info["unpruned"]["means"]["full_val_loss_mean"]], "k*", markersize=12,
+                label="unpruned")
+    ax.set_xlabel("FLOPs per token / unpruned")
+    ax.set_ylabel("full_val_loss (nats/char)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: loss against FLOPs")
     save_figure(fig, path)
 
 
