@@ -1,0 +1,123 @@
+"""
+The measured Pareto result of the README: rl against magnitude against random structured pruning of the
+cpu-profile shakespeare_char model at 0.75, 0.5 and 0.3 of its FLOPs.
+
+    python bench/prune_study.py --out prune_study                  # trains the models first; ~40 min on 2 cores
+    python bench/prune_study.py --out prune_study --run run_0      # prunes an existing cpu-profile run's seeds
+
+1. The models: a cpu-profile run on shakespeare_char with --seeds seeds (1337, 1338, ...), or --run.
+2. Each seed's model pruned by prune.py at every target by every method (one prune folder per seed, the
+   same --episodes, fine-tuning and search seed for all), each pruned model fine-tuned and measured.
+3. Per target and method, mean and standard error over the seeds of full_val_loss before and after
+   fine-tuning, flops_ratio, params, tokens/s and search time; paired differences on full_val_loss
+   (same source model) with 95% t intervals: summary.json, summary.md.
+A finished folder is kept on a re-run.
+"""
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET, TARGETS, METHODS = "shakespeare_char", (0.75, 0.5, 0.3), ("rl", "magnitude", "random")
+SHOWN = ("full_val_loss_before", "full_val_loss", "flops_ratio", "params", "tokens_per_second", "search_time")
+
+
+def sh(args, log) -> float:
+    t = time.time()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(map(str, args))}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, *map(str, args)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, args))}; see {log}")
+    return time.time() - t
+
+
+def mean_se(values) -> tuple:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None)
+
+
+def paired(a, b) -> dict:
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2:
+        return {"mean": float(d.mean()), "ci95": None, "n": len(d)}
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)], "n": len(d)}
+
+
+def fmt(mean, se, digits=4) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="prune_study")
+    parser.add_argument("--run", default="", help="an existing cpu-profile run folder (default: train one)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--finetune_iters", type=int, default=200)
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(exist_ok=True)
+    log = out / "log.txt"
+    timings = {}
+    run = Path(args.run).resolve() if args.run else out / "run_cpu"
+    if not (run / "final_info.json").exists():
+        timings["train"] = sh(["experiment.py", "--out_dir", run, "--profile", "cpu", "--datasets", DATASET,
+                               "--seeds", args.seeds, "--notes", "off", *(["--overwrite"] if run.exists() else [])],
+                              log)
+    for seed in range(args.seeds):
+        folder = out / f"seed_{seed}"
+        if not (folder / "final_info.json").exists():
+            timings[f"prune_seed_{seed}"] = sh(
+                ["prune.py", "--run", run, "--dataset", DATASET, "--seed", seed,
+                 "--flops_target", ",".join(map(str, TARGETS)), "--method", ",".join(METHODS),
+                 "--episodes", args.episodes, "--finetune_iters", args.finetune_iters, "--out_dir", folder,
+                 "--notes", "off", *(["--overwrite"] if folder.exists() else [])], log)
+    per_seed = [json.loads((out / f"seed_{s}" / "final_info.json").read_text()) for s in range(args.seeds)]
+
+    def values(key, metric):
+        return [f[key]["final_info_dict"][metric][0] for f in per_seed if metric in f[key]["final_info_dict"]]
+
+    rows = {}
+    for key in ["unpruned"] + [f"{m}_{t:g}" for t in TARGETS for m in METHODS]:
+        rows[key] = {metric: mean_se(values(key, metric)) for metric in SHOWN if values(key, metric)}
+    comparisons = {}
+    for t in TARGETS:
+        for a, b in (("rl", "magnitude"), ("magnitude", "random"), ("rl", "random")):
+            for metric in ("full_val_loss", "full_val_loss_before"):
+                comparisons[f"{a}_{t:g} - {b}_{t:g} ({metric})"] = paired(values(f"{a}_{t:g}", metric),
+                                                                           values(f"{b}_{t:g}", metric))
+    summary = {"run": str(run), "seeds": args.seeds, "episodes": args.episodes, "finetune_iters": args.finetune_iters,
+               "rows": rows, "paired": comparisons, "timings_s": timings}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    lines = [f"Structured pruning of the cpu-profile {DATASET} model, {args.seeds} source models (seeds "
+             f"1337-{1336 + args.seeds}), rl {args.episodes} episodes, {args.finetune_iters} fine-tuning steps; "
+             f"mean ± stderr over the source models", "",
+             "| key | full_val_loss before fine-tuning | after | FLOPs ratio | params | tokens/s | search s |",
+             "|---|---|---|---|---|---|---|"]
+    for key, r in rows.items():
+        def cell(metric, digits=4):
+            return fmt(*r[metric], digits) if metric in r else "–"
+        lines.append(f"| {key} | {cell('full_val_loss_before')} | {cell('full_val_loss')} | {cell('flops_ratio', 3)} | "
+                     f"{cell('params', 0)} | {cell('tokens_per_second', 0)} | {cell('search_time', 1)} |")
+    lines += ["", "| paired difference (same source model) | mean | 95% interval |", "|---|---|---|"]
+    for name, d in comparisons.items():
+        interval = f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else "–"
+        lines.append(f"| {name} | {d['mean']:+.4f} | {interval} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
