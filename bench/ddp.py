@@ -4,8 +4,9 @@
     python bench/ddp.py --quick               # seconds: what CI runs so this file cannot rot
     python bench/ddp.py --json out.json --nproc 4 --gpu   # on a GPU machine: 1 GPU against 4
 
-Every arm trains the same global batch per optimizer step (--gradient_accumulation_steps 2 x --batch_size
-of the profile): one process takes both micro-batches, two processes one each and average their gradients.
+Every arm trains the same global batch per optimizer step (--gradient_accumulation_steps = --nproc micro-batches
+of the profile's --batch_size): one process takes them all, each of --nproc processes one, and DDP averages
+their gradients.
 The arms run one after another, interleaved over the rounds (A B C, A B C, ...) so a machine that speeds
 up or slows down affects them alike; each arm's figure is its median round. Throughput is training tokens
 per second of train_time (final_info: the training loop less evaluation), so start-up, data loading and
@@ -72,13 +73,15 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=300, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per step, divided among ranks")
+    parser.add_argument("--accumulation", type=int, default=0,
+                        help="micro-batches per step, divided among the ranks (default: --nproc, one per rank)")
     parser.add_argument("--gpu", action="store_true", help="GPU arms (CUDA, nccl) instead of CPU threads")
     parser.add_argument("--data_dir", default="")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     if args.quick:
         args.profile, args.iters, args.rounds = "smoke", 20, 1
+    args.accumulation = args.accumulation or args.nproc  # the same global batch in every arm
     chosen = arms(args.nproc, args.gpu)
     rounds: dict = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory() as scratch:
