@@ -1775,7 +1775,7 @@ class Runtime:
         world = world or World()
         if cfg.device == "auto":
             name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-            if world.distributed and name == "mps":
+            if world.distributed and name == "mps":  # DDP has no MPS backend
                 name = "cpu"
         else:
             name = cfg.device
@@ -3321,6 +3321,22 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
             typed[f.name] = parse_value(f, value) if isinstance(value, str) else value
     base = dataclasses.replace(Config(), **{k: v for k, v in typed.items() if not isinstance(v, dict)})
     return base, typed
+
+
+def entry_point(work, argv: list[str], interrupted: str = "interrupted") -> int:
+    """The main() of train_agent.py, sweep.py and prune.py: work(argv), then 0; a UserError or RunFailed is one
+    `error:` line and its exit code (--debug: the traceback instead); Ctrl-C prints `interrupted` and gives 130."""
+    try:
+        work(argv)
+        return 0
+    except (UserError, RunFailed) as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import random
 import sys
@@ -313,7 +312,7 @@ def qkv_rows(width: int, head_dim: int, heads) -> torch.Tensor:
 
 def magnitude_importance(model: ex.GPT) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (head scores, neuron scores): the L2 norm of all weights (and biases) that belong to the unit."""
-    c, out = model.config, []
+    out = []
     with torch.no_grad():
         for layer, block in enumerate(model.transformer.h):
             attn, mlp = block.attn, block.mlp
@@ -717,19 +716,8 @@ def report(out: Path, final_infos: dict, record: dict, targets: list[float], arg
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        prune(parse_args(argv), argv)
-        return 0
-    except (ex.UserError, ex.RunFailed) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: the methods finished so far are in the folder (no final_info.json)", file=sys.stderr)
-        return 130
+    return ex.entry_point(lambda argv: prune(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
+                          "interrupted: the methods finished so far are in the folder (no final_info.json)")
 
 
 if __name__ == "__main__":

@@ -410,16 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        run_sweep(SweepArgs(**vars(build_parser().parse_args(argv))), argv)
-        return 0
-    except (ex.UserError, ex.RunFailed) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return ex.entry_point(lambda argv: run_sweep(SweepArgs(**vars(build_parser().parse_args(argv))), argv),
+                          sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -562,19 +562,8 @@ def train(args: Args, argv: list[str]) -> list[dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        train(parse_args(argv), argv)
-        return 0
-    except (ex.UserError, ex.RunFailed) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished episodes are saved; run the same command to continue", file=sys.stderr)
-        return 130
+    return ex.entry_point(lambda argv: train(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
+                          "interrupted: finished episodes are saved; run the same command to continue")
 
 
 if __name__ == "__main__":
