@@ -20,7 +20,8 @@ over --taylor_batches training batches). The methods differ in how many units ea
              is minus the pruned model's loss (no fine-tuning) on a held-out slice of the TRAIN split: its last
              --reward_tokens tokens (the val split reports the result and is never searched on). --episodes
              episodes; the allocation kept is the best one found (episodes and the trained policy's greedy one).
-  magnitude  the same fraction of heads and of neurons in every layer: the largest that meets the target.
+  magnitude  the target spread uniformly over the layers: each keeps the same share of its FLOPs (heads
+             rounded to the nearest, MLP neurons filling the rest of the share).
   random     magnitude's allocation, with the units kept drawn at random (--search_seed): the control for the
              importance score.
 
@@ -166,15 +167,23 @@ def clip_to_budget(space: PruneSpace, layer: int, heads: int, step: int, budget:
 
 
 def uniform_allocation(space: PruneSpace, target: float) -> list[tuple[int, int]]:
-    """The largest fraction r with every layer keeping floor(r x its heads) heads and floor(r x its neurons)
-    neurons within the target (FLOPs grow with r, so bisection finds it)."""
-    def at(r):
-        return [(math.floor(r * h + 1e-9), math.floor(r * m + 1e-9)) for h, m in zip(space.heads, space.neurons)]
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if space.flops(at(mid)) <= target * space.full_flops else (low, mid)
-    return at(low)
+    """The target spread uniformly over the layers: every layer keeps the same share of its own FLOPs, the
+    share that spends the whole budget, (target x full - fixed) / (full - fixed). Within a layer the heads (the
+    coarse unit) are that share of its heads, rounded to the nearest and lowered while they alone exceed the
+    layer's FLOPs, and the MLP neurons fill the rest: a layer ends below its share by less than one neuron.
+    (Keeping the same fraction of heads and of neurons instead would round 4 heads x 0.75 - epsilon down to 2
+    and leave a tenth of the budget unspent.)"""
+    layers = space.full_flops - space.fixed_flops
+    share = (target * space.full_flops - space.fixed_flops) / layers
+    allocation = []
+    for heads, neurons in zip(space.heads, space.neurons):
+        budget = share * space.layer_flops(heads, neurons)
+        h = min(heads, round(share * heads))
+        while h > 0 and h * space.head_flops > budget:
+            h -= 1
+        m = min(neurons, math.floor((budget - h * space.head_flops) / space.neuron_flops + 1e-9))
+        allocation.append((h, max(m, 0)))
+    return allocation
 
 
 # ----------------------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ def test_every_method_meets_the_budget_at_every_target(target):
     budget = target * space.full_flops
     uniform = prune.uniform_allocation(space, target)
     assert space.flops(uniform) <= budget
-    assert len({a for a in uniform}) == 1  # the same in every layer
+    assert len({a for a in uniform}) == 1  # the same in every layer (they are alike in size)
+    assert budget - space.flops(uniform) < space.n_layer * space.neuron_flops  # ...spending the budget
     env = prune.PruneEnv(space, target, score=lambda allocation: 0.0)
     rng = np.random.default_rng(0)
     plans = [[env.action_space.nvec - 1] * 4, [np.zeros(2, int)] * 4] + \
