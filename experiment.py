@@ -2406,9 +2406,11 @@ class TrainingRun:
                 self.rotate_checkpoints()  # the last good state becomes the fallback
             self.saved_at["previous"] = last
         self.flush_grad_stats()
-        rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"], "sampler_rng": self.sampler.generator.get_state(),
-                                      "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []}) \
-            if self.world.distributed else None
+        rank_rng = None
+        if self.world.distributed:
+            rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"],
+                                          "sampler_rng": self.sampler.generator.get_state(),
+                                          "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []})
         if not self.world.is_main:
             self.saved_at["last"] = self.state.next_it
             return
@@ -2479,7 +2481,8 @@ class TrainingRun:
         try:
             return Path(source).read_bytes()
         except OSError as e:
-            raise UserError(f"cannot read checkpoint {source}: {e.strerror or e}; delete it to restart this seed") from e
+            raise UserError(f"cannot read checkpoint {source}: {e.strerror or e}; "
+                            f"delete it to restart this seed") from e
 
     def rotate_checkpoints(self) -> None:
         if self.checkpoint is None:
@@ -3062,7 +3065,8 @@ def start_run_record(base: Config, configs: dict, loaded: dict, rt: Runtime, pro
         for line in lines:
             print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
     processes = f" | {world.size} processes ({world.backend})" if world.distributed else ""
-    print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile}{processes} | "
+    print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile}"
+          f"{processes} | "
           f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
     if run_record is None:
         run_record = {"title": base.title, "description": base.description, "profile": profile,

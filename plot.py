@@ -992,10 +992,11 @@ def plot_best_so_far(sweep_dir: Path, path: Path) -> None:
 
 def plot_pareto(final_info: dict, path: Path, title: str) -> None:
     """prune.py: full_val_loss against FLOPs per token (as a fraction of the unpruned model's), one line per
-    method through its targets: solid after fine-tuning, dashed before; the unpruned model as a star."""
+    method through its targets: solid after fine-tuning, dashed before; the unpruned model as a star (hollow: it
+    too fine-tuned as the pruned ones are)."""
     fig = _new_figure(width=7.5, height=4.8)
     ax = fig.subplots()
-    methods = list(dict.fromkeys(e.get("method") for k, e in final_info.items() if k != "unpruned"))
+    methods = list(dict.fromkeys(e.get("method") for k, e in final_info.items() if not k.startswith("unpruned")))
     colours = run_colours(len(methods))
     for method, colour in zip(methods, colours):
         entries = sorted((e for e in final_info.values() if e.get("method") == method),
@@ -1008,6 +1009,9 @@ def plot_pareto(final_info: dict, path: Path, title: str) -> None:
     if "unpruned" in final_info:
         ax.plot([1.0], [final_info["unpruned"]["means"]["full_val_loss_mean"]], "k*", markersize=12,
                 label="unpruned")
+    if "unpruned_finetuned" in final_info:  # prune.py's like-for-like reference: nothing removed, fine-tuned alike
+        ax.plot([1.0], [final_info["unpruned_finetuned"]["means"]["full_val_loss_mean"]], "k*", markersize=12,
+                markerfacecolor="none", label="unpruned, fine-tuned alike")
     ax.set_xlabel("FLOPs per token / unpruned")
     ax.set_ylabel("full_val_loss (nats/char)")
     ax.grid(alpha=0.3)

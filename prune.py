@@ -38,7 +38,9 @@ and after fine-tuning, params, flops_per_token and flops_ratio (pruned / unprune
 token on this device (the run's inference protocol).
 
 Output, in --out_dir: final_info.json in the harness's contract, one entry per "<method>_<target>" (e.g. rl_0.5)
-plus "unpruned" (the source model, measured here the same way; its training numbers are the run's);
+plus "unpruned" (the source model, measured here the same way; its training numbers are the run's) and
+"unpruned_finetuned" (the source model, nothing removed, fine-tuned as the pruned ones are: the like-for-like
+reference, since the pruned models train --finetune_iters steps more than the source did);
 final_info_<key>_0.json (numbers, allocation, the units kept, a sample), model_<key>_0.pt (the fine-tuned pruned
 model: experiment.load_model reads it), all_results.npy/.json (fine-tuning logs), run.json (arguments, command,
 source model and its hash, versions), pareto.png (loss against FLOPs, when several targets are given) and a
@@ -65,6 +67,7 @@ from gymnasium import spaces
 import experiment as ex
 
 METHODS = ("rl", "magnitude", "random")
+UNPRUNED_FINETUNED = "unpruned_finetuned"  # the source model fine-tuned as the pruned ones are
 FLOPS_FORMULA = ("forward FLOPs per token = sum over layers of [2*C*3*h*d (qkv) + 4*h*d*T (attention) + 2*h*d*C "
                  "(output projection) + 4*C*m (MLP)] + 2*C*V (output head); C = n_embd, d = n_embd // n_head, "
                  "T = block_size, V = vocab_size, h heads and m MLP neurons in the layer")
@@ -683,24 +686,27 @@ def prune(args: Args, argv: list[str]) -> dict:
     results = {"unpruned": unpruned_result(source, ft_cfg, args)}
     ex.atomic_write_json(out / "final_info_unpruned_0.json",
                          {**results["unpruned"]["info"], "key": "unpruned", "sample": results["unpruned"]["sample"]})
-    for target in targets:
-        for method in methods:
-            key = key_of(method, target)
-            chosen = choose(method, target, space, importance, score, args)
-            r = pruned_result(method, target, chosen, source, ft_cfg, args)
-            r["info"].update(allocation=chosen["allocation"], heads=chosen["heads"], neurons=chosen["neurons"],
-                             search=chosen["search"], reward_loss=score(chosen["allocation"]))
-            results[key] = r
-            ex.save_model(ex.model_file(out, key, 0), r["model"])
-            ex.atomic_write_json(out / f"final_info_{key}_0.json", {**r["info"], "key": key, "sample": r["sample"]})
-            record["search"][key] = {"seconds": chosen["search_time"], **{k: v for k, v in chosen["search"].items()
-                                                                            if k != "seconds"}}
-            write_results(out, results)
-            i = r["info"]
-            print(f"[{key}] heads {[a[0] for a in chosen['allocation']]} mlp {[a[1] for a in chosen['allocation']]} | "
-                  f"flops x{i['flops_ratio']:.3f} | params {i['params']:,} | val {i['full_val_loss_before']:.4f} -> "
-                  f"{i['full_val_loss']:.4f} fine-tuned | {i['tokens_per_second']:.0f} tok/s | search "
-                  f"{i['search_time']:.1f}s", flush=True)
+    # The like-for-like reference: the pruned models train --finetune_iters steps more than the source model did,
+    # so the source model, nothing removed, is fine-tuned the same way (a model still improving gains from it too).
+    everything = {"allocation": [[h, m] for h, m in zip(space.heads, space.neurons)], "search_time": 0.0, "search": {},
+                  "heads": [list(range(h)) for h in space.heads], "neurons": [list(range(m)) for m in space.neurons]}
+    keys = [(UNPRUNED_FINETUNED, 1.0, UNPRUNED_FINETUNED)] + [(key_of(m, t), t, m) for t in targets for m in methods]
+    for key, target, method in keys:
+        chosen = everything if method == UNPRUNED_FINETUNED else choose(method, target, space, importance, score, args)
+        r = pruned_result(method, target, chosen, source, ft_cfg, args)
+        r["info"].update(allocation=chosen["allocation"], heads=chosen["heads"], neurons=chosen["neurons"],
+                         search=chosen["search"], reward_loss=score(chosen["allocation"]))
+        results[key] = r
+        ex.save_model(ex.model_file(out, key, 0), r["model"])
+        ex.atomic_write_json(out / f"final_info_{key}_0.json", {**r["info"], "key": key, "sample": r["sample"]})
+        record["search"][key] = {"seconds": chosen["search_time"], **{k: v for k, v in chosen["search"].items()
+                                                                        if k != "seconds"}}
+        write_results(out, results)
+        i = r["info"]
+        print(f"[{key}] heads {[a[0] for a in chosen['allocation']]} mlp {[a[1] for a in chosen['allocation']]} | "
+              f"flops x{i['flops_ratio']:.3f} | params {i['params']:,} | val {i['full_val_loss_before']:.4f} -> "
+              f"{i['full_val_loss']:.4f} fine-tuned | {i['tokens_per_second']:.0f} tok/s | search "
+              f"{i['search_time']:.1f}s", flush=True)
     final_infos = write_results(out, results)
     ex.atomic_write_json(out / "final_info.json", final_infos)  # last: its presence means the folder is complete
     record.update(status="finished", finished=ex.now_iso())
@@ -718,7 +724,8 @@ def report(out: Path, final_infos: dict, record: dict, targets: list[float], arg
     if args.notes != "off":
         notes = Path(args.notes) if args.notes else out.resolve().parent / "notes.txt"
         try:
-            plot.update_notes_section(notes, f"## Prune {out.name}: {record['title']}", notes_lines(final_infos, record))
+            plot.update_notes_section(notes, f"## Prune {out.name}: {record['title']}",
+                                      notes_lines(final_infos, record))
             print(f"notes: {notes} updated", flush=True)
         except Exception as e:  # noqa: BLE001 -- the results are safe; say what went wrong
             print(f"warning: could not update {notes}: {e}", file=sys.stderr, flush=True)

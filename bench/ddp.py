@@ -46,7 +46,8 @@ def command(processes: int, out_dir: Path, args: argparse.Namespace) -> list[str
     script = str(ROOT / "experiment.py")
     if processes == 1:
         return [sys.executable, script, *flags]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", script, *flags]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", script,
+            *flags]
 
 
 def measure(processes: int, env_extra: dict, args: argparse.Namespace, scratch: Path) -> dict:
@@ -98,8 +99,8 @@ def main(argv=None) -> int:
     for name, ms in rounds.items():
         median = statistics.median(m["tokens_per_s"] for m in ms)
         report["arms"][name] = {"tokens_per_s": median, "ratio_vs_first": median / baseline, "runs": ms}
-        print(f"{name:<48} {median:>10,.0f} {median / baseline:>8.2f}x "
-              f"{statistics.median(m['train_time_s'] for m in ms):>8.1f} {statistics.median(m['wall_s'] for m in ms):>7.1f}")
+        train_s, wall_s = (statistics.median(m[k] for m in ms) for k in ("train_time_s", "wall_s"))
+        print(f"{name:<48} {median:>10,.0f} {median / baseline:>8.2f}x {train_s:>8.1f} {wall_s:>7.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -88,7 +88,7 @@ def main() -> int:
         return [f[key]["final_info_dict"][metric][0] for f in per_seed if metric in f[key]["final_info_dict"]]
 
     rows = {}
-    for key in ["unpruned"] + [f"{m}_{t:g}" for t in TARGETS for m in METHODS]:
+    for key in ["unpruned", "unpruned_finetuned"] + [f"{m}_{t:g}" for t in TARGETS for m in METHODS]:
         rows[key] = {metric: mean_se(values(key, metric)) for metric in SHOWN if values(key, metric)}
     comparisons = {}
     for t in TARGETS:
@@ -96,6 +96,9 @@ def main() -> int:
             for metric in ("full_val_loss", "full_val_loss_before"):
                 comparisons[f"{a}_{t:g} - {b}_{t:g} ({metric})"] = paired(values(f"{a}_{t:g}", metric),
                                                                            values(f"{b}_{t:g}", metric))
+        for m in METHODS:  # what pruning costs, against the source model fine-tuned the same way
+            comparisons[f"{m}_{t:g} - unpruned_finetuned (full_val_loss)"] = paired(
+                values(f"{m}_{t:g}", "full_val_loss"), values("unpruned_finetuned", "full_val_loss"))
     summary = {"run": str(run), "seeds": args.seeds, "episodes": args.episodes, "finetune_iters": args.finetune_iters,
                "rows": rows, "paired": comparisons, "timings_s": timings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -57,7 +57,8 @@ def test_a_two_process_run_writes_the_contract_once(ddp_run):
         assert final_info["stderrs"][f"{key}_stderr"] is not None
     assert final_info["seeds"] == [1337, 1338] and final_info["statuses"] == ["finished", "finished"]
     names = {p.name for p in out.iterdir()}
-    assert {"all_results.npy", "run.json", "final_info_shakespeare_char_0.json", "final_info_shakespeare_char_1.json"} <= names
+    assert {"all_results.npy", "run.json", "final_info_shakespeare_char_0.json",
+            "final_info_shakespeare_char_1.json"} <= names
     assert not [n for n in names if n.endswith(".tmp") or n.startswith("ckpt_")]
     notes = (out.parent / "notes.txt").read_text()
     assert notes.count("## Run 0") == 1, "only rank 0 writes the notebook"
@@ -145,7 +146,8 @@ def test_a_sigterm_to_the_job_checkpoints_and_resume_finishes_it_as_if_uninterru
     # one process cannot continue what two began
     refused = run_cli(["--out_dir", interrupted, "--resume"])
     assert refused.returncode == 2
-    assert refused.stderr.strip().count("\n") == 0 and "world size 2" in refused.stderr and "world size 1" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0
+    assert "world size 2" in refused.stderr and "world size 1" in refused.stderr
 
     resumed = torchrun(["--out_dir", interrupted, "--resume"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

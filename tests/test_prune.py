@@ -281,7 +281,7 @@ def test_the_run_folder_keeps_its_final_model(smoke_run):
 
 def test_prune_writes_a_contract_folder_plot_py_reads(pruned_folder, smoke_run):
     final = json.loads((pruned_folder / "final_info.json").read_text())
-    assert set(final) == {"unpruned", "rl_0.5"}
+    assert set(final) == {"unpruned", "unpruned_finetuned", "rl_0.5"}
     for entry in final.values():
         for key in CONTRACT_KEYS + PRUNE_KEYS:
             assert len(entry["final_info_dict"][key]) == 1 and entry["means"][f"{key}_mean"] is not None, key
@@ -291,8 +291,13 @@ def test_prune_writes_a_contract_folder_plot_py_reads(pruned_folder, smoke_run):
     # the unpruned row re-measures the run's kept model: the same loss as the run reported for it
     trained = json.loads((smoke_run / "final_info.json").read_text())["shakespeare_char"]["means"]
     assert final["unpruned"]["means"]["full_val_loss_mean"] == pytest.approx(trained["full_val_loss_mean"], abs=1e-6)
+    # ...and the like-for-like reference starts from that model, nothing removed, and is fine-tuned as rl_0.5 is
+    alike = final["unpruned_finetuned"]["means"]
+    assert alike["full_val_loss_before_mean"] == pytest.approx(trained["full_val_loss_mean"], abs=1e-6)
+    assert alike["flops_ratio_mean"] == 1.0 and alike["params_mean"] == final["unpruned"]["means"]["params_mean"]
+    assert alike["full_val_loss_mean"] != alike["full_val_loss_before_mean"]
     run = plot.load_run(pruned_folder)  # the harness's own reader: final_info checks and curves
-    assert set(run.curves) == {"unpruned", "rl_0.5"}
+    assert set(run.curves) == {"unpruned", "unpruned_finetuned", "rl_0.5"}
     record = json.loads((pruned_folder / "run.json").read_text())
     assert record["status"] == "finished" and record["versions"]["stable-baselines3"]
     assert record["args"]["method"] == "rl" and "prune.py" in record["command"][1]
@@ -318,7 +323,8 @@ def test_several_targets_and_methods_give_one_entry_each_and_the_pareto_figure(s
                       "--finetune_iters", "4", "--notes", "off", "--out_dir", out])
     assert proc.returncode == 0, proc.stderr
     final = json.loads((out / "final_info.json").read_text())
-    assert set(final) == {"unpruned", "magnitude_0.75", "random_0.75", "magnitude_0.4", "random_0.4"}
+    assert set(final) == {"unpruned", "unpruned_finetuned", "magnitude_0.75", "random_0.75", "magnitude_0.4",
+                          "random_0.4"}
     for target in (0.75, 0.4):
         same = [json.loads((out / f"final_info_{m}_{target:g}_0.json").read_text()) for m in ("magnitude", "random")]
         assert same[0]["allocation"] == same[1]["allocation"]  # random: magnitude's allocation, other units
