@@ -1678,10 +1678,15 @@ class World:
         return World(rank, local_rank, size, backend)
 
     def close(self, together: bool = True) -> None:
-        """Leave the process group. together: every rank gets here (the job ended well, or failed on every
-        rank alike); they wait for each other first, since gloo aborts a rank whose peer has already left."""
+        """Leave the process group, after every DDP model is gone. together: every rank gets here (the job ended
+        well, or failed on every rank alike); they wait for each other first, since gloo aborts a rank whose peer
+        has already left."""
+        import gc
         import torch.distributed as dist
         if self.distributed and dist.is_initialized():
+            # A DDP model still alive holds the group beyond destroy_process_group, and gloo then aborts the
+            # process at exit ("terminate called without an active exception"): free finished runs first.
+            gc.collect()
             if together:
                 dist.barrier()
             dist.destroy_process_group()

@@ -37,6 +37,7 @@ def main(data_dir: str, out_dir: str) -> None:
         run.sampler.next_batch = lambda: batch
         run.accumulate_gradients(0)
         torch.save({name: p.grad for name, p in run.model.named_parameters()}, Path(out_dir) / f"grads_{world.rank}.pt")
+        del run  # (its DDP wrapper must be gone before the process group is: see World.close)
     finally:
         world.close()
 
