@@ -16,41 +16,21 @@ A finished folder is kept on a re-run.
 import argparse
 import json
 import math
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from controller_study import paired, sh  # noqa: E402  (the studies' shared runner and paired t interval)
+
 DATASET, TARGETS, METHODS = "shakespeare_char", (0.75, 0.5, 0.3), ("rl", "magnitude", "random")
 SHOWN = ("full_val_loss_before", "full_val_loss", "flops_ratio", "params", "tokens_per_second", "search_time")
-
-
-def sh(args, log) -> float:
-    t = time.time()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(map(str, args))}\n")
-        f.flush()
-        proc = subprocess.run([sys.executable, *map(str, args)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, args))}; see {log}")
-    return time.time() - t
 
 
 def mean_se(values) -> tuple:
     v = np.asarray(values, dtype=float)
     return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None)
-
-
-def paired(a, b) -> dict:
-    d = np.asarray(a) - np.asarray(b)
-    if len(d) < 2:
-        return {"mean": float(d.mean()), "ci95": None, "n": len(d)}
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)], "n": len(d)}
 
 
 def fmt(mean, se, digits=4) -> str:
@@ -65,6 +45,8 @@ def main() -> int:
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--finetune_iters", type=int, default=200)
     args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: the paired intervals need two source models")
     out = Path(args.out).resolve()
     out.mkdir(exist_ok=True)
     log = out / "log.txt"
@@ -115,8 +97,7 @@ def main() -> int:
                      f"{cell('params', 0)} | {cell('tokens_per_second', 0)} | {cell('search_time', 1)} |")
     lines += ["", "| paired difference (same source model) | mean | 95% interval |", "|---|---|---|"]
     for name, d in comparisons.items():
-        interval = f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else "–"
-        lines.append(f"| {name} | {d['mean']:+.4f} | {interval} |")
+        lines.append(f"| {name} | {d['mean']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
