@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import gc
 import hashlib
 import importlib.util
 import io
@@ -45,6 +46,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist  # (imported by torch itself: no start-up cost)
 import torch.nn as nn
 from torch.nn import functional as F
 
@@ -1661,7 +1663,6 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return World()
-        import torch.distributed as dist
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
         backend = cfg.backend if cfg.backend != "auto" else "nccl" if cuda else "gloo"
@@ -1681,8 +1682,6 @@ class World:
         """Leave the process group, after every DDP model is gone. together: every rank gets here (the job ended
         well, or failed on every rank alike); they wait for each other first, since gloo aborts a rank whose peer
         has already left."""
-        import gc
-        import torch.distributed as dist
         if self.distributed and dist.is_initialized():
             # A DDP model still alive holds the group beyond destroy_process_group, and gloo then aborts the
             # process at exit ("terminate called without an active exception"): free finished runs first.
@@ -1704,7 +1703,6 @@ class World:
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In place: the sum over the ranks (a no-op in one process)."""
         if self.distributed:
-            import torch.distributed as dist
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
@@ -1722,7 +1720,6 @@ class World:
         """Every rank's obj, in rank order (on every rank)."""
         if not self.distributed:
             return [obj]
-        import torch.distributed as dist
         out = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
@@ -1732,7 +1729,6 @@ class World:
         on every rank (the others stay silent: see main)."""
         if not self.distributed:
             return make()
-        import torch.distributed as dist
         box = [None]
         if self.is_main:
             try:

@@ -49,7 +49,6 @@ section in notes.txt beside the folder. A folder holding results is not overwrit
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import random
 import sys
@@ -614,10 +613,6 @@ LAYOUT = ("final_info.json: one entry per '<method>_<target>' (and 'unpruned') i
           "one seed (the run's --seed); full_val_loss is after fine-tuning, full_val_loss_before before it")
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def write_results(out: Path, results: dict) -> dict:
     """final_info_<key>_0.json and all_results for every key so far; returns final_info.json's content."""
     all_results, final_infos = {}, {}
@@ -666,7 +661,7 @@ def prune(args: Args, argv: list[str]) -> dict:
               "command": ex.command_line(__file__, argv), "cwd": str(Path.cwd()), "started": ex.now_iso(),
               "finished": None, "status": "running", "args": dataclasses.asdict(args), "layout": LAYOUT,
               "source": {"run": str(source.run_dir.resolve()), "dataset": args.dataset, "seed_index": args.seed,
-                         "model": str(source.model_path.resolve()), "model_sha256": sha256_of(source.model_path),
+                         "model": str(source.model_path.resolve()), "model_sha256": ex.sha256_file(source.model_path),
                          "model_config": dataclasses.asdict(source.model.config)},
               "flops_formula": FLOPS_FORMULA,
               "reward_slice": {"split": "train", "tokens": args.reward_tokens, "from": len(train) - args.reward_tokens},

@@ -15,22 +15,18 @@ A finished folder is kept on a re-run.
 """
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from controller_study import paired, sh  # noqa: E402  (the studies' shared runner and paired t interval)
+from controller_study import ROOT, paired, sh  # noqa: E402  (the studies' shared runner and paired t interval)
+
+sys.path.insert(0, str(ROOT))
+import experiment as ex  # noqa: E402
 
 DATASET, TARGETS, METHODS = "shakespeare_char", (0.75, 0.5, 0.3), ("rl", "magnitude", "random")
 SHOWN = ("full_val_loss_before", "full_val_loss", "flops_ratio", "params", "tokens_per_second", "search_time")
-
-
-def mean_se(values) -> tuple:
-    v = np.asarray(values, dtype=float)
-    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None)
 
 
 def fmt(mean, se, digits=4) -> str:
@@ -71,7 +67,7 @@ def main() -> int:
 
     rows = {}
     for key in ["unpruned", "unpruned_finetuned"] + [f"{m}_{t:g}" for t in TARGETS for m in METHODS]:
-        rows[key] = {metric: mean_se(values(key, metric)) for metric in SHOWN if values(key, metric)}
+        rows[key] = {metric: ex.mean_and_stderr(values(key, metric)) for metric in SHOWN if values(key, metric)}
     comparisons = {}
     for t in TARGETS:
         for a, b in (("rl", "magnitude"), ("magnitude", "random"), ("rl", "random")):
