@@ -50,6 +50,9 @@ import torch.distributed as dist  # (imported by torch itself: no start-up cost)
 import torch.nn as nn
 from torch.nn import functional as F
 
+from harness.errors import RunFailed, UserError
+from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
+
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
 SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw datasets
@@ -274,42 +277,6 @@ def lr_groups_kind(cfg: Config) -> str:
 # ----------------------------------------------------------------------------------------------
 # 2. Small utilities
 # ----------------------------------------------------------------------------------------------
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, occupied run folder): one line, exit 2."""
-    exit_code = 2
-
-
-class RunFailed(Exception):
-    """The run could not go on for a reason outside the user's input (e.g. offline download): exit 1."""
-    exit_code = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be read by others (as plot.py's)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
-
-
-def atomic_save_npy(path: Path, obj) -> None:
-    buf = io.BytesIO()
-    np.save(buf, obj, allow_pickle=True)
-    atomic_write_bytes(path, buf.getvalue())
-
 
 def mean_and_stderr(values) -> tuple[float, Optional[float]]:
     """Mean and standard error of the mean, std(ddof=1)/sqrt(n); None when n < 2 (no honest estimate)."""
@@ -1464,23 +1431,14 @@ class SB3Agent(NoAgent):
     PER_GROUP = True
     MULTI_CONTROL = True
 
-    def __init__(self, cfg: Config, seed: int, policy_file: Path):
+    def __init__(self, cfg: Config, seed: int, policy: dict):
         super().__init__(cfg, seed)
         self.actions = agent_actions(cfg)
-        import stable_baselines3
-        algorithm = {"ppo": stable_baselines3.PPO, "dqn": stable_baselines3.DQN}[cfg.agent]
-        try:
-            self.model = algorithm.load(policy_file, device="cpu")
-        except Exception as e:  # a truncated zip, another algorithm's file: say which
-            raise UserError(f"cannot load the {cfg.agent} policy {policy_file} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from e
-        space = self.model.action_space
-        shape = self.model.observation_space.shape
-        n = [int(k) for k in getattr(space, "nvec", [getattr(space, "n", 0)])]
-        if shape != (policy_feature_count(cfg),) or n != policy_action_sizes(cfg, len(self.actions)):
-            raise UserError(f"the {cfg.agent} policy {policy_file} observes {shape} with actions {n}; this run "
-                            f"observes ({policy_feature_count(cfg)},) with actions "
-                            f"{policy_action_sizes(cfg, len(self.actions))} (match --control and --agent_actions)")
+        from harness.policy_files import load_sb3_policy, sb3_spaces
+        # The spaces and network width come from this run's settings and the manifest, never from the zip.
+        spaces = sb3_spaces(policy_feature_count(cfg), policy_action_sizes(cfg, len(self.actions)), OBSERVATION_LIMIT)
+        hidden = (policy["manifest"].get("controller") or {}).get("hidden", cfg.policy_hidden)
+        self.model = load_sb3_policy(Path(policy["file"]), cfg.agent, *spaces, hidden=hidden)
 
     def observe(self, obs: Observation) -> dict:
         if obs.it >= obs.max_iters:
@@ -1548,14 +1506,6 @@ def read_agent_init(path: str, dataset: str, seed_index: Optional[int] = None) -
 POLICY_MANIFEST = "manifest.json"  # train_agent.py's output folder: what was trained, on what, how
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def trained_policy(cfg: Config) -> Optional[dict]:
     """--agent_init DIR written by train_agent.py: its manifest, checked against this run (agent, observation
     definition, actions), plus the policy file's path and sha256. None when agent_init is not such a folder."""
@@ -1612,7 +1562,7 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
         if not cfg.agent_freeze:
             raise UserError(f"--agent {cfg.agent} is deployed frozen (stable-baselines3 learns in its own loop: "
                             f"train it further with train_agent.py)")
-        return SB3Agent(cfg, seed, Path(policy["file"]))
+        return SB3Agent(cfg, seed, policy)
     agent = AGENTS[cfg.agent](cfg, seed)
     if policy is not None:
         state = read_agent_state(Path(policy["file"]))

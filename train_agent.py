@@ -17,7 +17,7 @@ Controllers:
                          same experiment.TrainingRun (step = set the multiplier, train to the next evaluation).
 
 The output folder: manifest.json (what was trained, on what, how; versions), the policy (policy.json or
-policy.zip; dqn also replay_buffer.pkl), learning_curve.json (one record per finished episode) and
+policy.zip; dqn also replay_buffer.npz, plain arrays), learning_curve.json (one record per finished episode) and
 learning_curve.png. Kill it and run the same command again: it continues after the last saved episode.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import experiment as ex
 import plot
+from harness.policy_files import load_replay_buffer, load_sb3_policy, save_replay_buffer
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
 
@@ -337,19 +338,17 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
     """ppo / dqn: stable-baselines3 drives LRControlEnv. Finished episodes are saved together with the
     model after the update that learned from them (PPO: at the start of the next rollout; DQN, which
     updates every step: at once), so a resumed training lacks at most the episodes since that update."""
-    from stable_baselines3 import DQN, PPO
     from stable_baselines3.common.callbacks import BaseCallback
 
     env = LRControlEnv(cfg, data, rt, instance=lambda e: instance(args, e), first_episode=log.done)
     if env.layered:
         env = GroupsAsAgents(env)
-    policy, buffer = out / "policy.zip", out / "replay_buffer.pkl"
-    if log.done:
-        algorithm = {"ppo": PPO, "dqn": DQN}[args.agent]
-        model = algorithm.load(policy, env=env, device="cpu")
+    policy, buffer = out / "policy.zip", out / REPLAY_BUFFER
+    if log.done:  # continue: read as data (harness.policy_files), the spaces and width from this training
+        model = load_sb3_policy(policy, args.agent, env.observation_space, env.action_space, args.hidden, env=env)
         model.set_random_seed(args.seed + log.done)
         if args.agent == "dqn" and buffer.exists():
-            model.load_replay_buffer(buffer)
+            load_replay_buffer(model.replay_buffer, buffer)
     else:
         model = sb3_controller(args, env)
 
@@ -358,8 +357,7 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
         model.save(tmp)
         os.replace(tmp, policy)
         if args.agent == "dqn":
-            model.save_replay_buffer(out / ".replay_buffer.tmp.pkl")
-            os.replace(out / ".replay_buffer.tmp.pkl", buffer)
+            save_replay_buffer(model.replay_buffer, buffer)
 
     class EpisodeLog(BaseCallback):
         def __init__(self):
@@ -397,6 +395,8 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
 # The output folder: manifest, learning curve, progress
 # ----------------------------------------------------------------------------------------------
 
+REPLAY_BUFFER = "replay_buffer.npz"  # dqn: plain arrays (harness.policy_files), never a pickle
+
 # What must match for a second call to continue a folder (episodes may grow).
 RESUME_KEYS = ("agent", "dataset", "profile", "lr_range", "seed", "reward", "actions", "observation", "controller",
                "config")
@@ -423,6 +423,10 @@ def open_out_dir(out: Path, manifest: dict) -> tuple[list[dict], dict]:
         out.mkdir(parents=True, exist_ok=True)
         ex.atomic_write_json(out / ex.POLICY_MANIFEST, manifest)
         return [], manifest
+    pickles = sorted(p.name for p in out.iterdir() if p.suffix in (".pkl", ".pickle"))
+    if pickles:  # e.g. the replay_buffer.pkl of an earlier version: reading it could run any code
+        raise ex.UserError(f"{out / pickles[0]} is a pickle, which is never loaded (it could run code): "
+                           f"delete it to continue without it, or use another --out_dir")
     old = ex.read_json(out / ex.POLICY_MANIFEST)
     for key in RESUME_KEYS:
         theirs, ours = old.get(key), manifest[key]
