@@ -50,6 +50,7 @@ import torch.distributed as dist  # (imported by torch itself: no start-up cost)
 import torch.nn as nn
 from torch.nn import functional as F
 
+from harness.controllers import ReinforceLearner
 from harness.errors import RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -1256,51 +1257,15 @@ class QLearningAgent(NoAgent):
             self.epsilon = max(self.cfg.epsilon_min, min(s.get("epsilon", self.cfg.epsilon) for s in states))
 
 
-def tensors_to_json(obj):
-    """A (nested) state_dict with tensors -> JSON-safe lists, exactly (float32 survives a float repr)."""
-    if isinstance(obj, torch.Tensor):
-        return {"tensor": obj.tolist(), "dtype": str(obj.dtype)[6:]}
-    if isinstance(obj, dict):
-        return {str(k): tensors_to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [tensors_to_json(v) for v in obj]
-    return obj
-
-
-def tensors_from_json(obj, int_keys: bool = False):
-    if isinstance(obj, dict) and set(obj) == {"tensor", "dtype"}:
-        return torch.tensor(obj["tensor"], dtype=getattr(torch, obj["dtype"]))
-    if isinstance(obj, dict):
-        return {(int(k) if int_keys and k.isdigit() else k): tensors_from_json(v, int_keys) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [tensors_from_json(v, int_keys) for v in obj]
-    return obj
-
-
-class PolicyMLP(nn.Module):
-    """Observation features -> one logit per action: one hidden layer, as the seed experiment's agent."""
-
-    def __init__(self, n_features: int, n_actions: int, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), nn.Linear(hidden, n_actions))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 class ReinforceAgent(NoAgent):
     """REINFORCE (Williams 1992), the policy-gradient agent of "Dynamic learning-rate adjustment using RL".
 
-    At each evaluation the policy network maps observation_features() to a softmax over the action
-    factors and one is sampled. When the run ends, every decision's log-probability is raised in
-    proportion to its advantage: the discounted return from that decision on, minus the usual return at
-    that iteration over earlier runs (a running mean, as QLearningAgent's baseline; it depends on the
-    iteration only, so it does not bias the gradient, and it removes most of the variance: with the
-    improvement reward every return is roughly "loss now minus final loss", large early, small late).
-    One Adam step per run. Frozen (a trained policy deployed): the most probable action, no update.
-    A diverged interval scores as a val loss at the divergence threshold plus --divergence_penalty.
-    --lr_groups layer: the same network picks one action per group row; a decision's log-probability is
-    the sum over its groups (they are drawn independently), and all share the run's reward.
+    At each evaluation the policy network maps policy_features() to a softmax over the action factors and
+    one is sampled; when the run ends, harness.controllers.ReinforceLearner takes one policy-gradient step
+    over the run's decisions (advantage = return-to-go minus the usual return at that iteration).
+    Frozen (a trained policy deployed): the most probable action, no update. A diverged interval scores
+    as a val loss at the divergence threshold plus --divergence_penalty. --lr_groups layer: the same
+    network picks one action per group row, and all rows share the run's reward.
     """
 
     PER_GROUP = True
@@ -1308,13 +1273,8 @@ class ReinforceAgent(NoAgent):
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
         self.actions = agent_actions(cfg)
-        with torch.random.fork_rng(devices=[]):  # the network's init must not move anyone else's RNG
-            torch.manual_seed(seed)
-            self.policy = PolicyMLP(policy_feature_count(cfg), len(self.actions), cfg.policy_hidden)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.policy_lr)
-        self.generator = torch.Generator().manual_seed(seed)  # action sampling: its own stream
-        self.baseline: dict[str, list] = {}  # str(iter) -> [mean return, count]
-        self.updates = 0
+        self.learner = ReinforceLearner(policy_feature_count(cfg), len(self.actions), cfg.policy_hidden,
+                                        cfg.policy_lr, cfg.policy_gamma, seed)
         self.start_run()
 
     def start_run(self) -> None:
@@ -1326,16 +1286,6 @@ class ReinforceAgent(NoAgent):
     def learning(self) -> bool:
         return not self.cfg.agent_freeze
 
-    def act(self, features: np.ndarray):
-        """One action (features of one decision), or one per row (a group table): (action(s), probabilities)."""
-        with torch.no_grad():
-            probs = torch.softmax(self.policy(torch.as_tensor(features)), dim=-1)
-        if self.learning:
-            actions = torch.multinomial(probs, 1, generator=self.generator).flatten()
-        else:
-            actions = torch.argmax(probs, dim=-1).flatten()
-        return (actions.tolist() if features.ndim == 2 else int(actions)), probs.tolist()
-
     def observe(self, obs: Observation) -> dict:
         reward = reward_for(reward_kind(self.cfg), self.prev_val, obs.val_loss)
         if self.steps and self.steps[-1]["reward"] is None:
@@ -1345,7 +1295,7 @@ class ReinforceAgent(NoAgent):
             self.end_run()
             return self.record(obs, action=None, reward=reward, epsilon=None, state=None)
         features = policy_features(self.cfg, obs)
-        action, probs = self.act(features)
+        action, probs = self.learner.act(features, sample=self.learning)
         if self.group_multipliers is not None:
             self.apply([self.actions[a] for a in action])
         else:
@@ -1363,61 +1313,33 @@ class ReinforceAgent(NoAgent):
             self.end_run()
 
     def end_run(self) -> None:
-        """The policy-gradient step over this run's decisions (once per run; nothing when frozen)."""
+        """Learn from this run's scored decisions (once per run; nothing when frozen)."""
         steps = [s for s in self.steps if s["reward"] is not None]
         self.steps = []
-        if not self.learning or not steps:
-            return
-        returns, g = [], 0.0
-        for s in reversed(steps):  # discounted return-to-go
-            g = s["reward"] + self.cfg.policy_gamma * g
-            returns.append(g)
-        returns.reverse()
-        advantages = []
-        for s, g in zip(steps, returns):
-            mean, count = self.baseline.get(str(s["iter"]), (g, 0))
-            advantages.append(g - mean)
-            count += 1
-            self.baseline[str(s["iter"])] = [mean + max(0.1, 1.0 / count) * (g - mean), count]
-        features = torch.tensor([s["features"] for s in steps])  # (decisions, [groups,] features)
-        actions = torch.tensor([s["action"] for s in steps])
-        log_probs = torch.log_softmax(self.policy(features), dim=-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        if log_probs.dim() == 2:  # a decision's groups drew independently: its log-probability is their sum
-            log_probs = log_probs.sum(dim=1)
-        loss = -(log_probs * torch.tensor(advantages, dtype=torch.float32)).sum()
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.updates += 1
+        if self.learning and steps:
+            self.learner.learn(steps)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "actions": self.actions, "hidden": self.cfg.policy_hidden,
-                "observation": observation_spec(self.cfg), "policy": tensors_to_json(self.policy.state_dict()),
-                "optimizer": tensors_to_json(self.optimizer.state_dict()), "baseline": self.baseline,
-                "generator": self.generator.get_state().tolist(), "updates": self.updates,
-                "prev_val": self.prev_val, "steps": self.steps}
+        return {**super().state_dict(), "actions": self.actions, "observation": observation_spec(self.cfg),
+                **self.learner.state_dict(), "prev_val": self.prev_val, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.load_policy(state)
-        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.check_policy(state)
+        self.learner.load_state_dict(state)
         self.prev_val, self.steps = state["prev_val"], state["steps"]
 
     def load_policy(self, state: dict) -> None:
         """What a later run takes from a trained one: the network, its optimizer and the return baseline."""
+        self.check_policy(state)
+        self.learner.load_policy(state)
+
+    def check_policy(self, state: dict) -> None:
         if state.get("actions") != self.actions:
             raise UserError(f"the reinforce policy has actions {state.get('actions')}, this run {self.actions}")
         if state.get("observation") != observation_spec(self.cfg):
             raise UserError(f"the reinforce policy observes {state.get('observation')}, this run "
                             f"{observation_spec(self.cfg)}: retrain it (or match --lr_groups)")
-        try:
-            self.policy.load_state_dict(tensors_from_json(state["policy"]))
-            self.optimizer.load_state_dict(tensors_from_json(state["optimizer"], int_keys=True))
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"the reinforce policy does not fit a network with {self.cfg.policy_hidden} hidden "
-                            f"units ({type(e).__name__}); set --policy_hidden {state.get('hidden')}") from e
-        self.baseline = {k: list(v) for k, v in state.get("baseline", {}).items()}
-        self.updates = state.get("updates", 0)
 
 
 class SB3Agent(NoAgent):

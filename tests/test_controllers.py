@@ -167,19 +167,19 @@ def test_a_saved_policy_of_our_agents_reloads_and_acts_identically(agent_name, t
     assert [r["action"] for r in play(deployed, np.random.default_rng(1))] == \
         [r["action"] for r in play(reference, np.random.default_rng(1))]
     if agent_name == "reinforce":  # and its network is the trained one, weight for weight
-        for a, b in zip(deployed.policy.parameters(), trained.policy.parameters()):
+        for a, b in zip(deployed.learner.policy.parameters(), trained.learner.policy.parameters()):
             assert torch.equal(a, b)
 
 
 def test_a_frozen_reinforce_agent_learns_nothing_and_an_unfrozen_one_does():
     for learn in (False, True):
         agent = ex.ReinforceAgent(cfg_for("reinforce", agent_freeze=not learn), seed=0)
-        before = [p.detach().clone() for p in agent.policy.parameters()]
+        before = [p.detach().clone() for p in agent.learner.policy.parameters()]
         rng = np.random.default_rng(0)
         play(agent, rng)  # (the first run sets the return baseline: its advantages are all 0)
         play(agent, rng)
-        changed = any(not torch.equal(a, b) for a, b in zip(before, agent.policy.parameters()))
-        assert changed == learn and agent.updates == 2 * int(learn)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, agent.learner.policy.parameters()))
+        assert changed == learn and agent.learner.updates == 2 * int(learn)
 
 
 def test_observation_features_are_finite_bounded_and_named():
