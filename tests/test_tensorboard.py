@@ -126,3 +126,18 @@ def test_without_the_package_the_flag_is_refused_before_anything_is_written(prep
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines == ["error: --tensorboard needs the tensorboard package: pip install tensorboard"]
     assert not out.exists()
+
+
+def test_under_torchrun_only_rank_0_writes(prepared_data_dir, tmp_path):
+    out = tmp_path / "run_0"
+    env = {k: v for k, v in os.environ.items() if k != "GPT_RL_DATA_SOURCE"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "experiment.py"), *SMOKE, "--data_dir", str(prepared_data_dir), "--out_dir",
+                           str(out), "--inference_samples", "1", "--tensorboard"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    folder = curves_folder(out, "shakespeare_char", 0)
+    assert len(list(folder.iterdir())) == 1  # one writer: rank 0's
+    val = json.loads((out / "all_results.json").read_text())["shakespeare_char_0_val_info"]
+    assert read_curves(folder)["eval/val_loss"] == [(r["iter"], float32(r["val/loss"])) for r in val]
