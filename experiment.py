@@ -2548,10 +2548,9 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     log = progress.write if main else lambda line: None
     if main:
         run.on_log = lambda it, loss, lr: progress.update(it, loss, lr, force=it == cfg.max_iters)
-    curves = LiveCurves(curves_folder(out_dir, data.name, seed_index), run.state.next_it) \
-        if cfg.tensorboard and main else None  # --tensorboard: every record also goes to an event file
-    if curves is not None:
-        run.on_log, on_evaluation = curves.follow(run, run.on_log, on_evaluation)
+    curves = LiveCurves(curves_folder(out_dir, data.name, seed_index), run) if cfg.tensorboard and main else None
+    if curves is not None:  # --tensorboard: every record also goes to an event file, as it is made
+        run.on_log, on_evaluation = curves.follow(run.on_log, on_evaluation)
     if run.state.next_it:
         log(f"[{label}] resuming at iter {run.state.next_it}")
     try:

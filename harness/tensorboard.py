@@ -64,40 +64,59 @@ def list_names(record: dict) -> dict:
 
 
 class LiveCurves:
-    """One dataset and seed's SummaryWriter. Under torchrun rank 0 alone opens one (experiment.py's check)."""
+    """One dataset and seed's SummaryWriter, fed from a training run's logs (run.state.train_log and val_log,
+    the records all_results.npy keeps). Under torchrun rank 0 alone opens one (experiment.py's check)."""
 
-    def __init__(self, folder: Path, resumed_at: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-        folder = Path(folder)
+    def __init__(self, folder: Path, run):
+        self.folder, self.run = Path(folder), run
+        resumed_at = run.state.next_it
         if not resumed_at:  # the seed starts from scratch: curves an earlier run left here are not this run's
-            for stale in folder.glob("events.out.tfevents.*"):
+            for stale in self.folder.glob("events.out.tfevents.*"):
                 stale.unlink()
         # purge_step: on --resume TensorBoard hides what the interrupted process wrote past its checkpoint,
         # so the curves continue from where training does.
-        self.writer = SummaryWriter(str(folder), purge_step=resumed_at or None)
+        self.writer = self.open(purge_step=resumed_at or None)
+        self.last_iter = {kind: log[-1]["iter"] if log else -1 for kind, log in self.logs().items()}
 
-    def add(self, record: dict, tags: dict) -> None:
+    def open(self, purge_step=None):
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(self.folder), purge_step=purge_step)
+
+    def logs(self) -> dict:
+        return {"train": self.run.state.train_log, "eval": self.run.state.val_log}  # (a restore replaces state)
+
+    def add(self, kind: str, record: dict) -> None:
         names = list_names(record)
-        for key, tag in tags.items():
+        for key, tag in (TRAIN_TAGS if kind == "train" else EVALUATION_TAGS).items():
             for name, value in scalars(tag, record.get(key), names.get(key)):
                 self.writer.add_scalar(name, value, record["iter"])
+        self.last_iter[kind] = record["iter"]
 
-    def train_step(self, record: dict) -> None:
-        self.add(record, TRAIN_TAGS)
+    def record_made(self, kind: str) -> None:
+        """The newest record of a log goes to the event file. One no later than the last of its kind means a
+        divergence rollback took training back to a checkpoint: a new event file starts at that iteration,
+        hiding every point the abandoned steps wrote, and the records the run kept from there on are redrawn."""
+        record = self.logs()[kind][-1]
+        if record["iter"] > self.last_iter[kind]:
+            self.add(kind, record)
+            return
+        self.writer.close()
+        self.writer = self.open(purge_step=record["iter"])
+        for each, log in self.logs().items():
+            for kept in log:
+                if kept["iter"] >= record["iter"]:
+                    self.add(each, kept)
 
-    def evaluation(self, record: dict) -> None:
-        self.add(record, EVALUATION_TAGS)
-        self.writer.flush()  # live: each evaluation shows up as it ends, not when the writer's queue fills
-
-    def follow(self, run, on_log, on_evaluation):
-        """The run's two callbacks, each also writing the record just made: run.on_log hears a logged step
-        (the newest record of run.state.train_log), on_evaluation(run) an evaluation (of run.state.val_log)."""
+    def follow(self, on_log, on_evaluation):
+        """The run's two callbacks, each also writing the record just made: run.on_log(it, loss, lr) hears a
+        logged step, on_evaluation(run) an evaluation."""
         def log_step(it, loss, lr):
             on_log(it, loss, lr)
-            self.train_step(run.state.train_log[-1])
+            self.record_made("train")
 
         def evaluated(run):
-            self.evaluation(run.state.val_log[-1])
+            self.record_made("eval")
+            self.writer.flush()  # live: each evaluation shows up as it ends, not when the writer's queue fills
             if on_evaluation is not None:
                 on_evaluation(run)
         return log_step, evaluated

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,6 +68,11 @@ def test_the_flag_changes_no_number_of_the_run(runs):
     assert not (runs[1] / "tensorboard").exists()
 
 
+def fake_run(**logs):
+    """What LiveCurves reads of a TrainingRun: its state's logs and the iteration it starts at."""
+    return SimpleNamespace(state=SimpleNamespace(next_it=0, train_log=[], val_log=[], **logs))
+
+
 def test_per_group_and_per_hyperparameter_lists_are_named(tmp_path):
     """Records as drive() makes them with --lr_groups layer and with --control; a reward when there is one."""
     layered = {"iter": 10, "train/loss": 3.9, "val/loss": 3.8, "lr": 1e-3, "multiplier": 1.0,
@@ -75,21 +81,39 @@ def test_per_group_and_per_hyperparameter_lists_are_named(tmp_path):
     control = {"iter": 20, "train/loss": 3.6, "val/loss": 3.5, "lr": 5e-4, "multiplier": 0.5,
                "hparams": {"lr": 5e-4, "weight_decay": 0.2, "grad_clip": 2.5},
                "hparam_multipliers": {"weight_decay": 2.0, "grad_clip": 2.5}, "action": [0, 2, 4], "reward": None}
-    step = {"iter": 5, "loss": 4.0, "lr": 1e-3, "lr_groups": {"embedding": 1e-3, "block0": 2e-3, "ln_f": 5e-4},
+    step = {"iter": 25, "loss": 4.0, "lr": 1e-3, "lr_groups": {"embedding": 1e-3, "block0": 2e-3, "ln_f": 5e-4},
             "time": 40.0}
-    curves = LiveCurves(tmp_path)
-    curves.evaluation(layered)
-    curves.evaluation(control)
-    curves.train_step(step)
+    run = fake_run()
+    curves = LiveCurves(tmp_path, run)
+    for log, record in ((run.state.val_log, layered), (run.state.val_log, control), (run.state.train_log, step)):
+        log.append(record)
+        curves.record_made("train" if log is run.state.train_log else "eval")
     curves.close()
     got = read_curves(tmp_path)
     assert got["agent/multipliers/block0"] == [(10, 4.0)] and got["agent/action/ln_f"] == [(10, 1.0)]
-    assert got["eval/lr_groups/block0"] == [(10, float32(4e-3))] and got["train/lr_groups/ln_f"] == [(5, float32(5e-4))]
+    assert got["eval/lr_groups/block0"] == [(10, float32(4e-3))]
+    assert got["train/lr_groups/ln_f"] == [(25, float32(5e-4))]
     assert got["agent/action/grad_clip"] == [(20, 4.0)] and got["agent/action/lr"] == [(20, 0.0)]
     assert got["eval/hparams/weight_decay"] == [(20, float32(0.2))]
     assert got["agent/hparam_multipliers/grad_clip"] == [(20, 2.5)]
     assert got["agent/reward"] == [(10, float32(-3.8))] and got["agent/epsilon"] == [(10, float32(0.1))]
     assert not [tag for tag in got if "state" in tag or "explored" in tag or "time" in tag]
+
+
+def test_a_divergence_rollback_redraws_the_curves_from_the_checkpoint(prepared_data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli([*SMOKE, "--data_dir", prepared_data_dir, "--out_dir", out, "--tensorboard"],
+                   env_extra={"GPT_RL_TEST_NAN_AT": "12"})  # a NaN at step 12: back to the checkpoint at 10
+    assert proc.returncode == 0 and "rollback 1/3" in proc.stderr, proc.stderr
+    results = json.loads((out / "all_results.json").read_text())
+    train, val = results["shakespeare_char_0_train_info"], results["shakespeare_char_0_val_info"]
+    curves = read_curves(curves_folder(out, "shakespeare_char", 0))
+    assert curves["train/loss"] == [(r["iter"], float32(r["loss"])) for r in train]
+    assert curves["train/lr"] == [(r["iter"], float32(r["lr"])) for r in train]
+    assert curves["eval/val_loss"] == [(r["iter"], float32(r["val/loss"])) for r in val]
+    # the evaluation rolled back to is drawn with the multiplier cut by the rollback, as val_info records it
+    assert curves["agent/multiplier"] == [(r["iter"], float32(r["multiplier"])) for r in val]
+    assert [r["iter"] for r in val if r.get("rollbacks")] == [10]
 
 
 def test_an_interrupted_run_resumed_keeps_writing_to_the_same_folder(prepared_data_dir, tmp_path):
