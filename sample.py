@@ -10,7 +10,7 @@ The model is experiment.py's model_<dataset>_<seed>.pt (defaults: the run's firs
 folder's model_<key>_0.pt (--key unpruned: the run's model it pruned). Tokens are decoded with the vocabulary of the
 data the run trained on (its meta.json, found where run.json says the data was; checked against the run's sha256).
 Samples go to stdout, each followed by a line of dashes as nanoGPT prints them; the same --sample_seed gives the
-same samples on any device (tokens are drawn on the CPU).
+same samples on the same device and dtype (the tokens are drawn from a seeded CPU generator).
 """
 from __future__ import annotations
 
