@@ -129,3 +129,17 @@ def test_a_refusal_from_the_command_line_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: --run {tmp_path / 'nowhere'} "
                                                                          f"does not exist"]
+
+
+def test_data_other_than_the_run_trained_on_is_refused(run_0, prepared_data_dir, tmp_path, capsys):
+    """Another vocabulary would decode to nonsense without an error: the split hashes run.json keeps decide."""
+    other = tmp_path / "shakespeare_char"
+    other.mkdir()
+    for name in ("meta.json", "train.bin", "val.bin"):
+        (other / name).write_bytes((prepared_data_dir / "shakespeare_char" / name).read_bytes())
+    tokens = bytearray((other / "train.bin").read_bytes())
+    tokens[0:2] = (1 if tokens[0:2] != b"\x01\x00" else 2).to_bytes(2, "little")  # one token changed
+    (other / "train.bin").write_bytes(bytes(tokens))
+    assert sample.main(["--run", str(run_0), "--dataset", "shakespeare_char", "--data_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not what model_shakespeare_char_0.pt was trained on" in err[0], err

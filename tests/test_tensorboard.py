@@ -70,7 +70,7 @@ def test_the_flag_changes_no_number_of_the_run(runs):
 
 def fake_run(**logs):
     """What LiveCurves reads of a TrainingRun: its state's logs and the iteration it starts at."""
-    return SimpleNamespace(state=SimpleNamespace(next_it=0, train_log=[], val_log=[], **logs))
+    return SimpleNamespace(state=SimpleNamespace(**{"next_it": 0, "train_log": [], "val_log": [], **logs}))
 
 
 def test_per_group_and_per_hyperparameter_lists_are_named(tmp_path):
@@ -165,3 +165,12 @@ def test_under_torchrun_only_rank_0_writes(prepared_data_dir, tmp_path):
     assert len(list(folder.iterdir())) == 1  # one writer: rank 0's
     val = json.loads((out / "all_results.json").read_text())["shakespeare_char_0_val_info"]
     assert read_curves(folder)["eval/val_loss"] == [(r["iter"], float32(r["val/loss"])) for r in val]
+
+
+def test_a_seed_from_scratch_drops_the_event_files_an_earlier_run_left_a_resumed_one_keeps_them(tmp_path):
+    stale = tmp_path / "events.out.tfevents.1.host.1.0"
+    stale.write_bytes(b"")
+    LiveCurves(tmp_path, fake_run(next_it=20, train_log=[{"iter": 15, "loss": 3.0, "lr": 1e-3}])).close()
+    assert stale.exists() and len(list(tmp_path.iterdir())) == 2
+    LiveCurves(tmp_path, fake_run()).close()
+    assert not stale.exists() and len(list(tmp_path.iterdir())) == 1
