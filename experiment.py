@@ -53,6 +53,7 @@ from torch.nn import functional as F
 from harness.controllers import ReinforceLearner
 from harness.errors import RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
+from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
@@ -176,6 +177,9 @@ class Config:
     eval_interval: int = _opt(250, "steps between evaluations (the agent acts after each)", bounds="[1, inf)")
     eval_iters: int = _opt(200, "batches per split in each evaluation", bounds="[1, inf)")
     log_interval: int = _opt(10, "steps between training-loss records", bounds="[1, inf)")
+    tensorboard: bool = _opt(False, "also write the records as live curves for TensorBoard (losses, rates, "
+                                    "multipliers, the agent's action and reward) to "
+                                    "<out_dir>/tensorboard/<dataset>_<seed>/; needs the tensorboard package")
     final_eval_tokens: int = _opt(1_000_000, "after training, the final model's loss over the first N tokens of "
                                              "the val (and test) split, read in consecutive windows: "
                                              "full_val_loss / test_loss without sampling noise (0 = skip)",
@@ -2415,6 +2419,9 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     log = progress.write if main else lambda line: None
     if main:
         run.on_log = lambda it, loss, lr: progress.update(it, loss, lr, force=it == cfg.max_iters)
+    curves = LiveCurves(curves_folder(out_dir, data.name, seed_index), run) if cfg.tensorboard and main else None
+    if curves is not None:  # --tensorboard: every record also goes to an event file, as it is made
+        run.on_log, on_evaluation = curves.follow(run.on_log, on_evaluation)
     if run.state.next_it:
         log(f"[{label}] resuming at iter {run.state.next_it}")
     try:
@@ -2424,6 +2431,8 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
         raise Interrupted(f"{stop.signal_name or 'another rank'}: {e}") from None
     finally:
         progress.close()
+        if curves is not None:
+            curves.close()
     final_info = run.finish(status)
     result = {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
               "sample": run.sample, "agent_state": agent.state_dict(), "model": run.model}
@@ -3013,6 +3022,8 @@ def validate(c: Config) -> None:
                         f"train it further with train_agent.py); drop --agent_learn")
     check_lr_groups(c)
     check_control(c)
+    if c.tensorboard and not tensorboard_installed():
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if c.agent_init and c.agent != "replay":
         trained_policy(c)  # a folder from train_agent.py must match this run: one line if it does not
     if c.lr_floor > c.lr_ceiling:
@@ -3134,8 +3145,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
-                    "overwrite", "download", "notes", "plot", "resume", "debug", "device", "dtype", "compile",
-                    "backend"}
+                    "overwrite", "download", "notes", "plot", "tensorboard", "resume", "debug", "device", "dtype",
+                    "compile", "backend"}
 
 
 def dataclass_parser(fields_of, description: str) -> argparse.ArgumentParser:
