@@ -36,7 +36,6 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -52,7 +51,8 @@ from torch.nn import functional as F
 
 from harness.controllers import ReinforceLearner
 from harness.errors import RunFailed, UserError
-from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
+from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json
+from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -1386,10 +1386,6 @@ AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearn
           "reinforce": ReinforceAgent}
 
 
-def agent_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
-    return Path(run_dir) / f"agent_{dataset}_{seed_index}.json"
-
-
 def checkpoint_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
     return Path(run_dir) / f"ckpt_{dataset}_{seed_index}.pt"
 
@@ -1404,66 +1400,10 @@ def remove_checkpoints(run_dir: Path, dataset: str, seed_index: int) -> None:
     previous_checkpoint_file(checkpoint).unlink(missing_ok=True)
 
 
-def read_agent_state(path: Path) -> dict:
-    try:
-        state = json.loads(Path(path).read_text())
-        if not isinstance(state, dict) or "trajectory" not in state:
-            raise ValueError("not an agent state file")
-        return state
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read --agent_init {path}: {getattr(e, 'strerror', None) or e}") from e
-
-
-def read_agent_init(path: str, dataset: str, seed_index: Optional[int] = None) -> list[dict]:
-    """--agent_init: an agent JSON file, or a run folder: its agent file for this seed (seed_index given,
-    as replay needs), else the agent files of every seed of this dataset (a table learns from all)."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        return [read_agent_state(p)]
-    if seed_index is not None:
-        candidates = [agent_file(p, dataset, seed_index), agent_file(p, dataset, 0)]
-        return [read_agent_state(next((c for c in candidates if c.exists()), candidates[0]))]
-    files = sorted(p.glob(f"agent_{dataset}_*.json"))
-    if not files:
-        raise UserError(f"cannot read --agent_init {p}: it holds no agent_{dataset}_<seed>.json")
-    return [read_agent_state(f) for f in files]
-
-
-POLICY_MANIFEST = "manifest.json"  # train_agent.py's output folder: what was trained, on what, how
-
-
 def trained_policy(cfg: Config) -> Optional[dict]:
-    """--agent_init DIR written by train_agent.py: its manifest, checked against this run (agent, observation
-    definition, actions), plus the policy file's path and sha256. None when agent_init is not such a folder."""
-    folder = Path(cfg.agent_init).expanduser() if cfg.agent_init else None
-    if folder is None or not (folder / POLICY_MANIFEST).exists():
-        return None
-    manifest = read_json(folder / POLICY_MANIFEST)
-    if not isinstance(manifest, dict) or "policy_file" not in manifest:
-        raise UserError(f"{folder / POLICY_MANIFEST} is not a train_agent.py manifest")
-    if manifest.get("agent") != cfg.agent:
-        raise UserError(f"--agent_init {folder} holds a {manifest.get('agent')} policy, not {cfg.agent}")
-    if manifest.get("observation") != observation_spec(cfg):
-        theirs, ours = manifest.get("observation") or {}, observation_spec(cfg)
-        if ("group_features" in theirs) != ("group_features" in ours):
-            raise UserError(f"--agent_init {folder} was trained with --lr_groups "
-                            f"{'layer' if 'group_features' in theirs else 'global'}; this run has "
-                            f"--lr_groups {lr_groups_kind(cfg)}")
-        if theirs.get("control_features") != ours.get("control_features"):
-            trained = (manifest.get("config") or {}).get("control", "lr")
-            raise UserError(f"--agent_init {folder} was trained with --control {trained}; this run has "
-                            f"--control {cfg.control}")
-        raise UserError(f"--agent_init {folder} was trained on observation version {theirs.get('version')} "
-                        f"({len(theirs.get('features', []))} features); this version observes "
-                        f"{OBSERVATION_VERSION} ({len(OBSERVATION_FEATURES)}): retrain it")
-    if manifest.get("actions") != agent_actions(cfg):
-        raise UserError(f"--agent_init {folder} was trained with actions {manifest.get('actions')}; this run has "
-                        f"{agent_actions(cfg)} (set --agent_actions {','.join(map(str, manifest.get('actions') or []))})")
-    policy_file = folder / manifest["policy_file"]
-    if not policy_file.exists():
-        raise UserError(f"--agent_init {folder}: its policy file {manifest['policy_file']} is missing")
-    return {"dir": str(folder.resolve()), "file": str(policy_file.resolve()), "sha256": sha256_file(policy_file),
-            "manifest": manifest}
+    """--agent_init DIR written by train_agent.py, checked against this run (harness.policy_files)."""
+    return read_policy_folder(cfg.agent_init, cfg.agent, observation_spec(cfg), agent_actions(cfg),
+                              lr_groups=lr_groups_kind(cfg), control=cfg.control)
 
 
 def frozen(cfg: Config, trained: bool) -> bool:
@@ -2720,13 +2660,6 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
         final_infos[dataset] = {**summarize(per_seed), "data": loaded[dataset].provenance,
                                 "inference": inference_protocol(cfg)}
     return final_infos
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: int) -> Optional[dict]:

@@ -64,6 +64,7 @@ import torch
 from gymnasium import spaces
 
 import experiment as ex
+from harness.files import sha256_file
 
 METHODS = ("rl", "magnitude", "random")
 UNPRUNED_FINETUNED = "unpruned_finetuned"  # the source model fine-tuned as the pruned ones are
@@ -661,7 +662,7 @@ def prune(args: Args, argv: list[str]) -> dict:
               "command": ex.command_line(__file__, argv), "cwd": str(Path.cwd()), "started": ex.now_iso(),
               "finished": None, "status": "running", "args": dataclasses.asdict(args), "layout": LAYOUT,
               "source": {"run": str(source.run_dir.resolve()), "dataset": args.dataset, "seed_index": args.seed,
-                         "model": str(source.model_path.resolve()), "model_sha256": ex.sha256_file(source.model_path),
+                         "model": str(source.model_path.resolve()), "model_sha256": sha256_file(source.model_path),
                          "model_config": dataclasses.asdict(source.model.config)},
               "flops_formula": FLOPS_FORMULA,
               "reward_slice": {"split": "train", "tokens": args.reward_tokens, "from": len(train) - args.reward_tokens},

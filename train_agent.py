@@ -39,7 +39,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import experiment as ex
 import plot
-from harness.policy_files import load_replay_buffer, load_sb3_policy, save_replay_buffer
+from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
 
@@ -417,17 +417,17 @@ def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) ->
 def open_out_dir(out: Path, manifest: dict) -> tuple[list[dict], dict]:
     """A new folder, or the same training to continue: returns the learning curve so far and the
     folder's manifest (a continued one keeps its first start and command, and notes this one)."""
-    if not (out / ex.POLICY_MANIFEST).exists():
+    if not (out / POLICY_MANIFEST).exists():
         if out.exists() and any(out.iterdir()):
             raise ex.UserError(f"{out} exists and holds no train_agent.py manifest: choose another --out_dir")
         out.mkdir(parents=True, exist_ok=True)
-        ex.atomic_write_json(out / ex.POLICY_MANIFEST, manifest)
+        ex.atomic_write_json(out / POLICY_MANIFEST, manifest)
         return [], manifest
     pickles = sorted(p.name for p in out.iterdir() if p.suffix in (".pkl", ".pickle"))
     if pickles:  # e.g. the replay_buffer.pkl of an earlier version: reading it could run any code
         raise ex.UserError(f"{out / pickles[0]} is a pickle, which is never loaded (it could run code): "
                            f"delete it to continue without it, or use another --out_dir")
-    old = ex.read_json(out / ex.POLICY_MANIFEST)
+    old = ex.read_json(out / POLICY_MANIFEST)
     for key in RESUME_KEYS:
         theirs, ours = old.get(key), manifest[key]
         if theirs != ours:
@@ -468,7 +468,7 @@ class Log:
         self.manifest.update(episodes_done=self.done, seeds=[r["seed"] for r in self.curve], updated=ex.now_iso(),
                              train_seconds=sum(r["train_seconds"] for r in self.curve),
                              episode_seconds=sum(r["seconds"] for r in self.curve))
-        ex.atomic_write_json(self.out / ex.POLICY_MANIFEST, self.manifest)
+        ex.atomic_write_json(self.out / POLICY_MANIFEST, self.manifest)
         plot.plot_learning_curve(self.curve, self.out / "learning_curve.png",
                                  f"{self.args.agent} ({self.args.lr_groups} LR)")
         elapsed = time.time() - self.t0

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.errors import UserError
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
@@ -38,6 +40,14 @@ def atomic_save_npy(path: Path, obj) -> None:
     buf = io.BytesIO()
     np.save(buf, obj, allow_pickle=True)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def read_json(path: Path):
+    """A JSON file we wrote; one UserError line when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def sha256_file(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Policy files are data, never code.
+"""Policy files are data, never code: agent states and train_agent.py folders, read and checked.
 
 A stable-baselines3 `policy.zip` stores its class, spaces and schedules as cloudpickle (`":serialized:"`
 entries of its `data` member), which `PPO.load` / `DQN.load` unpickle unless `custom_objects` replaces
@@ -15,17 +15,81 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from harness.errors import UserError
-from harness.files import atomic_write_bytes
+from harness.files import atomic_write_bytes, read_json, sha256_file
 
+POLICY_MANIFEST = "manifest.json"  # train_agent.py's output folder: what was trained, on what, how
 # What stable-baselines3's save() writes into a zip; anything else is refused.
 ZIP_MEMBERS = frozenset({"data", "pytorch_variables.pth", "policy.pth", "policy.optimizer.pth",
                          "_stable_baselines3_version", "system_info.txt"})
 # The replay buffer's arrays (the filled part), and its two counters.
 BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def agent_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
+    return Path(run_dir) / f"agent_{dataset}_{seed_index}.json"
+
+
+def read_agent_state(path: Path) -> dict:
+    try:
+        state = json.loads(Path(path).read_text())
+        if not isinstance(state, dict) or "trajectory" not in state:
+            raise ValueError("not an agent state file")
+        return state
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --agent_init {path}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def read_agent_init(path: str, dataset: str, seed_index: Optional[int] = None) -> list[dict]:
+    """--agent_init: an agent JSON file, or a run folder: its agent file for this seed (seed_index given,
+    as replay needs), else the agent files of every seed of this dataset (a table learns from all)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return [read_agent_state(p)]
+    if seed_index is not None:
+        candidates = [agent_file(p, dataset, seed_index), agent_file(p, dataset, 0)]
+        return [read_agent_state(next((c for c in candidates if c.exists()), candidates[0]))]
+    files = sorted(p.glob(f"agent_{dataset}_*.json"))
+    if not files:
+        raise UserError(f"cannot read --agent_init {p}: it holds no agent_{dataset}_<seed>.json")
+    return [read_agent_state(f) for f in files]
+
+
+def read_policy_folder(agent_init: str, agent: str, observation: dict, actions: list, lr_groups: str,
+                       control: str) -> Optional[dict]:
+    """--agent_init DIR written by train_agent.py: its manifest, checked against this run (agent, observation
+    definition, actions), plus the policy file's path and sha256. None when agent_init is not such a folder."""
+    folder = Path(agent_init).expanduser() if agent_init else None
+    if folder is None or not (folder / POLICY_MANIFEST).exists():
+        return None
+    manifest = read_json(folder / POLICY_MANIFEST)
+    if not isinstance(manifest, dict) or "policy_file" not in manifest:
+        raise UserError(f"{folder / POLICY_MANIFEST} is not a train_agent.py manifest")
+    if manifest.get("agent") != agent:
+        raise UserError(f"--agent_init {folder} holds a {manifest.get('agent')} policy, not {agent}")
+    if manifest.get("observation") != observation:
+        theirs = manifest.get("observation") or {}
+        if ("group_features" in theirs) != ("group_features" in observation):
+            raise UserError(f"--agent_init {folder} was trained with --lr_groups "
+                            f"{'layer' if 'group_features' in theirs else 'global'}; this run has --lr_groups {lr_groups}")
+        if theirs.get("control_features") != observation.get("control_features"):
+            trained = (manifest.get("config") or {}).get("control", "lr")
+            raise UserError(f"--agent_init {folder} was trained with --control {trained}; this run has --control {control}")
+        raise UserError(f"--agent_init {folder} was trained on observation version {theirs.get('version')} "
+                        f"({len(theirs.get('features', []))} features); this version observes "
+                        f"{observation['version']} ({len(observation['features'])}): retrain it")
+    if manifest.get("actions") != actions:
+        raise UserError(f"--agent_init {folder} was trained with actions {manifest.get('actions')}; this run has "
+                        f"{actions} (set --agent_actions {','.join(map(str, manifest.get('actions') or []))})")
+    policy_file = folder / manifest["policy_file"]
+    if not policy_file.exists():
+        raise UserError(f"--agent_init {folder}: its policy file {manifest['policy_file']} is missing")
+    return {"dir": str(folder.resolve()), "file": str(policy_file.resolve()), "sha256": sha256_file(policy_file),
+            "manifest": manifest}
 
 
 def refuse(path, why: str) -> UserError:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import experiment as ex
+from harness.policy_files import POLICY_MANIFEST
 import train_agent as ta
 
 ACTIONS = [0.1, 0.5, 1.0, 1.5, 2.0]
@@ -76,7 +77,7 @@ def cfg_for(agent, **kw):
 
 
 def write_policy_folder(folder, agent, policy_file):
-    ex.atomic_write_json(folder / ex.POLICY_MANIFEST, {"agent": agent, "observation": ex.observation_spec(),
+    ex.atomic_write_json(folder / POLICY_MANIFEST, {"agent": agent, "observation": ex.observation_spec(),
                                                        "actions": ACTIONS, "policy_file": policy_file})
 
 

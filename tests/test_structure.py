@@ -1,0 +1,78 @@
+"""The house rules, checked: small pieces, imports one way, one of each helper, a README that fits a screen."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted(p for p in ROOT.rglob("*.py")
+                 if not {"tests", ".venv", ".ci-venv"} & set(p.relative_to(ROOT).parts))
+ENTRY_POINTS = ("experiment", "train_agent", "sweep", "prune", "sample", "plot", "bench")
+
+
+def definitions(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node, node.end_lineno - node.lineno + 1
+
+
+def imported_modules(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+
+
+def test_no_function_over_60_lines_and_no_class_over_250_outside_tests():
+    too_long = [f"{p.relative_to(ROOT)}:{node.name} {n} lines" for p in SOURCES for node, n in definitions(p)
+                if n > (250 if isinstance(node, ast.ClassDef) else 60)]
+    assert not too_long
+
+
+def test_experiment_py_is_a_file_an_idea_can_hold_in_view():
+    assert len((ROOT / "experiment.py").read_text().splitlines()) <= 1800
+
+
+@pytest.mark.parametrize("module", sorted((ROOT / "harness").glob("*.py")), ids=lambda p: p.name)
+def test_the_package_never_imports_experiment_py_or_an_entry_point(module):
+    assert not [m for m in imported_modules(module) if m.split(".")[0] in ENTRY_POINTS]
+
+
+def test_plot_py_stays_free_of_torch():
+    reachable, todo = set(), ["plot"]
+    while todo:  # plot.py and every module of the project it imports, transitively
+        name = todo.pop()
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if name in reachable or not path.exists():
+            continue
+        reachable.add(name)
+        modules = list(imported_modules(path))
+        assert not [m for m in modules if m.split(".")[0] == "torch"], name
+        todo += modules
+
+
+@pytest.mark.parametrize("definition", ["def atomic_write_bytes", "def sha256_file", "def holm", "def paired_"])
+def test_one_of_each_helper(definition):
+    defining = [p.relative_to(ROOT) for p in SOURCES if re.search(rf"^\s*{definition}", p.read_text(), re.M)]
+    assert len(defining) == 1, defining
+
+
+def test_the_readme_fits_a_screen_and_starts_with_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 15_000
+    commands = readme.split("```")[1].strip().splitlines()
+    assert commands[0] == "bash" and len(commands) == 3
+    assert "python experiment.py" in commands[1] and "pytest" in commands[2]
+
+
+def test_the_docs_index_links_every_page_and_every_link_resolves():
+    index = (ROOT / "docs" / "README.md").read_text()
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"README.md"}
+    assert not [page for page in pages if f"({page}" not in index]
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name} links a missing {target}"
