@@ -50,6 +50,8 @@ import torch.distributed as dist  # (imported by torch itself: no start-up cost)
 import torch.nn as nn
 from torch.nn import functional as F
 
+from harness.stats import mean_and_stderr  # the project's one definition (plot.py and bench/ share it)
+
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
 SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw datasets
@@ -309,15 +311,6 @@ def atomic_save_npy(path: Path, obj) -> None:
     buf = io.BytesIO()
     np.save(buf, obj, allow_pickle=True)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def mean_and_stderr(values) -> tuple[float, Optional[float]]:
-    """Mean and standard error of the mean, std(ddof=1)/sqrt(n); None when n < 2 (no honest estimate)."""
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, None
-    return mean, float(values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def format_duration(seconds: float) -> str:
