@@ -12,6 +12,7 @@ written by `write_summary` as summary.json and summary.md with the commit, machi
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -109,12 +110,12 @@ def run_key(flags: Sequence, dataset: str, seed: int) -> dict:
     return {"config": config, "policy_sha256": policy_sha256(cfg.agent_init)}
 
 
-def run_folder(root: Path, flags: Sequence, dataset: str, seed: int) -> tuple[Path, dict]:
-    """(folder, key) of one seed of an arm: root/runs/<dataset>_<seed>_<hash of the key>. A changed setting or
+def run_folder(runs: Path, flags: Sequence, dataset: str, seed: int) -> tuple[Path, dict]:
+    """(folder, key) of one seed of an arm: runs/<dataset>_<seed>_<hash of the key>. A changed setting or
     policy gives another folder, so a stale result is never found under a current key."""
     key = run_key(flags, dataset, seed)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(root) / "runs" / f"{dataset}_{seed}_{digest}", key
+    return Path(runs) / f"{dataset}_{seed}_{digest}", key
 
 
 def finished(folder: Path, key: dict) -> bool:
@@ -129,11 +130,17 @@ def finished(folder: Path, key: dict) -> bool:
 
 class Study:
     """A study's folder: its log, its cached runs, and the scripts it calls (experiment.py, train_agent.py,
-    sweep.py, prune.py), each a subprocess whose output goes to log.txt."""
+    sweep.py, prune.py), each a subprocess whose output goes to log.txt.
+
+    common: experiment.py flags of every arm (e.g. the profile); data_dir: as experiment.py's, passed to every
+    script (self.data); runs: the run cache (default root/runs; another study's cache reuses the runs the two
+    share, which the key makes safe)."""
 
     def __init__(self, root: Path, common: Sequence = (), dataset: str = "shakespeare_char",
-                 metric: str = "full_val_loss"):
-        self.root, self.common, self.dataset, self.metric = Path(root).resolve(), list(common), dataset, metric
+                 metric: str = "full_val_loss", data_dir: str = "", runs: Optional[Path] = None):
+        self.data = ["--data_dir", str(Path(data_dir).resolve())] if data_dir else []
+        self.root, self.common, self.dataset, self.metric = Path(root).resolve(), [*common, *self.data], dataset, metric
+        self.runs = Path(runs).resolve() if runs else self.root / "runs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = self.root / "log.txt"
 
@@ -152,7 +159,7 @@ class Study:
     def run_seed(self, flags: Sequence, seed: int) -> tuple[Path, dict]:
         """(finished run folder, key) of one seed: the folder reused when its key matches, else (re-)run."""
         flags = [*self.common, *flags]
-        folder, key = run_folder(self.root, flags, self.dataset, seed)
+        folder, key = run_folder(self.runs, flags, self.dataset, seed)
         if not finished(folder, key):
             (folder / KEY_FILE).unlink(missing_ok=True)
             self.sh("experiment.py", "--out_dir", folder, *run_argv(flags, self.dataset, seed),
@@ -172,6 +179,25 @@ class Study:
 
     def run_all(self, arms: Sequence[Arm]) -> dict[str, Arm]:
         return {arm.name: self.run(arm) for arm in arms}
+
+    def run_script(self, name: str, script: str, *args, done: str, again: Sequence = ()) -> Path:
+        """The output folder of a script that is not one experiment.py run (sweep.py, prune.py), keyed by its
+        whole command: root/<name>_<hash>, run unless it holds `done` (another command, another folder).
+        again: flags that let the script replace what an interrupted attempt left (prune.py's --overwrite)."""
+        digest = hashlib.sha256(json.dumps([script, *map(str, args), *self.data]).encode()).hexdigest()[:16]
+        folder = self.root / f"{name}_{digest}"
+        if not (folder / done).exists():
+            self.sh(script, *args, *self.data, "--out_dir", folder, *(again if folder.exists() else ()))
+        return folder
+
+    def train_controller(self, folder: Path, episodes: int, *flags) -> int:
+        """train_agent.py on the training seeds until folder holds `episodes` episodes (a finished folder is
+        kept, a shorter one continued); the optimizer steps its training took, to charge to its arms."""
+        manifest = Path(folder) / ex.POLICY_MANIFEST
+        if not manifest.exists() or ex.read_json(manifest).get("episodes_done", 0) < episodes:
+            self.sh("train_agent.py", "--dataset", self.dataset, "--episodes", episodes, "--seed",
+                    SEED_BASES["training"], "--out_dir", folder, *self.data, *flags)
+        return curve_steps(folder)
 
 
 def curve_steps(agent_dir: Path) -> int:
@@ -249,6 +275,16 @@ def write_summary(folder: Path, question: str, arms: Sequence[Arm], rows: Sequen
     text = summary_markdown(question, rec, summary["arms"], rows, notes)
     ex.atomic_write_bytes(Path(folder) / "summary.md", text.encode())
     return text
+
+
+def argument_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """A study's command line: its folder, --smoke and --data_dir; a bad flag is one `error:` line, exit 2."""
+    parser = ex.OneLineArgumentParser(description=description)
+    parser.add_argument("--out", default=out, help="the study's folder: runs, policies, log.txt, summary")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every step at the smallest sizes, in about a minute: proves it runs, measures nothing")
+    parser.add_argument("--data_dir", default="", help="as experiment.py --data_dir (default: the project's data/)")
+    return parser
 
 
 def main_of(work) -> int:
