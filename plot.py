@@ -425,7 +425,7 @@ def _verdict(row: dict) -> str:
         return "no paired test (n=1, no interval)"
     if row["method"] != "paired":
         return "no paired test (fewer than 2 shared seeds)"
-    if row["p_holm"] is None:  # ttest_rel gives nan when every paired difference is 0
+    if row["p_holm"] is None:  # no paired p: the t-test is undefined when every difference is 0
         return "identical on every shared seed" if row["ci_low"] == row["ci_high"] == 0 else "no p-value"
     if row["p_holm"] >= ALPHA:
         return "within noise after Holm" if row["p_value"] < ALPHA else "within noise"
