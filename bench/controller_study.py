@@ -32,6 +32,11 @@ def lr_flags(lr: float) -> list:
     return ["--learning_rate", lr, "--min_lr", lr / 10]
 
 
+def controller_flags(agent: str, profile: str) -> list:
+    """train_agent.py flags of a controller: base LR drawn from x0.1..x10 of the profile's, to learn to correct it."""
+    return ["--agent", agent, "--profile", profile, "--lr_range", "0.1,10"]
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = study.argument_parser(QUESTION, "study")
     parser.add_argument("--episodes", type=int, default=120)
@@ -58,8 +63,8 @@ def held_out_arms(s: Study, args, held_out: list, tuned_lr: float, tuning: int, 
         flags = lr_flags(BASE_LR * factor)
         arms += [Arm(f"cosine_{name}", flags, held_out),
                  Arm(f"random_{name}", [*flags, "--agent", "random", "--agent_actions", ACTIONS], held_out)]
-        arms += [Arm(f"{agent}_{name}", [*flags, "--agent", agent, "--agent_init", s.root / "agents" / agent],
-                     held_out, extra_steps=training[agent]) for agent in AGENTS]
+        arms += [Arm(f"{agent}_{name}", [*flags, "--agent", agent, "--agent_init", training[agent][0]],
+                     held_out, extra_steps=training[agent][1]) for agent in AGENTS]
     return s.run_all(arms)
 
 
@@ -77,15 +82,16 @@ def main(argv: list[str]) -> None:
     s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir)
     held_out, search = seeds("held_out", args.seeds), seeds("search", args.search_seeds)
     study.check_disjoint(training=seeds("training", args.episodes), search=search, held_out=held_out)
-    training = {agent: s.train_controller(s.root / "agents" / agent, args.episodes, "--agent", agent,
-                                          "--profile", args.profile, "--lr_range", "0.1,10") for agent in AGENTS}
+    training = {agent: s.train_controller(agent, args.episodes, *controller_flags(agent, args.profile))
+                for agent in AGENTS}
     tuned_lr, tuning = tune(s, args.sweep, search)
     arms = held_out_arms(s, args, held_out, tuned_lr, tuning, training)
     rows = study.table(comparisons(arms, args.factors))
     print(study.write_summary(s.root, QUESTION, list(arms.values()), rows, notes=[
         f"Tuned LR {tuned_lr:g}: the best mean of cosine at {', '.join(f'{lr:g}' for lr in args.sweep)} on "
         f"search seeds {search[0]}-{search[-1]}; its {tuning:,} steps are charged to the tuned arm."],
-        extra={"tuned_lr": tuned_lr, "sweep_steps": tuning, "training_steps": training}))
+        extra={"tuned_lr": tuned_lr, "sweep_steps": tuning,
+               "training_steps": {agent: steps for agent, (_, steps) in training.items()}}))
 
 
 if __name__ == "__main__":

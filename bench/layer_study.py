@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import study
-from controller_study import ACTIONS, BASE_LR, SWEEP, lr_flags, tune
+from controller_study import ACTIONS, BASE_LR, SWEEP, controller_flags, lr_flags, tune
 from study import Arm, Study, seeds
 
 QUESTION = "Does a per-layer controller beat one global multiplier, the LAMB trust-ratio rule and cosine?"
@@ -44,15 +44,13 @@ def parse(argv: list[str]):
 
 def policies(s: Study, args, previous: Path) -> dict:
     """name -> (train_agent.py folder, the optimizer steps its training took) of the global and per-layer ppo."""
-    trained = ["--agent", "ppo", "--profile", args.profile, "--lr_range", "0.1,10"]
-    global_dir = previous / "agents" / "ppo"
+    trained = controller_flags("ppo", args.profile)
+    global_dir = study.controller_folder(previous, "ppo", [*trained, *s.data])
     if (global_dir / "manifest.json").exists():  # the controller study's policy, as it is (charged what it took)
         found = {"ppo_global": (global_dir, study.curve_steps(global_dir))}
     else:
-        global_dir = s.root / "agents" / "ppo_global"
-        found = {"ppo_global": (global_dir, s.train_controller(global_dir, args.episodes, *trained))}
-    layer_dir = s.root / "agents" / "ppo_layer"
-    found["ppo_layer"] = (layer_dir, s.train_controller(layer_dir, args.episodes, *trained, "--lr_groups", "layer"))
+        found = {"ppo_global": s.train_controller("ppo_global", args.episodes, *trained)}
+    found["ppo_layer"] = s.train_controller("ppo_layer", args.episodes, *trained, "--lr_groups", "layer")
     return found
 
 

@@ -76,6 +76,11 @@ class Arm:
 # The run cache
 # ----------------------------------------------------------------------------------------------
 
+def digest(*parts) -> str:
+    """A short stable name for a command's arguments: another argument, another folder."""
+    return hashlib.sha256(json.dumps(list(map(str, parts))).encode()).hexdigest()[:16]
+
+
 def run_argv(flags: Sequence, dataset: str, seed: int) -> list[str]:
     """experiment.py's arguments for one seed of an arm (the seed flags last, so they win)."""
     return [*map(str, flags), "--datasets", dataset, "--seeds", "1", "--seed_base", str(seed), "--notes", "off"]
@@ -96,7 +101,10 @@ def policy_sha256(agent_init: str) -> Optional[str]:
     if path.is_file():
         return ex.sha256_file(path)
     if (path / ex.POLICY_MANIFEST).exists():
-        return ex.sha256_file(path / ex.read_json(path / ex.POLICY_MANIFEST)["policy_file"])
+        policy = path / str(ex.read_json(path / ex.POLICY_MANIFEST).get("policy_file"))
+        if not policy.is_file():
+            raise ex.UserError(f"--agent_init {path}: its manifest names no policy file that exists")
+        return ex.sha256_file(policy)
     files = sorted([*path.glob("agent_*.json"), *path.glob("all_results.*")])
     if not files:
         raise ex.UserError(f"--agent_init {path}: no policy, agent file or run to deploy")
@@ -114,8 +122,13 @@ def run_folder(runs: Path, flags: Sequence, dataset: str, seed: int) -> tuple[Pa
     """(folder, key) of one seed of an arm: runs/<dataset>_<seed>_<hash of the key>. A changed setting or
     policy gives another folder, so a stale result is never found under a current key."""
     key = run_key(flags, dataset, seed)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(runs) / f"{dataset}_{seed}_{digest}", key
+    return Path(runs) / f"{dataset}_{seed}_{digest(json.dumps(key, sort_keys=True))}", key
+
+
+def controller_folder(root: Path, name: str, flags: Sequence) -> Path:
+    """Where Study.train_controller keeps a controller trained with these train_agent.py flags (all but
+    --episodes: the same training run longer continues in its folder)."""
+    return Path(root) / "agents" / f"{name}_{digest(*flags)}"
 
 
 def finished(folder: Path, key: dict) -> bool:
@@ -184,20 +197,22 @@ class Study:
         """The output folder of a script that is not one experiment.py run (sweep.py, prune.py), keyed by its
         whole command: root/<name>_<hash>, run unless it holds `done` (another command, another folder).
         again: flags that let the script replace what an interrupted attempt left (prune.py's --overwrite)."""
-        digest = hashlib.sha256(json.dumps([script, *map(str, args), *self.data]).encode()).hexdigest()[:16]
-        folder = self.root / f"{name}_{digest}"
+        folder = self.root / f"{name}_{digest(script, *args, *self.data)}"
         if not (folder / done).exists():
             self.sh(script, *args, *self.data, "--out_dir", folder, *(again if folder.exists() else ()))
         return folder
 
-    def train_controller(self, folder: Path, episodes: int, *flags) -> int:
-        """train_agent.py on the training seeds until folder holds `episodes` episodes (a finished folder is
-        kept, a shorter one continued); the optimizer steps its training took, to charge to its arms."""
-        manifest = Path(folder) / ex.POLICY_MANIFEST
+    def train_controller(self, name: str, episodes: int, *flags) -> tuple[Path, int]:
+        """(folder, optimizer steps its training took) of a controller trained by train_agent.py with these
+        flags on the training seeds: a folder that holds `episodes` episodes is kept, a shorter one continued;
+        other flags, another folder. The steps are charged to every arm that deploys it."""
+        flags = [*flags, *self.data]
+        folder = controller_folder(self.root, name, flags)
+        manifest = folder / ex.POLICY_MANIFEST
         if not manifest.exists() or ex.read_json(manifest).get("episodes_done", 0) < episodes:
             self.sh("train_agent.py", "--dataset", self.dataset, "--episodes", episodes, "--seed",
-                    SEED_BASES["training"], "--out_dir", folder, *self.data, *flags)
-        return curve_steps(folder)
+                    SEED_BASES["training"], "--out_dir", folder, *flags)
+        return folder, curve_steps(folder)
 
 
 def curve_steps(agent_dir: Path) -> int:

@@ -79,8 +79,8 @@ def main(argv: list[str]) -> None:
     held_out = seeds("held_out", args.seeds)
     study.check_disjoint(training=seeds("training", args.runs), search=[SEARCH_SEED], held_out=held_out)
     searched, chosen = search_arms(s, args, held_out)
-    agent = s.root / "agents" / "ppo_control"
-    training = s.train_controller(agent, args.runs, "--agent", "ppo", "--control", CONTROL, "--profile", args.profile)
+    agent, training = s.train_controller("ppo_control", args.runs, "--agent", "ppo", "--control", CONTROL,
+                                         "--profile", args.profile)
     arms = s.run_all([Arm("cosine", [], held_out), *searched,
                       Arm("ppo_control", ["--agent", "ppo", "--control", CONTROL, "--agent_init", agent], held_out,
                           extra_steps=training),
