@@ -77,7 +77,7 @@ def arms_of(pruned: dict, finetune_iters: int) -> dict:
     for key in keys():
         steps = 0 if key == "unpruned" else finetune_iters * len(pruned)
         arms[key] = Arm(key, seeds=list(pruned), values=values(key, "full_val_loss"), run_steps=steps)
-        if key != "unpruned" and values(key, "full_val_loss_before"):
+        if not key.startswith("unpruned") and values(key, "full_val_loss_before"):  # the pruned, as pruned
             arms[key + BEFORE] = Arm(key + BEFORE, seeds=list(pruned), values=values(key, "full_val_loss_before"))
     return arms
 
