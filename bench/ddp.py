@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import study  # noqa: E402  (bench/ is on the path as the script's folder)
+import study  # bench/ is on the path as the script's folder
 
 ROOT = study.ROOT
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import study  # noqa: E402  (bench/ is on the path as the script's folder; it puts the project root there too)
-from study import ex  # noqa: E402
+import study  # bench/ is on the path as the script's folder; study puts the project root there too
+from study import ex
 
 
 def sync(device: torch.device) -> None:
