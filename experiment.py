@@ -53,6 +53,7 @@ from harness.controllers import ReinforceLearner
 from harness.errors import RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json
 from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
+from harness.stats import mean_and_stderr
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -282,15 +283,6 @@ def lr_groups_kind(cfg: Config) -> str:
 # ----------------------------------------------------------------------------------------------
 # 2. Small utilities
 # ----------------------------------------------------------------------------------------------
-
-def mean_and_stderr(values) -> tuple[float, Optional[float]]:
-    """Mean and standard error of the mean, std(ddof=1)/sqrt(n); None when n < 2 (no honest estimate)."""
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, None
-    return mean, float(values.std(ddof=1) / math.sqrt(len(values)))
-
 
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))

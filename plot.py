@@ -36,7 +36,7 @@ Python API (experiment.py calls the notes functions when a run finishes; neither
     update_notes(notes_path, run_dir, run_dirs=None)  run's section + comparison table; locked, atomic
     append_run_to_notes(notes_path, run_dir)          run's section only; locked, atomic
     comparison_rows(runs) -> list[dict]               the table's numbers; format_table(rows) -> str
-    holm(p_values) -> list[float]                     Holm-Bonferroni adjusted p-values (the table's correction)
+    holm(p_values) -> list[float]                     Holm-Bonferroni adjusted p-values (harness/stats.py)
     data_check(runs, dataset) -> DataCheck            what the runs' data records say (.note(), .label())
     load_run(path) -> Run, find_run_dirs(folder) -> list[Path], mean_curve(seeds), write_plots(...)
     plot_pareto(final_info, path, title)              prune.py: loss against FLOPs, one line per method
@@ -62,6 +62,8 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
+
+from harness.stats import holm, paired_difference, stderr, welch_difference  # the project's one copy
 
 # The four keys every final_info.json has (SPEC section 4); the Results line of notes.txt shows these first.
 CONTRACT_METRICS = ("final_train_loss", "best_val_loss", "total_train_time", "avg_inference_tokens_per_second")
@@ -365,12 +367,6 @@ def _dataset_title(runs: Sequence[Run], dataset: str, sep: str = " ") -> str:
 # Statistics
 # ----------------------------------------------------------------------------------------------
 
-def stderr(values) -> Optional[float]:
-    """std(ddof=1)/sqrt(n); None for n < 2, where a spread cannot be estimated (never a misleading 0)."""
-    values = np.asarray(values, dtype=float)
-    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) >= 2 else None
-
-
 def mean_curve(seeds: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """(iterations, mean, stderr or None for one seed) across seeds, each seed an (iterations, values) pair.
 
@@ -378,8 +374,7 @@ def mean_curve(seeds: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, Optional
     """
     shared = reduce(np.intersect1d, [iters for iters, _ in seeds])
     stack = np.array([values[np.searchsorted(iters, shared)] for iters, values in seeds])
-    spread = stack.std(axis=0, ddof=1) / math.sqrt(len(seeds)) if len(seeds) >= 2 else None
-    return shared, stack.mean(axis=0), spread
+    return shared, stack.mean(axis=0), stderr(stack)
 
 
 @dataclass
@@ -405,53 +400,21 @@ def _sample(run: Run, dataset: str, metric: str) -> Optional[Sample]:
     return Sample(np.array(values, dtype=float), entry.get("seeds"))
 
 
-def _t_quantile(df: float) -> float:
-    from scipy import stats  # here, not at the top: the notes functions must not slow experiment.py's start
-    return float(stats.t.ppf(0.975, df))
-
-
 def compare(base: Sample, other: Sample) -> dict:
     """Difference other - base with a 95% interval: paired over shared seeds, else Welch, else none (n = 1)."""
     shared = [s for s in other.seeds if s in base.seeds] if base.seeds and other.seeds else []
     if len(shared) >= 2:
         # The same seed means the same initialisation and data order: pairing removes that shared noise.
-        from scipy import stats
         by_seed_base, by_seed_other = dict(zip(base.seeds, base.values)), dict(zip(other.seeds, other.values))
-        x = np.array([by_seed_base[s] for s in shared])
-        y = np.array([by_seed_other[s] for s in shared])
-        d = y - x
-        m = len(d)
-        half = _t_quantile(m - 1) * d.std(ddof=1) / math.sqrt(m)
-        with np.errstate(all="ignore"):
-            p = float(stats.ttest_rel(y, x).pvalue)
-        return {"diff": float(d.mean()), "ci_low": float(d.mean() - half), "ci_high": float(d.mean() + half),
-                "method": "paired", "shared_seeds": m, "p_value": None if math.isnan(p) else p}
-    diff = other.mean - base.mean
+        d = paired_difference([by_seed_other[s] for s in shared], [by_seed_base[s] for s in shared])
+        return {"diff": d.mean, "ci_low": d.low, "ci_high": d.high, "method": "paired", "shared_seeds": d.n,
+                "p_value": d.p}
     if base.n >= 2 and other.n >= 2:
-        var_base, var_other = base.values.var(ddof=1) / base.n, other.values.var(ddof=1) / other.n
-        se = math.sqrt(var_base + var_other)
-        if se > 0:
-            df = (var_base + var_other) ** 2 / (var_base ** 2 / (base.n - 1) + var_other ** 2 / (other.n - 1))
-            half = _t_quantile(df) * se
-        else:
-            half = 0.0
-        return {"diff": diff, "ci_low": diff - half, "ci_high": diff + half, "method": "Welch",
+        d = welch_difference(other.values, base.values)
+        return {"diff": d.mean, "ci_low": d.low, "ci_high": d.high, "method": "Welch",
                 "shared_seeds": len(shared), "p_value": None}
-    return {"diff": diff, "ci_low": None, "ci_high": None, "method": "n=1, no interval",
+    return {"diff": other.mean - base.mean, "ci_low": None, "ci_high": None, "method": "n=1, no interval",
             "shared_seeds": len(shared), "p_value": None}
-
-
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni step-down adjusted p-values, in the order given (scipy.stats has BH/BY only, no Holm).
-
-    The k-th smallest p (k from 0) is multiplied by m - k, capped at 1, and never below an earlier one's.
-    """
-    m = len(p_values)
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def _verdict(row: dict) -> str:
@@ -462,7 +425,7 @@ def _verdict(row: dict) -> str:
         return "no paired test (n=1, no interval)"
     if row["method"] != "paired":
         return "no paired test (fewer than 2 shared seeds)"
-    if row["p_holm"] is None:  # ttest_rel gives nan when every paired difference is 0
+    if row["p_holm"] is None:  # no paired p: the t-test is undefined when every difference is 0
         return "identical on every shared seed" if row["ci_low"] == row["ci_high"] == 0 else "no p-value"
     if row["p_holm"] >= ALPHA:
         return "within noise after Holm" if row["p_value"] < ALPHA else "within noise"

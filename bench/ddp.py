@@ -24,7 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import study  # bench/ is on the path as the script's folder
+
+ROOT = study.ROOT
 
 
 def arms(nproc: int, gpu: bool) -> dict:
@@ -91,8 +93,8 @@ def main(argv=None) -> int:
                 rounds[name].append(measure(processes, env_extra, args, Path(scratch)))
                 print(f"round {r + 1}/{args.rounds} {name}: {rounds[name][-1]['tokens_per_s']:,.0f} tok/s", flush=True)
     baseline = statistics.median(m["tokens_per_s"] for m in next(iter(rounds.values())))
-    report = {"profile": args.profile, "iters": args.iters, "rounds": args.rounds, "accumulation": args.accumulation,
-              "cpu_count": os.cpu_count(), "arms": {}}
+    report = {**study.record(argv), "profile": args.profile, "iters": args.iters, "rounds": args.rounds,
+              "accumulation": args.accumulation, "cpu_count": os.cpu_count(), "arms": {}}
     print(f"\n{args.profile} profile, {args.iters} steps, global batch {args.accumulation} micro-batches, "
           f"median of {args.rounds} round(s), {os.cpu_count()} cores")
     print(f"{'arm':<48} {'tok/s':>10} {'vs first':>9} {'train s':>8} {'wall s':>7}")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         train_s, wall_s = (statistics.median(m[k] for m in ms) for k in ("train_time_s", "wall_s"))
         print(f"{name:<48} {median:>10,.0f} {median / baseline:>8.2f}x {train_s:>8.1f} {wall_s:>7.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        study.ex.atomic_write_json(Path(args.json), report)
     return 0
 
 

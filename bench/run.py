@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
 import sys
 import time
@@ -30,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import experiment as ex  # noqa: E402  (the project root is on the path now)
+import study  # bench/ is on the path as the script's folder; study puts the project root there too
+from study import ex
 
 
 def sync(device: torch.device) -> None:
@@ -197,6 +195,85 @@ def time_lr_groups(size: str, data_dir: str, device: str, rounds: int, steps: in
                    "groups": len(runs[name].group_names)} for name, t in times.items()}
 
 
+def training_variants(rt: ex.Runtime, device: torch.device, quick: bool) -> dict:
+    """The naive reference, the harness's automatic choice and (full mode) the candidates it chooses from."""
+    variants = {
+        "naive: fp32 eager, foreach AdamW, stacked slices": dict(dtype=torch.float32, compile=False, fused=False,
+                                                                 batches="naive"),
+        f"harness ({str(rt.dtype)[6:]}, compile={rt.compile}, fused={device.type == 'cuda'})":
+            dict(dtype=rt.dtype, compile=rt.compile, fused=device.type == "cuda", batches="harness"),
+    }
+    if not quick:
+        variants["candidate: fused AdamW"] = dict(dtype=rt.dtype, compile=False, fused=True, batches="harness")
+        variants["candidate: bf16 autocast"] = dict(dtype=torch.bfloat16, compile=False, fused=False,
+                                                    batches="harness")
+        variants["candidate: torch.compile"] = dict(dtype=rt.dtype, compile=True, fused=False, batches="harness")
+        variants["candidate: torch.compile + fused AdamW"] = dict(dtype=rt.dtype, compile=True, fused=True,
+                                                                  batches="harness")
+    return variants
+
+
+def bench_training(size: str, cfg: ex.Config, data: np.ndarray, device: torch.device, args, report: dict,
+                   rows: list) -> None:
+    """ms/iter, tokens/s, MFU and speed-up against the naive step of every variant at one model size."""
+    rt = ex.Runtime.choose(dataclasses.replace(cfg, device=device.type))
+    peak = measure_peak_flops(device, rt.dtype, 512 if args.quick else 2048, 0.2 if args.quick else 2.0)
+    results = time_training(cfg, data, device, training_variants(rt, device, args.quick),
+                            rounds=1 if args.quick else 6, steps=3 if args.quick else 15)
+    naive_ms = next(iter(results.values())).get("ms_per_iter")
+    for name, r in results.items():
+        if "error" in r:
+            rows.append((size, name, r["error"][:60], "", "", ""))
+            continue
+        r["speedup_vs_naive"] = naive_ms / r["ms_per_iter"]
+        r["mfu"] = r["flops_per_iter"] / (r["ms_per_iter"] / 1000) / peak
+        report["training"][f"{size}: {name}"] = r
+        rows.append((size, name, f"{r['ms_per_iter']:.1f} ms/iter", f"{r['tokens_per_s']:,.0f} tok/s",
+                     f"MFU {100 * r['mfu']:.1f}%", f"x{r['speedup_vs_naive']:.2f}"))
+    report["training"][f"{size}: peak FLOP/s"] = peak
+
+
+def bench_sampling(size: str, cfg: ex.Config, device: torch.device, quick: bool, report: dict, rows: list) -> None:
+    """Cache-free against KV-cache generation, at the profile's block size (and 256)."""
+    new_tokens = 20 if quick else 500
+    for block in sorted({cfg.block_size, 256}) if not quick else [cfg.block_size]:
+        c = dataclasses.replace(cfg, block_size=block)
+        free = time_sampling(c, 65, device, new_tokens, use_cache=False)
+        cached = time_sampling(c, 65, device, new_tokens, use_cache=True)
+        report["sampling"][f"{size} block {block}"] = {"cache_free_tok_s": free, "kv_cache_tok_s": cached,
+                                                        "speedup": cached / free, "new_tokens": new_tokens}
+        rows.append((size, f"sampling {new_tokens} tokens, block {block}, batch 1",
+                     f"{free:,.0f} tok/s no cache", f"{cached:,.0f} tok/s KV cache", "", f"x{cached / free:.2f}"))
+
+
+def bench_run_parts(args, device: torch.device, report: dict, rows: list) -> None:
+    """The LR-group step costs and the evaluation/agent/checkpoint shares of a real run."""
+    lr_groups = time_lr_groups("cpu", args.data_dir, device.type, rounds=1 if args.quick else 6,
+                               steps=3 if args.quick else 15)
+    report["lr_groups"] = lr_groups
+    for name, r in lr_groups.items():
+        rows.append(("cpu", f"step, {name}, {r['groups']} groups", f"{r['ms_per_iter']:.1f} ms/iter", "", "",
+                     f"x{r['ratio_vs_one_group']:.3f}"))
+    shares = run_shares("smoke" if args.quick else "cpu", 30 if args.quick else 500, args.data_dir, device.type)
+    report["shares"] = shares
+    rows.append(("cpu" if not args.quick else "smoke", f"shares of a {shares['max_iters']}-iter run "
+                 f"(eval every {shares['eval_interval']})", f"eval {100 * shares['eval_share']:.1f}%",
+                 f"agent {100 * shares['agent_share']:.3f}%", f"checkpoint {100 * shares['checkpoint_share']:.2f}%",
+                 ""))
+
+
+def write_report(report: dict, rows: list, path: str) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(6)]
+    print(f"{report['date']} | {report['machine']} | {report['commit']} | torch {report['torch']} | "
+          f"{report['device']} | {report['threads']} threads" + (" | QUICK (figures meaningless)" if report["quick"]
+                                                                 else ""))
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ex.atomic_write_json(Path(path), report)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps only (CI): checks the code, not the speed")
@@ -205,77 +282,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sizes = ["cpu"] + (["full"] if device.type == "cuda" else [])
-    steps = 3 if args.quick else 15
-    rows, report = [], {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                        "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                        "quick": args.quick, "training": {}, "sampling": {}, "shares": {}}
+    # study.record(): the commit, machine, date and command every table in bench/ states
+    report = {**study.record(argv), "torch": torch.__version__, "device": str(device),
+              "threads": torch.get_num_threads(), "quick": args.quick, "training": {}, "sampling": {}, "shares": {}}
     if device.type == "cuda":
         report["device_name"] = torch.cuda.get_device_name()
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 65, size=200_000, dtype=np.uint16)
-
-    for size in sizes:
+    data = np.random.default_rng(0).integers(0, 65, size=200_000, dtype=np.uint16)
+    rows = []
+    for size in ["cpu"] + (["full"] if device.type == "cuda" else []):
         cfg = ex.config_for_dataset(ex.Config(), {}, size, "shakespeare_char")
-        rt = ex.Runtime.choose(dataclasses.replace(cfg, device=device.type))
-        peak = measure_peak_flops(device, rt.dtype, 512 if args.quick else 2048, 0.2 if args.quick else 2.0)
-        variants = {
-            "naive: fp32 eager, foreach AdamW, stacked slices": dict(dtype=torch.float32, compile=False, fused=False,
-                                                                     batches="naive"),
-            f"harness ({str(rt.dtype)[6:]}, compile={rt.compile}, fused={device.type == 'cuda'})":
-                dict(dtype=rt.dtype, compile=rt.compile, fused=device.type == "cuda", batches="harness"),
-        }
-        if not args.quick:  # candidates the automatic choice is made from
-            variants["candidate: fused AdamW"] = dict(dtype=rt.dtype, compile=False, fused=True, batches="harness")
-            variants["candidate: bf16 autocast"] = dict(dtype=torch.bfloat16, compile=False, fused=False,
-                                                        batches="harness")
-            variants["candidate: torch.compile"] = dict(dtype=rt.dtype, compile=True, fused=False, batches="harness")
-            variants["candidate: torch.compile + fused AdamW"] = dict(dtype=rt.dtype, compile=True, fused=True,
-                                                                      batches="harness")
-        results = time_training(cfg, data, device, variants, rounds=1 if args.quick else 6, steps=steps)
-        naive_ms = next(iter(results.values())).get("ms_per_iter")
-        for name, r in results.items():
-            if "error" in r:
-                rows.append((size, name, r["error"][:60], "", "", ""))
-                continue
-            r["speedup_vs_naive"] = naive_ms / r["ms_per_iter"]
-            r["mfu"] = r["flops_per_iter"] / (r["ms_per_iter"] / 1000) / peak
-            report["training"][f"{size}: {name}"] = r
-            rows.append((size, name, f"{r['ms_per_iter']:.1f} ms/iter", f"{r['tokens_per_s']:,.0f} tok/s",
-                         f"MFU {100 * r['mfu']:.1f}%", f"x{r['speedup_vs_naive']:.2f}"))
-        report["training"][f"{size}: peak FLOP/s"] = peak
-
-        new_tokens = 20 if args.quick else 500
-        for block in sorted({cfg.block_size, 256}) if not args.quick else [cfg.block_size]:
-            c = dataclasses.replace(cfg, block_size=block)
-            free = time_sampling(c, 65, device, new_tokens, use_cache=False)
-            cached = time_sampling(c, 65, device, new_tokens, use_cache=True)
-            report["sampling"][f"{size} block {block}"] = {"cache_free_tok_s": free, "kv_cache_tok_s": cached,
-                                                            "speedup": cached / free, "new_tokens": new_tokens}
-            rows.append((size, f"sampling {new_tokens} tokens, block {block}, batch 1",
-                         f"{free:,.0f} tok/s no cache", f"{cached:,.0f} tok/s KV cache", "", f"x{cached / free:.2f}"))
-
-    lr_groups = time_lr_groups("cpu", args.data_dir, device.type, rounds=1 if args.quick else 6, steps=steps)
-    report["lr_groups"] = lr_groups
-    for name, r in lr_groups.items():
-        rows.append(("cpu", f"step, {name}, {r['groups']} groups", f"{r['ms_per_iter']:.1f} ms/iter", "", "",
-                     f"x{r['ratio_vs_one_group']:.3f}"))
-
-    shares = run_shares("smoke" if args.quick else "cpu", 30 if args.quick else 500, args.data_dir, device.type)
-    report["shares"] = shares
-    rows.append(("cpu" if not args.quick else "smoke", f"shares of a {shares['max_iters']}-iter run "
-                 f"(eval every {shares['eval_interval']})", f"eval {100 * shares['eval_share']:.1f}%",
-                 f"agent {100 * shares['agent_share']:.3f}%", f"checkpoint {100 * shares['checkpoint_share']:.2f}%",
-                 ""))
-
-    widths = [max(len(str(r[i])) for r in rows) for i in range(6)]
-    print(f"{report['date']} | {report['machine']} | torch {report['torch']} | {report['device']} | "
-          f"{report['threads']} threads" + (" | QUICK (figures meaningless)" if args.quick else ""))
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+        bench_training(size, cfg, data, device, args, report, rows)
+        bench_sampling(size, cfg, device, args.quick, report, rows)
+    bench_run_parts(args, device, report, rows)
+    write_report(report, rows, args.json)
     return 0
 
 

@@ -1,0 +1,307 @@
+"""The study module: what every comparison in bench/ is made of (docs/studies.md shows a study written on it).
+
+A study is data: arms (a name, experiment.py flags, seeds, the compute charged to them), run through a cache
+keyed by each run's whole resolved config plus the sha256 of any policy it deploys, then `table(pairs)`:
+paired differences on shared seeds with 95% t intervals and Holm-adjusted p over every test in the table,
+written by `write_summary` as summary.json and summary.md with the commit, machine, date and command.
+
+    seeds("held_out", 5)                 # [1337, ..., 1341]; check_disjoint(...) refuses overlapping sets
+    study = Study(out, ["--profile", "tiny"], "shakespeare_char")
+    cosine = study.run(Arm("cosine", ["--learning_rate", 1e-3], seeds("held_out", 5)))
+    write_summary(out, "Does X beat cosine?", [cosine, x], table([(x, cosine)]))
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import experiment as ex  # noqa: E402  (the project root is on the path now)
+from harness import stats  # noqa: E402
+
+# SPEC section 7: seed sets never overlap. Controller training (train_agent.py's --seed + episode), search and
+# tuning, held-out evaluation (experiment.py's default seed_base).
+SEED_BASES = {"held_out": 1337, "search": 2000, "training": 1_000_000}
+# Config fields that say where a run writes or how it reports, not what it computes: left out of the cache key.
+NOT_IN_KEY = {"out_dir", "title", "description", "overwrite", "notes", "plot", "resume", "debug", "download",
+              "source_dir"}
+KEY_FILE = "study_key.json"  # in every cached run folder, written when the run has finished
+
+
+def seeds(name: str, n: int, offset: int = 0) -> list[int]:
+    """The n seeds of a named set, from its base + offset: seeds("search", 3) == [2000, 2001, 2002]."""
+    return list(range(SEED_BASES[name] + offset, SEED_BASES[name] + offset + n))
+
+
+def check_disjoint(**seed_sets: Sequence[int]) -> None:
+    """Refuse (one error line) a study whose seed sets share a seed: tuning or training on an evaluation seed
+    would make the held-out comparison a comparison on seen data."""
+    names = list(seed_sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(set(seed_sets[a]) & set(seed_sets[b]))
+            if shared:
+                raise ex.UserError(f"seed sets {a} and {b} overlap on {len(shared)} seed(s) ({shared[0]}, ...): "
+                                   f"use fewer seeds or another offset")
+
+
+@dataclass
+class Arm:
+    """One row of a study: experiment.py runs of one setting over seeds, or per-seed numbers from elsewhere."""
+    name: str
+    flags: list = field(default_factory=list)       # experiment.py flags on top of the study's common ones
+    seeds: Sequence[int] = ()
+    extra_steps: int = 0                            # controller training or search charged to this arm
+    values: dict = field(default_factory=dict)      # seed -> the study's metric; filled by Study.run
+    run_steps: int = 0                              # optimizer steps of its own runs; filled by Study.run
+
+    @property
+    def compute_steps(self) -> int:
+        """Every optimizer step this arm's result cost: its runs, plus the training or search behind it."""
+        return self.run_steps + self.extra_steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The run cache
+# ----------------------------------------------------------------------------------------------
+
+def digest(*parts) -> str:
+    """A short stable name for a command's arguments: another argument, another folder."""
+    return hashlib.sha256(json.dumps(list(map(str, parts))).encode()).hexdigest()[:16]
+
+
+def run_argv(flags: Sequence, dataset: str, seed: int) -> list[str]:
+    """experiment.py's arguments for one seed of an arm (the seed flags last, so they win)."""
+    return [*map(str, flags), "--datasets", dataset, "--seeds", "1", "--seed_base", str(seed), "--notes", "off"]
+
+
+def resolved_config(flags: Sequence, dataset: str, seed: int) -> ex.Config:
+    """The Config experiment.py will run for these flags, resolved as it resolves them (profile, dataset)."""
+    base, typed = ex.parse_args(run_argv(flags, dataset, seed))
+    return ex.config_for_dataset(base, typed, ex.resolve_profile(base.profile), dataset)
+
+
+def policy_sha256(agent_init: str) -> Optional[str]:
+    """sha256 of what --agent_init deploys: the policy file a train_agent.py folder's manifest names, an agent
+    file itself, or every agent_*.json and all_results.* of a run folder (qlearning pooling, replay)."""
+    if not agent_init:
+        return None
+    path = Path(agent_init).expanduser()
+    if path.is_file():
+        return sha256_file(path)
+    if (path / POLICY_MANIFEST).exists():
+        policy = path / str(ex.read_json(path / POLICY_MANIFEST).get("policy_file"))
+        if not policy.is_file():
+            raise ex.UserError(f"--agent_init {path}: its manifest names no policy file that exists")
+        return sha256_file(policy)
+    files = sorted([*path.glob("agent_*.json"), *path.glob("all_results.*")])
+    if not files:
+        raise ex.UserError(f"--agent_init {path}: no policy, agent file or run to deploy")
+    return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
+
+
+def run_key(flags: Sequence, dataset: str, seed: int) -> dict:
+    """What a run's result depends on: its whole resolved config and the bytes of the policy it deploys."""
+    cfg = resolved_config(flags, dataset, seed)
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY}
+    return {"config": config, "policy_sha256": policy_sha256(cfg.agent_init)}
+
+
+def run_folder(runs: Path, flags: Sequence, dataset: str, seed: int) -> tuple[Path, dict]:
+    """(folder, key) of one seed of an arm: runs/<dataset>_<seed>_<hash of the key>. A changed setting or
+    policy gives another folder, so a stale result is never found under a current key."""
+    key = run_key(flags, dataset, seed)
+    return Path(runs) / f"{dataset}_{seed}_{digest(json.dumps(key, sort_keys=True))}", key
+
+
+def controller_folder(root: Path, name: str, flags: Sequence) -> Path:
+    """Where Study.train_controller keeps a controller trained with these train_agent.py flags (all but
+    --episodes: the same training run longer continues in its folder)."""
+    return Path(root) / "agents" / f"{name}_{digest(*flags)}"
+
+
+def finished(folder: Path, key: dict) -> bool:
+    """A folder to reuse: its run finished and it records exactly this key."""
+    return (folder / "final_info.json").exists() and (folder / KEY_FILE).exists() \
+        and ex.read_json(folder / KEY_FILE) == json.loads(json.dumps(key))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a study
+# ----------------------------------------------------------------------------------------------
+
+class Study:
+    """A study's folder: its log, its cached runs, and the scripts it calls (experiment.py, train_agent.py,
+    sweep.py, prune.py), each a subprocess whose output goes to log.txt.
+
+    common: experiment.py flags of every arm (e.g. the profile); data_dir: as experiment.py's, passed to every
+    script (self.data); runs: the run cache (default root/runs; another study's cache reuses the runs the two
+    share, which the key makes safe)."""
+
+    def __init__(self, root: Path, common: Sequence = (), dataset: str = "shakespeare_char",
+                 metric: str = "full_val_loss", data_dir: str = "", runs: Optional[Path] = None):
+        self.data = ["--data_dir", str(Path(data_dir).resolve())] if data_dir else []
+        self.root, self.common, self.dataset, self.metric = Path(root).resolve(), [*common, *self.data], dataset, metric
+        self.runs = Path(runs).resolve() if runs else self.root / "runs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = self.root / "log.txt"
+
+    def sh(self, script: str, *args) -> float:
+        """Run a project script to completion (its output to log.txt); the seconds it took."""
+        t = time.time()
+        with open(self.log, "a") as f:
+            f.write(f"$ {script} {' '.join(map(str, args))}\n")
+            f.flush()
+            proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], stdout=f,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
+        if proc.returncode:
+            raise ex.RunFailed(f"{script} failed ({proc.returncode}); see {self.log}")
+        return time.time() - t
+
+    def run_seed(self, flags: Sequence, seed: int) -> tuple[Path, dict]:
+        """(finished run folder, key) of one seed: the folder reused when its key matches, else (re-)run."""
+        flags = [*self.common, *flags]
+        folder, key = run_folder(self.runs, flags, self.dataset, seed)
+        if not finished(folder, key):
+            (folder / KEY_FILE).unlink(missing_ok=True)
+            self.sh("experiment.py", "--out_dir", folder, *run_argv(flags, self.dataset, seed),
+                    *(["--overwrite"] if folder.exists() else []))
+            ex.atomic_write_json(folder / KEY_FILE, key)
+        return folder, key
+
+    def run(self, arm: Arm) -> Arm:
+        """Every seed of the arm (cached), its metric per seed and the optimizer steps its runs took."""
+        arm.values, arm.run_steps = {}, 0
+        for seed in arm.seeds:
+            folder, key = self.run_seed(arm.flags, seed)
+            entry = ex.read_json(folder / "final_info.json")[self.dataset]
+            arm.values[seed] = entry["final_info_dict"][self.metric][0]
+            arm.run_steps += key["config"]["max_iters"]  # the budget: a run stopped as diverged took fewer
+        return arm
+
+    def run_all(self, arms: Sequence[Arm]) -> dict[str, Arm]:
+        return {arm.name: self.run(arm) for arm in arms}
+
+    def run_script(self, name: str, script: str, *args, done: str, again: Sequence = ()) -> Path:
+        """The output folder of a script that is not one experiment.py run (sweep.py, prune.py), keyed by its
+        whole command: root/<name>_<hash>, run unless it holds `done` (another command, another folder).
+        again: flags that let the script replace what an interrupted attempt left (prune.py's --overwrite)."""
+        folder = self.root / f"{name}_{digest(script, *args, *self.data)}"
+        if not (folder / done).exists():
+            self.sh(script, *args, *self.data, "--out_dir", folder, *(again if folder.exists() else ()))
+        return folder
+
+    def train_controller(self, name: str, episodes: int, *flags) -> tuple[Path, int]:
+        """(folder, optimizer steps its training took) of a controller trained by train_agent.py with these
+        flags on the training seeds: a folder that holds `episodes` episodes is kept, a shorter one continued;
+        other flags, another folder. The steps are charged to every arm that deploys it."""
+        flags = [*flags, *self.data]
+        folder = controller_folder(self.root, name, flags)
+        manifest = folder / POLICY_MANIFEST
+        if not manifest.exists() or ex.read_json(manifest).get("episodes_done", 0) < episodes:
+            self.sh("train_agent.py", "--dataset", self.dataset, "--episodes", episodes, "--seed",
+                    SEED_BASES["training"], "--out_dir", folder, *flags)
+        return folder, curve_steps(folder)
+
+
+def curve_steps(agent_dir: Path) -> int:
+    """Optimizer steps a train_agent.py folder's controller training took (its learning curve)."""
+    return sum(e["steps"] for e in ex.read_json(Path(agent_dir) / "learning_curve.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The table and the summary
+# ----------------------------------------------------------------------------------------------
+
+def table(pairs: Sequence[tuple[Arm, Arm]]) -> list[dict]:
+    """One row per (a, b): a - b paired on their shared seeds, its 95% t interval, the paired t-test's p and
+    that p Holm-adjusted over every test in this table; with each arm's compute."""
+    rows = []
+    for a, b in pairs:
+        shared = [s for s in a.values if s in b.values]
+        if not shared:
+            raise ValueError(f"{a.name} and {b.name} share no seed: nothing to pair")
+        d = stats.paired_difference([a.values[s] for s in shared], [b.values[s] for s in shared])
+        rows.append({"comparison": f"{a.name} - {b.name}", "a": a.name, "b": b.name, "n": d.n, "mean": d.mean,
+                     "ci95": [d.low, d.high], "p": d.p, "p_holm": None,
+                     "compute_steps": {a.name: a.compute_steps, b.name: b.compute_steps}})
+    tested = [r for r in rows if r["p"] is not None]
+    for row, adjusted in zip(tested, stats.holm([r["p"] for r in tested])):
+        row["p_holm"] = adjusted
+    return rows
+
+
+def record(argv: Optional[Sequence[str]] = None) -> dict:
+    """What every study and benchmark table says about itself: commit, machine, date and command."""
+    import torch  # experiment.py has imported it already
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    return {"commit": ex.git_commit(), "machine": machine, "date": ex.now_iso(),
+            "command": ex.command_line(sys.argv[0], list(sys.argv[1:] if argv is None else argv))}
+
+
+def arm_summary(arm: Arm) -> dict:
+    mean, se = stats.mean_and_stderr(list(arm.values.values())) if arm.values else (None, None)
+    return {"flags": list(map(str, arm.flags)), "seeds": list(arm.seeds), "values": arm.values, "mean": mean,
+            "stderr": se, "n": len(arm.values), "run_steps": arm.run_steps, "extra_steps": arm.extra_steps,
+            "compute_steps": arm.compute_steps}
+
+
+def _num(value: Optional[float], spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def summary_markdown(question: str, rec: dict, arms: dict, rows: Sequence[dict], notes: Sequence[str]) -> str:
+    lines = [f"# {question}", "", f"commit {rec['commit']}; {rec['machine']}; {rec['date']}",
+             f"command: `{' '.join(map(str, rec['command']))}`", "",
+             "| arm | mean ± stderr (n) | optimizer steps (runs + training/search) |", "|---|---|---|"]
+    for name, a in arms.items():
+        lines.append(f"| {name} | {_num(a['mean'], '.4f')} ± {_num(a['stderr'], '.4f')} ({a['n']}) | "
+                     f"{a['compute_steps']:,} ({a['run_steps']:,} + {a['extra_steps']:,}) |")
+    lines += ["", f"| paired difference (lower = first arm better; {len(rows)} tests) | mean | 95% CI | p | "
+                  "p (Holm) |", "|---|---|---|---|---|"]
+    for r in rows:
+        low, high = (_num(v, "+.4f") for v in r["ci95"])
+        lines.append(f"| {r['comparison']} (n={r['n']}) | {r['mean']:+.4f} | [{low}, {high}] | "
+                     f"{_num(r['p'], '.3g')} | {_num(r['p_holm'], '.3g')} |")
+    return "\n".join(lines + ["", *notes]).rstrip() + "\n"
+
+
+def write_summary(folder: Path, question: str, arms: Sequence[Arm], rows: Sequence[dict],
+                  notes: Sequence[str] = (), extra: Optional[dict] = None) -> str:
+    """summary.json (everything, machine-readable) and summary.md (the tables), atomically; the markdown.
+    notes: markdown lines after the tables; extra: more summary.json fields (the study's own numbers)."""
+    rec = record()
+    summary = {"question": question, **rec, "arms": {a.name: arm_summary(a) for a in arms},
+               "comparisons": list(rows), **(extra or {})}
+    ex.atomic_write_json(Path(folder) / "summary.json", summary)
+    text = summary_markdown(question, rec, summary["arms"], rows, notes)
+    ex.atomic_write_bytes(Path(folder) / "summary.md", text.encode())
+    return text
+
+
+def argument_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """A study's command line: its folder, --smoke and --data_dir; a bad flag is one `error:` line, exit 2."""
+    parser = ex.OneLineArgumentParser(description=description)
+    parser.add_argument("--out", default=out, help="the study's folder: runs, policies, log.txt, summary")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every step at the smallest sizes, in about a minute: proves it runs, measures nothing")
+    parser.add_argument("--data_dir", default="", help="as experiment.py --data_dir (default: the project's data/)")
+    return parser
+
+
+def main_of(work) -> int:
+    """A study's entry point: work(argv); bad input is one `error:` line and exit 2 (experiment.py's rule)."""
+    return ex.entry_point(work, sys.argv[1:])

@@ -1,0 +1,79 @@
+"""Every bench/ study runs end to end at its --smoke size, writes its summary through bench/study.py, and
+reuses its finished runs when run again (its figures are not asserted: smoke sizes measure nothing)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_study(script, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def started(out, script="experiment.py") -> int:
+    """How many times the study started script (its log.txt records every command)."""
+    return sum(line.startswith(f"$ {script}") for line in (out / "log.txt").read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def controller_study(prepared_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("studies") / "controller"
+    run_study("controller_study.py", "--out", out, "--data_dir", prepared_data_dir)
+    return out
+
+
+def test_controller_study_smoke_charges_training_and_reuses_every_run(controller_study, prepared_data_dir):
+    summary = json.loads((controller_study / "summary.json").read_text())
+    arms = summary["arms"]
+    assert set(arms) == {"tuned", "cosine_x1", "random_x1", "ppo_x1", "reinforce_x1"}
+    assert all(a["n"] == 2 and a["seeds"] == [1337, 1338] for a in arms.values())
+    assert arms["ppo_x1"]["extra_steps"] == summary["training_steps"]["ppo"] > 0
+    assert arms["tuned"]["extra_steps"] == summary["sweep_steps"] > 0 and arms["cosine_x1"]["extra_steps"] == 0
+    assert len(summary["comparisons"]) == 8 and summary["commit"] and summary["command"]
+    assert "p (Holm)" in (controller_study / "summary.md").read_text()
+    runs = started(controller_study)
+    run_study("controller_study.py", "--out", controller_study, "--data_dir", prepared_data_dir)
+    assert started(controller_study) == runs and started(controller_study, "train_agent.py") == 2
+    assert json.loads((controller_study / "summary.json").read_text())["arms"] == arms
+
+
+def test_layer_study_smoke_shares_the_controller_studys_runs(controller_study, prepared_data_dir, tmp_path):
+    cached = len(list((controller_study / "runs").iterdir()))
+    run_study("layer_study.py", "--out", tmp_path / "layer", "--controller_study", controller_study,
+              "--data_dir", prepared_data_dir)
+    summary = json.loads((tmp_path / "layer" / "summary.json").read_text())
+    assert len(summary["arms"]) == 10 and len(summary["comparisons"]) == 17
+    # the sweep and cosine at 1e-3 were run by the controller study: only the new arms ran
+    assert started(tmp_path / "layer") == len(list((controller_study / "runs").iterdir())) - cached
+    assert started(tmp_path / "layer", "train_agent.py") == 1  # the per-layer policy; the global one is reused
+    assert list((tmp_path / "layer" / "figures").glob("*.png"))
+
+
+def test_prune_study_smoke_compares_the_methods_on_each_source_model(prepared_data_dir, tmp_path):
+    run_study("prune_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["arms"]["rl_0.5"]["n"] == 2 and len(summary["comparisons"]) == 27
+    assert "FLOPs ratio" in (tmp_path / "summary.md").read_text()
+
+
+def test_sweep_study_smoke_charges_each_search_its_steps(prepared_data_dir, tmp_path):
+    pytest.importorskip("ray")
+    run_study("sweep_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
+    arms = json.loads((tmp_path / "summary.json").read_text())["arms"]
+    assert set(arms) == {"cosine", "grid", "random", "pbt", "ppo_control", "random_control"}
+    assert all(arms[m]["extra_steps"] > 0 for m in ("grid", "random", "pbt", "ppo_control"))
+
+
+def test_a_study_refuses_bad_input_and_overlapping_seeds_in_one_line(tmp_path):
+    for args, message in ((["--episodes", "many"], "error: argument --episodes"),
+                          (["--seeds", "700"], "error: seed sets search and held_out overlap")):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "controller_study.py"), "--out", tmp_path, *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()

@@ -1,0 +1,184 @@
+"""Specification of the study module (bench/study.py) and the statistics it shares (harness/stats.py)."""
+import json
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import study  # noqa: E402
+from harness import stats  # noqa: E402
+
+import experiment as ex  # noqa: E402
+
+SMOKE = ["--profile", "smoke"]
+
+
+# --- seed sets ---
+
+def test_named_seed_sets_start_where_the_spec_says():
+    assert study.seeds("held_out", 3) == [1337, 1338, 1339]
+    assert study.seeds("search", 2) == [2000, 2001]
+    assert study.seeds("training", 1) == [1_000_000]
+    assert study.seeds("held_out", 2, offset=10) == [1347, 1348]
+
+
+def test_overlapping_seed_sets_are_refused():
+    study.check_disjoint(held_out=study.seeds("held_out", 10), search=study.seeds("search", 3),
+                         training=study.seeds("training", 500))
+    with pytest.raises(ex.UserError, match="held_out and search overlap"):
+        study.check_disjoint(held_out=study.seeds("held_out", 700), search=study.seeds("search", 3))
+    with pytest.raises(ex.UserError, match="overlap"):
+        study.check_disjoint(a=[5, 6], b=[7], c=[6])
+
+
+# --- the run cache ---
+
+def policy_folder(path, policy_bytes: bytes):
+    """A folder as train_agent.py leaves it: the manifest names the policy file."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps({"policy_file": "policy.json", "agent": "reinforce"}))
+    (path / "policy.json").write_bytes(policy_bytes)
+    return path
+
+
+def test_run_folder_changes_with_any_config_field_seed_or_policy_bytes(tmp_path):
+    agent = policy_folder(tmp_path / "agent", b'{"w": [1, 2]}')
+    flags = [*SMOKE, "--agent", "reinforce", "--agent_init", agent]
+    folder, key = study.run_folder(tmp_path, flags, "shakespeare_char", 1337)
+    assert study.run_folder(tmp_path, flags, "shakespeare_char", 1337)[0] == folder  # deterministic
+    assert key["config"]["seed_base"] == 1337 and key["config"]["n_layer"] == ex.PROFILES["smoke"]["*"]["n_layer"]
+    assert key["policy_sha256"] == ex.sha256_file(agent / "policy.json")
+    assert study.run_folder(tmp_path, [*flags, "--weight_decay", "0.2"], "shakespeare_char", 1337)[0] != folder
+    assert study.run_folder(tmp_path, flags, "shakespeare_char", 1338)[0] != folder
+    # a setting equal to the profile's value resolves to the same config: the same folder
+    assert study.run_folder(tmp_path, [*flags, "--n_layer", str(key["config"]["n_layer"])],
+                            "shakespeare_char", 1337)[0] == folder
+    # where the run writes and what it reports are not results
+    assert study.run_folder(tmp_path, [*flags, "--title", "x"], "shakespeare_char", 1337)[0] == folder
+    (agent / "policy.json").write_bytes(b'{"w": [1, 3]}')
+    assert study.run_folder(tmp_path, flags, "shakespeare_char", 1337)[0] != folder
+
+
+class FakeRuns:
+    """Study.sh replaced by a stand-in that 'runs' experiment.py instantly: writes final_info.json."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, script, *args):
+        args = list(map(str, args))
+        out = ROOT / args[args.index("--out_dir") + 1]
+        out.mkdir(parents=True, exist_ok=True)
+        seed = int(args[args.index("--seed_base") + 1])
+        (out / "final_info.json").write_text(json.dumps(
+            {"shakespeare_char": {"final_info_dict": {"full_val_loss": [seed / 1000]}}}))
+        self.calls.append(args)
+        return 0.0
+
+
+def test_cache_reuses_a_finished_matching_folder_and_reruns_on_any_change(tmp_path, monkeypatch):
+    agent = policy_folder(tmp_path / "agent", b"first policy")
+    s = study.Study(tmp_path / "study", SMOKE)
+    fake = FakeRuns()
+    monkeypatch.setattr(s, "sh", fake)
+    arm = study.Arm("rl", ["--agent", "reinforce", "--agent_init", agent], seeds=[1337, 1338])
+    s.run(arm)
+    assert len(fake.calls) == 2 and arm.values == {1337: 1.337, 1338: 1.338}
+    assert arm.run_steps == 2 * ex.PROFILES["smoke"]["*"]["max_iters"]
+    s.run(arm)
+    assert len(fake.calls) == 2  # both reused
+    s.run(study.Arm("rl", [*arm.flags, "--max_iters", "31"], seeds=[1337]))
+    assert len(fake.calls) == 3  # a changed setting runs again
+    (agent / "policy.json").write_bytes(b"retrained policy")
+    s.run(arm)
+    assert len(fake.calls) == 5  # a changed policy runs every seed again
+    s.run(arm)
+    assert len(fake.calls) == 5
+
+
+def test_a_folder_whose_key_does_not_match_is_run_again_not_reused(tmp_path, monkeypatch):
+    s = study.Study(tmp_path / "study", SMOKE)
+    fake = FakeRuns()
+    monkeypatch.setattr(s, "sh", fake)
+    folder, _ = s.run_seed([], 1337)
+    (folder / study.KEY_FILE).write_text(json.dumps({"config": {"stale": True}, "policy_sha256": None}))
+    assert s.run_seed([], 1337)[0] == folder and len(fake.calls) == 2
+    assert "--overwrite" in fake.calls[-1]
+    (folder / study.KEY_FILE).unlink()  # finished but never confirmed (killed before the key was written)
+    s.run_seed([], 1337)
+    assert len(fake.calls) == 3
+
+
+# --- statistics ---
+
+def test_holm_on_a_known_example_and_monotone_in_the_raw_order():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        p = list(rng.uniform(0, 0.2, size=7))
+        adjusted = stats.holm(p)
+        order = np.argsort(p)
+        assert all(np.diff(np.array(adjusted)[order]) >= 0)  # a smaller raw p never gets a larger adjusted p
+        assert all(a >= r for a, r in zip(adjusted, p)) and max(adjusted) <= 1
+
+
+def test_paired_interval_and_p_agree_with_scipy():
+    rng = np.random.default_rng(2)
+    for n in (2, 5, 12):
+        a, b = rng.normal(size=n), rng.normal(size=n) + 0.3
+        d = stats.paired_difference(a, b)
+        result = scipy_stats.ttest_rel(a, b)
+        low, high = result.confidence_interval(0.95)
+        assert d.p == pytest.approx(result.pvalue, rel=1e-12) and d.n == n
+        assert (d.low, d.high) == pytest.approx((low, high), rel=1e-10)
+        assert d.mean == pytest.approx(np.mean(a - b))
+        assert stats.mean_interval(a - b) == pytest.approx((low, high), rel=1e-10)
+    one = stats.paired_difference([1.0], [0.5])
+    assert (one.mean, one.low, one.p) == (0.5, None, None)
+    assert stats.paired_difference([1.0, 2.0], [1.0, 2.0]).p is None  # every difference 0: no test
+
+
+def test_table_pairs_on_shared_seeds_and_holm_adjusts_over_every_row():
+    base = study.Arm("cosine", values={1: 1.0, 2: 1.1, 3: 1.2, 4: 1.05}, run_steps=400)
+    better = study.Arm("rl", values={1: 0.9, 2: 1.02, 3: 1.08, 4: 0.97, 9: 5.0}, run_steps=400, extra_steps=1000)
+    noise = study.Arm("random", values={1: 1.01, 2: 1.08, 3: 1.23, 4: 1.04}, run_steps=400)
+    rows = study.table([(better, base), (noise, base)])
+    assert [r["comparison"] for r in rows] == ["rl - cosine", "random - cosine"]
+    assert rows[0]["n"] == 4  # seed 9 has no partner
+    raw = [scipy_stats.ttest_rel([better.values[s] for s in (1, 2, 3, 4)], [1.0, 1.1, 1.2, 1.05]).pvalue,
+           scipy_stats.ttest_rel([1.01, 1.08, 1.23, 1.04], [1.0, 1.1, 1.2, 1.05]).pvalue]
+    assert [r["p"] for r in rows] == pytest.approx(raw)
+    assert [r["p_holm"] for r in rows] == pytest.approx(stats.holm(raw))
+    assert rows[0]["compute_steps"] == {"rl": 1400, "cosine": 400}
+    with pytest.raises(ValueError, match="share no seed"):
+        study.table([(study.Arm("x", values={5: 1.0}), base)])
+
+
+def test_summary_files_record_the_table_the_arms_and_where_they_came_from(tmp_path):
+    base = study.Arm("cosine", ["--learning_rate", 1e-3], [1337, 1338], values={1337: 1.5, 1338: 1.6}, run_steps=60)
+    rl = study.Arm("rl", [], [1337, 1338], values={1337: 1.4, 1338: 1.55}, run_steps=60, extra_steps=600)
+    rows = study.table([(rl, base)])
+    text = study.write_summary(tmp_path, "Does rl beat cosine?", [base, rl], rows, notes=["tuned LR 1e-3"],
+                               extra={"tuned_lr": 1e-3})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["question"] == "Does rl beat cosine?" and summary["tuned_lr"] == 1e-3
+    assert summary["commit"] and summary["machine"] and summary["date"] and summary["command"]
+    assert summary["arms"]["rl"]["compute_steps"] == 660 and summary["arms"]["cosine"]["n"] == 2
+    assert summary["arms"]["cosine"]["mean"] == pytest.approx(1.55)
+    assert summary["comparisons"][0]["mean"] == pytest.approx(-0.075) and summary["comparisons"][0]["p_holm"]
+    assert (tmp_path / "summary.md").read_text() == text
+    assert "rl - cosine" in text and "p (Holm)" in text and "660" in text and summary["commit"] in text
+    assert text.rstrip().endswith("tuned LR 1e-3")
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing half-written left behind
+
+
+def test_no_bench_study_or_plot_defines_its_own_statistics():
+    for path in [ROOT / "plot.py", ROOT / "experiment.py", *sorted((ROOT / "bench").glob("*.py"))]:
+        text = path.read_text()
+        assert "t.ppf" not in text and "ttest_rel" not in text and "def holm" not in text, path.name
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        assert path.name == "study.py" or "import study" in path.read_text(), path.name
