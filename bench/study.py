@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import experiment as ex  # noqa: E402  (the project root is on the path now)
 from harness import stats  # noqa: E402
+from harness.files import sha256_file  # noqa: E402
+from harness.policy_files import POLICY_MANIFEST  # noqa: E402
 
 # SPEC section 7: seed sets never overlap. Controller training (train_agent.py's --seed + episode), search and
 # tuning, held-out evaluation (experiment.py's default seed_base).
