@@ -37,7 +37,7 @@ from harness.policy_files import POLICY_MANIFEST  # noqa: E402
 SEED_BASES = {"held_out": 1337, "search": 2000, "training": 1_000_000}
 # Config fields that say where a run writes or how it reports, not what it computes: left out of the cache key.
 NOT_IN_KEY = {"out_dir", "title", "description", "overwrite", "notes", "plot", "resume", "debug", "download",
-              "source_dir"}
+              "source_dir", "tensorboard"}
 KEY_FILE = "study_key.json"  # in every cached run folder, written when the run has finished
 
 

@@ -13,6 +13,7 @@ import study  # noqa: E402
 from harness import stats  # noqa: E402
 
 import experiment as ex  # noqa: E402
+from harness.files import sha256_file  # noqa: E402
 
 SMOKE = ["--profile", "smoke"]
 
@@ -51,7 +52,7 @@ def test_run_folder_changes_with_any_config_field_seed_or_policy_bytes(tmp_path)
     folder, key = study.run_folder(tmp_path, flags, "shakespeare_char", 1337)
     assert study.run_folder(tmp_path, flags, "shakespeare_char", 1337)[0] == folder  # deterministic
     assert key["config"]["seed_base"] == 1337 and key["config"]["n_layer"] == ex.PROFILES["smoke"]["*"]["n_layer"]
-    assert key["policy_sha256"] == ex.sha256_file(agent / "policy.json")
+    assert key["policy_sha256"] == sha256_file(agent / "policy.json")
     assert study.run_folder(tmp_path, [*flags, "--weight_decay", "0.2"], "shakespeare_char", 1337)[0] != folder
     assert study.run_folder(tmp_path, flags, "shakespeare_char", 1338)[0] != folder
     # a setting equal to the profile's value resolves to the same config: the same folder
