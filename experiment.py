@@ -36,7 +36,6 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -49,6 +48,10 @@ import torch
 import torch.distributed as dist  # (imported by torch itself: no start-up cost)
 import torch.nn as nn
 from torch.nn import functional as F
+
+from data import prepare_common  # the download/prepare logic shared with data/<dataset>/prepare.py
+from harness.errors import Interrupted, RunFailed, UserError
+from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
@@ -275,42 +278,6 @@ def lr_groups_kind(cfg: Config) -> str:
 # 2. Small utilities
 # ----------------------------------------------------------------------------------------------
 
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, occupied run folder): one line, exit 2."""
-    exit_code = 2
-
-
-class RunFailed(Exception):
-    """The run could not go on for a reason outside the user's input (e.g. offline download): exit 1."""
-    exit_code = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be read by others (as plot.py's)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
-
-
-def atomic_save_npy(path: Path, obj) -> None:
-    buf = io.BytesIO()
-    np.save(buf, obj, allow_pickle=True)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def mean_and_stderr(values) -> tuple[float, Optional[float]]:
     """Mean and standard error of the mean, std(ddof=1)/sqrt(n); None when n < 2 (no honest estimate)."""
     values = np.asarray(values, dtype=np.float64)
@@ -330,17 +297,6 @@ def format_duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # 3. Data
 # ----------------------------------------------------------------------------------------------
-
-@functools.cache
-def load_prepare_module():
-    """data/prepare_common.py holds the download/prepare logic shared with data/<dataset>/prepare.py."""
-    path = PROJECT_ROOT / "data" / "prepare_common.py"
-    spec = importlib.util.spec_from_file_location("prepare_common", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prepare_common"] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
 
 @dataclass
 class CharDataset:
@@ -372,7 +328,7 @@ def dataset_dir(cfg: Config, dataset: str) -> Path:
 
 def ensure_prepared(cfg: Config, dataset: str, log=print) -> Path:
     """Prepare missing data: from an offline copy if one is configured, else by downloading it."""
-    prep = load_prepare_module()
+    prep = prepare_common
     out = dataset_dir(cfg, dataset)
     if (out / "meta.json").exists():  # written last by prepare: data is there (load_dataset checks it)
         return out
@@ -1548,14 +1504,6 @@ def read_agent_init(path: str, dataset: str, seed_index: Optional[int] = None) -
 POLICY_MANIFEST = "manifest.json"  # train_agent.py's output folder: what was trained, on what, how
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def trained_policy(cfg: Config) -> Optional[dict]:
     """--agent_init DIR written by train_agent.py: its manifest, checked against this run (agent, observation
     definition, actions), plus the policy file's path and sha256. None when agent_init is not such a folder."""
@@ -1815,10 +1763,6 @@ class StopRequest:
                 return
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.signal_name, self.first_at = signal.Signals(signum).name, time.monotonic()
-
-
-class Interrupted(Exception):
-    exit_code = 130
 
 
 class FaultInjector:
@@ -2839,13 +2783,6 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
         final_infos[dataset] = {**summarize(per_seed), "data": loaded[dataset].provenance,
                                 "inference": inference_protocol(cfg)}
     return final_infos
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: int) -> Optional[dict]:

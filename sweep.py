@@ -44,6 +44,7 @@ from typing import Optional
 import numpy as np
 
 import experiment as ex
+from harness.files import atomic_write_json, read_json
 
 RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'
 METHODS = ("grid", "random", "pbt")
@@ -211,7 +212,7 @@ def trainable(config: dict, setup: dict) -> None:
                   "warnings": {}, "sweep": {"method": setup["method"], "trial": folder.name, "hp": config["hp"]},
                   "restores": [], **ex.environment_record(rt)}
     else:
-        record = ex.read_json(record_path)
+        record = read_json(record_path)
         with checkpoint.as_directory() as d:
             origin = json.loads((Path(d) / "origin.json").read_text())
             for f in Path(d).glob("ckpt_*.pt"):
@@ -221,9 +222,9 @@ def trainable(config: dict, setup: dict) -> None:
                                    "val_loss": origin["val_loss"], "hp": config["hp"],
                                    "kind": "resume" if origin["trial"] == folder.name else "exploit"})
         record["configs"] = {dataset: dataclasses.asdict(cfg)}
-    ex.atomic_write_json(record_path, {**record, "status": "running"})
+    atomic_write_json(record_path, {**record, "status": "running"})
     compute_path = folder / "compute.json"
-    compute = ex.read_json(compute_path) if compute_path.exists() else {"steps": 0, "seconds": 0.0}
+    compute = read_json(compute_path) if compute_path.exists() else {"steps": 0, "seconds": 0.0}
     seen = {"steps": 0, "t": time.time()}
     kill_at = setup["kill_at"]  # "ITER:MARKER": die once, there (the tests' fault injection)
 
@@ -232,7 +233,7 @@ def trainable(config: dict, setup: dict) -> None:
         compute["steps"] += run.steps_taken - seen["steps"]
         compute["seconds"] += now - seen["t"]
         seen.update(steps=run.steps_taken, t=now)
-        ex.atomic_write_json(compute_path, compute)
+        atomic_write_json(compute_path, compute)
         it, (train_loss, val_loss) = run.state.last_eval_it, run.last_eval_losses()
         with tempfile.TemporaryDirectory() as d:
             shutil.copy2(run.checkpoint, Path(d) / run.checkpoint.name)
@@ -246,9 +247,9 @@ def trainable(config: dict, setup: dict) -> None:
 
     final = ex.train_all({dataset: cfg}, {dataset: data}, rt, folder, False, ex.StopRequest(),
                          resume=checkpoint is not None, on_evaluation=on_evaluation)
-    ex.atomic_write_json(folder / "final_info.json", final)
+    atomic_write_json(folder / "final_info.json", final)
     record.update(status="finished", finished=ex.now_iso(), compute=compute)
-    ex.atomic_write_json(record_path, record)
+    atomic_write_json(record_path, record)
     entry = final[dataset]
     tune.report({"iter": cfg.max_iters, "val_loss": entry["means"]["final_val_loss_mean"],
                  "full_val_loss": entry["means"]["full_val_loss_mean"], "steps": compute["steps"], "done": True})
@@ -365,8 +366,8 @@ def summarize(args: SweepArgs, folder: Path, out: Path, seconds: float) -> dict:
     import plot
     rows = []
     for trial in sorted(folder.glob("trial_*")):
-        record = ex.read_json(trial / "run.json") if (trial / "run.json").exists() else {}
-        final = ex.read_json(trial / "final_info.json") if (trial / "final_info.json").exists() else None
+        record = read_json(trial / "run.json") if (trial / "run.json").exists() else {}
+        final = read_json(trial / "final_info.json") if (trial / "final_info.json").exists() else None
         dataset = (record.get("datasets") or [None])[0]
         entry = final.get(dataset) if final else None
         cfg = (record.get("configs") or {}).get(dataset, {})
@@ -383,8 +384,8 @@ def summarize(args: SweepArgs, folder: Path, out: Path, seconds: float) -> dict:
     best = min(done, key=lambda r: r["full_val_loss"]) if done else None
     summary = {"method": args.method, "trials": rows, "best": best, "seconds": seconds,
                "steps": sum(r["steps"] or 0 for r in rows), "profile": args.profile, "dataset": args.datasets}
-    ex.atomic_write_json(folder / "results.json", summary)
-    ex.atomic_write_json(folder / "best.json", best or {})
+    atomic_write_json(folder / "results.json", summary)
+    atomic_write_json(folder / "best.json", best or {})
     lines = ["| trial | configuration | full_val_loss | steps | seconds | exploits | resumes |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -33,16 +33,17 @@ import hashlib
 import json
 import os
 import pickle
-import secrets
 import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from harness.files import atomic_write_files, sha256_file
 
 FORMAT_VERSION = 1
 DOWNLOAD_TIMEOUT_S = (15, 60)  # (connect, read between chunks): fail rather than hang
@@ -160,14 +161,6 @@ def verify_checksum(data: bytes, checksum: str, what: str, error: type[PrepareEr
     return f"{algo}:{expected}"
 
 
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- reading sources
 
 
@@ -197,7 +190,7 @@ def read_local_source(spec: DatasetSpec, source: Path) -> tuple[bytes, dict]:
     try:
         raw = read_text_bytes(spec, source, is_zip, label=str(source))
         # For a plain file the text is the file, so hash it in memory instead of re-reading.
-        sha256 = sha256_of_file(source) if is_zip else hashlib.sha256(raw).hexdigest()
+        sha256 = sha256_file(source) if is_zip else hashlib.sha256(raw).hexdigest()
         size = source.stat().st_size
     except OSError as exc:
         raise SourceError(f"cannot read source {source}: {exc}") from None
@@ -333,7 +326,7 @@ def fetch_source(spec: DatasetSpec, out_dir: Path, url: str, checksum: str, log:
     info = {
         "url": url,
         "bytes": final.stat().st_size,
-        "sha256": sha256_of_file(final) if is_zip else hashlib.sha256(raw).hexdigest(),
+        "sha256": sha256_file(final) if is_zip else hashlib.sha256(raw).hexdigest(),
         "member": spec.archive_member if is_zip else None,
         "checksum": verified,
     }
@@ -378,45 +371,16 @@ def _check_vocab_fits(vocab_size: int) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def bin_outputs(ids: np.ndarray, names: list[str], sizes: list[int]) -> tuple[list[tuple[str, Callable[[BinaryIO], None]]], dict[str, str]]:
-    """The (file name, writer) of each split's .bin and the sha256 of the bytes each writes."""
+def bin_outputs(ids: np.ndarray, names: list[str], sizes: list[int]) -> tuple[list[tuple[str, memoryview]], dict[str, str]]:
+    """The (file name, bytes) of each split's .bin and the sha256 of those bytes."""
     bounds = np.cumsum([0] + sizes)
     outputs, digests = [], {}
     for i, name in enumerate(names):
         # One buffer both hashed and written, so the digest is of exactly the bytes on disk.
         data = memoryview(np.ascontiguousarray(ids[bounds[i] : bounds[i + 1]])).cast("B")
         digests[name] = hashlib.sha256(data).hexdigest()
-        outputs.append((f"{name}.bin", lambda f, data=data: f.write(data)))
+        outputs.append((f"{name}.bin", data))
     return outputs, digests
-
-
-def _tmp_name(out_dir: Path, name: str) -> Path:
-    # Unique per call so that two runs never write into each other's temp files.
-    return out_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-def write_atomically(out_dir: Path, outputs: list[tuple[str, Callable[[BinaryIO], None]]]) -> None:
-    """Write every (name, writer) to a temp file, then rename all into place in order.
-
-    Put meta.json last: it marks the folder complete. The old meta.json is removed
-    before the first rename, so a crash half-way leaves an incomplete folder rather
-    than a complete-looking mix of old and new files.
-    """
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for name, write in outputs:
-            tmp = _tmp_name(out_dir, name)
-            staged.append((tmp, out_dir / name))
-            with open(tmp, "xb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        (out_dir / "meta.json").unlink(missing_ok=True)
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)  # no-op for those already renamed
 
 
 # ---------------------------------------------------------------- public API
@@ -496,10 +460,10 @@ def prepare(
     }
 
     nanogpt_meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
-    outputs.append(("meta.pkl", lambda f: pickle.dump(nanogpt_meta, f)))
-    outputs.append(("meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode("ascii"))))
-    try:
-        write_atomically(out_dir, outputs)
+    outputs.append(("meta.pkl", pickle.dumps(nanogpt_meta)))
+    outputs.append(("meta.json", (json.dumps(meta, indent=1) + "\n").encode("ascii")))
+    try:  # meta.json last: it marks the folder complete (removed first, so a crash leaves no mix)
+        atomic_write_files(out_dir, outputs, marker="meta.json")
     except OSError as exc:
         raise PrepareError(f"cannot write the prepared data to {out_dir}: {exc}") from None
     return meta
