@@ -23,18 +23,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import functools
-import gc
-import hashlib
 import importlib.util
 import io
 import json
 import math
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -45,19 +39,21 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist  # (imported by torch itself: no start-up cost)
 import torch.nn as nn
 from torch.nn import functional as F
 
 from data import prepare_common  # the download/prepare logic shared with data/<dataset>/prepare.py
 from harness.errors import Interrupted, RunFailed, UserError
+from harness.distributed import RANK_SEED_STRIDE, World
+from harness.records import (check_same_data, command_line, data_provenance, environment_record, now_iso,
+                             prepare_run_folder, resume_configs, world_record)
 from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
 SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw datasets
-RESULT_FILES = ("final_info.json", "all_results.npy", "all_results.json", "run.json")  # plus final_info_*.json,
-# agent_*.json, model_*.pt
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,13 +283,6 @@ def mean_and_stderr(values) -> tuple[float, Optional[float]]:
     return mean, float(values.std(ddof=1) / math.sqrt(len(values)))
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 # ----------------------------------------------------------------------------------------------
 # 3. Data
 # ----------------------------------------------------------------------------------------------
@@ -377,17 +366,6 @@ def load_dataset(cfg: Config, dataset: str) -> CharDataset:
             raise UserError(f"{path} holds token id {int(splits[split].max())}, outside the vocabulary of "
                             f"{len(itos)}; re-run data/{dataset}/prepare.py")
     return CharDataset(dataset, splits, itos, meta, data_provenance(folder, meta, splits))
-
-
-def data_provenance(folder: Path, meta: dict, splits: dict) -> dict:
-    """Where the tokens came from, recorded in run.json and final_info.json: a 4 MB prefix of enwik8 must
-    never pass for enwik8. sha256 of each split as read (the bytes of its .bin file)."""
-    source = meta.get("source") or {}
-    return {"folder": str(folder), "source": source.get("path") or source.get("url"),
-            "source_bytes": source.get("text_bytes", source.get("bytes")),
-            "standard_split": bool(meta.get("standard_split", False)), "warning": meta.get("warning"),
-            "splits": {k: int(len(v)) for k, v in splits.items()},
-            "sha256": {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in splits.items()}}
 
 
 def windows_at(data: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device):
@@ -1586,238 +1564,6 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
 # reach every rank before its next step; evaluations are sharded and summed, so every rank sees the same
 # losses and takes the same rollbacks; a stop request is agreed at logged steps. Rank 0 alone writes files.
 
-RANK_SEED_STRIDE = 1_000_003  # rank r draws its training batches and dropout from seed + r x this
-
-
-@dataclass
-class World:
-    """The processes of one job. size 1 (no torchrun, or one process): a plain run, no collective at all."""
-    rank: int = 0
-    local_rank: int = 0
-    size: int = 1
-    backend: Optional[str] = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @staticmethod
-    def from_environment(cfg: Config) -> "World":
-        """Join torchrun's process group when RANK/WORLD_SIZE say there is one (WORLD_SIZE > 1)."""
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        if size <= 1:
-            return World()
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-        backend = cfg.backend if cfg.backend != "auto" else "nccl" if cuda else "gloo"
-        if cfg.device == "mps":
-            raise UserError("--device mps cannot train in several processes: use cuda or cpu under torchrun")
-        if backend == "nccl" and not cuda:
-            raise UserError("--backend nccl needs CUDA devices; use --backend gloo on the CPU")
-        if cuda:
-            if local_rank >= torch.cuda.device_count():
-                raise UserError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                                f"set torchrun's --nproc_per_node to at most that")
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-        return World(rank, local_rank, size, backend)
-
-    def close(self, together: bool = True) -> None:
-        """Leave the process group, after every DDP model is gone. together: every rank gets here (the job ended
-        well, or failed on every rank alike); they wait for each other first, since gloo aborts a rank whose peer
-        has already left."""
-        if self.distributed and dist.is_initialized():
-            # A DDP model still alive holds the group beyond destroy_process_group, and gloo then aborts the
-            # process at exit ("terminate called without an active exception"): free finished runs first.
-            gc.collect()
-            if together:
-                dist.barrier()
-            dist.destroy_process_group()
-
-    def micro_steps(self, gradient_accumulation_steps: int) -> int:
-        """Micro-batches each rank takes per optimizer step: the configured ones divided among the ranks
-        (nanoGPT's rule), so the global batch stays what one process would take; at least one."""
-        return max(1, gradient_accumulation_steps // self.size)
-
-    # --- collectives: every rank calls each one at the same point, in the same order ---------------------
-
-    def comm_device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In place: the sum over the ranks (a no-op in one process)."""
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def mean(self, value: float) -> float:
-        if not self.distributed:
-            return value
-        return self.sum_(torch.tensor([value], dtype=torch.float64, device=self.comm_device())).item() / self.size
-
-    def any(self, flag: bool) -> bool:
-        if not self.distributed:
-            return flag
-        return bool(self.sum_(torch.tensor([float(flag)], device=self.comm_device())).item())
-
-    def gather(self, obj) -> list:
-        """Every rank's obj, in rank order (on every rank)."""
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def from_main(self, make):
-        """make() run on rank 0 and its result sent to every rank; rank 0's UserError or RunFailed is raised
-        on every rank (the others stay silent: see main)."""
-        if not self.distributed:
-            return make()
-        box = [None]
-        if self.is_main:
-            try:
-                box[0] = ("ok", make())
-            except (UserError, RunFailed) as e:
-                box[0] = (type(e).__name__, str(e))
-            except BaseException as e:  # a bug on rank 0: let the others end instead of waiting for it
-                dist.broadcast_object_list([("RunFailed", f"rank 0 failed: {type(e).__name__}: {e}")], src=0)
-                raise
-        dist.broadcast_object_list(box, src=0)
-        return _result_or_raise(*box[0])
-
-    def everywhere(self, make):
-        """make() on every rank; if it failed on any, every rank raises the first failure."""
-        if not self.distributed:
-            return make()
-        result, failure = None, None
-        try:
-            result = make()
-        except (UserError, RunFailed) as e:
-            failure = (type(e).__name__, f"rank {self.rank}: {e}" if self.rank else str(e))
-        failed = [f for f in self.gather(failure) if f is not None]
-        if failed:
-            _result_or_raise(*failed[0])
-        return result
-
-
-def _result_or_raise(kind: str, value):
-    if kind == "ok":
-        return value
-    raise (UserError if kind == "UserError" else RunFailed)(value)
-
-
-@dataclass
-class Runtime:
-    """What the machine decides: device, compute dtype, autocast context, compile, and the processes."""
-    device: torch.device
-    dtype: torch.dtype
-    autocast: object
-    compile: bool
-    world: World = field(default_factory=World)
-
-    @staticmethod
-    def choose(cfg: Config, world: Optional[World] = None) -> "Runtime":
-        world = world or World()
-        if cfg.device == "auto":
-            name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-            if world.distributed and name == "mps":  # DDP has no MPS backend
-                name = "cpu"
-        else:
-            name = cfg.device
-            if name == "cuda" and not torch.cuda.is_available():
-                raise UserError("--device cuda requested but CUDA is not available")
-            if name == "mps" and not torch.backends.mps.is_available():
-                raise UserError("--device mps requested but MPS is not available")
-        device = torch.device(name, world.local_rank) if name == "cuda" and world.distributed else torch.device(name)
-        dtype_name = cfg.dtype
-        if dtype_name == "auto":
-            dtype_name = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if name == "cuda" else "float32"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-        if name == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=name, dtype=dtype)
-        use_compile = cfg.compile
-        if use_compile is None:
-            use_compile = name == "cuda" and importlib.util.find_spec("triton") is not None
-        return Runtime(device, dtype, ctx, bool(use_compile), world)
-
-
-class StopRequest:
-    """Set by SIGTERM / Ctrl-C; the loop checkpoints at the next step and exits cleanly.
-
-    A second signal stops at once, unless it comes within repeat_grace_s of the first: under torchrun a
-    Ctrl-C reaches each worker twice, from the terminal and forwarded by the launcher."""
-
-    def __init__(self, repeat_grace_s: float = 0.0):
-        self.signal_name: Optional[str] = None
-        self.repeat_grace_s, self.first_at = repeat_grace_s, 0.0
-
-    def __call__(self, signum, frame):
-        if self.signal_name is not None:
-            if time.monotonic() - self.first_at < self.repeat_grace_s:
-                return
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signal_name, self.first_at = signal.Signals(signum).name, time.monotonic()
-
-
-class FaultInjector:
-    """Test hook: $GPT_RL_TEST_NAN_AT="15,40" poisons the loss at those steps; "15+" at every step >= 15.
-
-    A fault behaves as a real divergence does: the same weights on the same batch give the same loss, so
-    it fires again whenever its step is reached with the weights it first fired on, and not once a
-    rollback has changed them."""
-
-    def __init__(self, spec: str):
-        self.at = {int(x) for x in spec.split(",") if x.strip() and not x.endswith("+")}
-        self.from_it = min([int(x[:-1]) for x in spec.split(",") if x.endswith("+")], default=None)
-        self.fired_on: dict[int, str] = {}  # step -> fingerprint of the weights it first fired on
-
-    def poison(self, it: int, model: nn.Module) -> bool:
-        if self.from_it is not None and it >= self.from_it:
-            return True
-        if it not in self.at:
-            return False
-        digest = hashlib.sha256()
-        for p in model.parameters():
-            digest.update(p.detach().cpu().numpy().tobytes())
-        return self.fired_on.setdefault(it, digest.hexdigest()) == digest.hexdigest()
-
-
-class Progress:
-    """A live bar on a terminal; plain periodic lines when stderr is a file or CI log."""
-
-    def __init__(self, label: str, total: int, start: int, interactive: bool, every_s: float = 15.0):
-        self.label, self.total, self.start, self.every_s = label, total, start, every_s
-        self.t0 = self.last_print = time.time()
-        self.bar = None
-        if interactive:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True, file=sys.stderr)
-
-    def update(self, it: int, loss: float, lr: float, force: bool = False) -> None:
-        elapsed = time.time() - self.t0
-        eta = elapsed / max(it - self.start, 1) * (self.total - it)
-        if self.bar is not None:
-            self.bar.n = it
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e}", refresh=True)
-        elif force or time.time() - self.last_print >= self.every_s:
-            self.last_print = time.time()
-            print(f"[{self.label}] iter {it}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                  f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}", file=sys.stderr, flush=True)
-
-    def write(self, line: str) -> None:
-        (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(line)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @torch.no_grad()
 def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime) -> dict:
     """Mean loss over the run's fixed evaluation batches, per split (one host sync per split). Under torchrun
@@ -2681,64 +2427,6 @@ def inference_protocol(cfg: Config) -> dict:
             "batch_size": 1}
 
 
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment_record(rt: Runtime) -> dict:
-    import importlib.metadata as md
-    versions = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm", "schedulefree", "scipy",
-                "gymnasium", "stable-baselines3"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    device = {"type": rt.device.type, "dtype": str(rt.dtype).replace("torch.", ""), "compile": rt.compile,
-              "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-              "processor": platform.processor() or platform.machine()}
-    if rt.device.type == "cuda":
-        device["name"] = torch.cuda.get_device_name()
-    return {"versions": versions, "device": device, "git_commit": git_commit()}
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def command_line(script: str, argv: list[str]) -> list[str]:
-    """The command that ran: interpreter, script (absolute: rerunnable from anywhere) and arguments."""
-    return [sys.executable, str(Path(script).resolve()), *map(str, argv)]
-
-
-def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to touch a folder holding results unless --overwrite; then clear our files from it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out_dir {out_dir} exists and is not a folder")
-    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES
-            or p.name.startswith(("final_info_", "agent_", "ckpt_", "model_"))] \
-        if out_dir.exists() else []
-    if ours and not overwrite:
-        state = "finished results" if (out_dir / "final_info.json").exists() else "an unfinished run"
-        raise UserError(f"{out_dir} already holds {state} ({', '.join(sorted(p.name for p in ours))}); "
-                        f"use --overwrite to replace it, or choose another --out_dir")
-    for p in ours:
-        p.unlink()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from e
-
-
 def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interactive: bool, stop: StopRequest,
               resume: bool, on_evaluation=None) -> dict:
     """Every dataset and seed; per-seed files are written as soon as each seed ends (under torchrun: by
@@ -2795,55 +2483,6 @@ def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: in
     return all_results[keys[0]]
 
 
-# Flags that may differ on --resume: they change where files are, not what is computed.
-# --data_dir may be spelled differently, but must name the same folder (and the data must hash the same).
-IGNORED_ON_RESUME = {"resume", "debug", "overwrite", "out_dir", "title", "description", "source_dir",
-                     "download", "notes", "plot"}
-
-
-def resume_configs(out_dir: Path, run_record: dict, typed: dict) -> dict:
-    """The interrupted run's own configs; refuse if a flag typed now would change any of them."""
-    try:
-        stored = {d: Config(**c) for d, c in run_record["configs"].items()}
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{out_dir}/run.json does not describe a run of this version ({e})") from e
-    diffs = []
-    for name, value in typed.items():
-        if name in IGNORED_ON_RESUME:
-            continue
-        if name == "profile" and value not in ("auto", run_record.get("profile")):
-            diffs.append(f"profile: {run_record.get('profile')!r} -> {value!r}")
-        elif name == "datasets" and [d.strip() for d in value.split(",") if d.strip()] != list(stored):
-            diffs.append(f"datasets: {','.join(stored)!r} -> {value!r}")
-        elif name == "data_dir":
-            for d, old in stored.items():
-                before, after = dataset_dir(old, d), dataset_dir(dataclasses.replace(old, data_dir=value), d)
-                if before != after:
-                    diffs.append(f"{d} data: {str(before)!r} -> {str(after)!r}")
-        elif name not in ("profile", "datasets", "data_dir"):
-            for d, old in stored.items():
-                new = value.get(d, getattr(old, name)) if isinstance(value, dict) else value
-                if getattr(old, name) != new:
-                    diffs.append(f"{d}.{name}: {getattr(old, name)!r} -> {new!r}")
-    if diffs:
-        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-        raise UserError(f"--resume: {out_dir} was made with a different config ({shown}); "
-                        f"resume with just --out_dir {out_dir} --resume")
-    keep = {k: v for k, v in typed.items() if k in ("source_dir", "download", "notes", "plot")}
-    return {d: dataclasses.replace(c, resume=True, **keep) for d, c in stored.items()}
-
-
-def check_same_data(out_dir: Path, run_record: dict, loaded: dict) -> None:
-    """--resume on other tokens than the run started with would splice two experiments together."""
-    for d, data in loaded.items():
-        recorded = run_record.get("data", {}).get(d, {}).get("sha256")
-        if recorded is not None and recorded != data.provenance["sha256"]:
-            changed = [k for k in data.provenance["sha256"] if recorded.get(k) != data.provenance["sha256"][k]]
-            raise UserError(f"--resume: {out_dir} was trained on other {d} data ({', '.join(changed)} split sha256 "
-                            f"{recorded.get(changed[0], 'none')[:12]}... recorded, "
-                            f"{data.provenance['sha256'][changed[0]][:12]}... in {data.provenance['folder']} now)")
-
-
 def record_in_notebook(cfg: Config, out_dir: Path) -> None:
     """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
 
@@ -2888,7 +2527,7 @@ def resolve_configs(base: Config, cli_overrides: dict, world: World):
         for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
             stale.unlink()
         profile = run_record.get("profile", profile)
-        configs = resume_configs(out_dir, run_record, cli_overrides)
+        configs = resume_configs(out_dir, run_record, cli_overrides, Config, dataset_dir)
     else:
         datasets = [d.strip() for d in base.datasets.split(",") if d.strip()]
         unknown = [d for d in datasets if d not in DATASETS]
@@ -3024,16 +2663,6 @@ def start_run_record(base: Config, configs: dict, loaded: dict, rt: Runtime, pro
     run_record.update(status="running", error=None)
     atomic_write_json(out_dir / "run.json", run_record)
     return run_record
-
-
-def world_record(configs: dict, world: World) -> dict:
-    """run.json's "distributed": the processes, and the batch one optimizer step averages over all of them."""
-    batches = {}
-    for d, c in configs.items():
-        per_rank = world.micro_steps(c.gradient_accumulation_steps)
-        sequences = c.batch_size * per_rank * world.size
-        batches[d] = {"micro_steps_per_rank": per_rank, "sequences": sequences, "tokens": sequences * c.block_size}
-    return {"world_size": world.size, "backend": world.backend, "global_batch": batches}
 
 
 # ----------------------------------------------------------------------------------------------

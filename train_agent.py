@@ -38,6 +38,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 
 import experiment as ex
+from harness.runtime import format_duration
 import plot
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
@@ -472,7 +473,7 @@ class Log:
         for r in records:
             line = (f"episode {r['episode'] + 1}/{self.args.episodes}: lr x{r['lr_factor']:.3g} return "
                     f"{r['return']:+.4f} final val {r['final_val_loss']:.4f} ({r['status']}, {r['seconds']:.1f}s) "
-                    f"eta {ex.format_duration(eta)}")
+                    f"eta {format_duration(eta)}")
             if self.bar is not None:
                 self.bar.update(1)
                 self.bar.set_postfix_str(f"val {r['final_val_loss']:.3f}")
