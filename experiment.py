@@ -43,12 +43,14 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from data import prepare_common  # the download/prepare logic shared with data/<dataset>/prepare.py
-from harness.errors import Interrupted, RunFailed, UserError
+from harness.cli import OneLineArgumentParser
 from harness.distributed import RANK_SEED_STRIDE, World
+from harness.errors import Interrupted, RunFailed, UserError
+from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from harness.records import (check_same_data, command_line, data_provenance, environment_record, now_iso,
                              prepare_run_folder, resume_configs, world_record)
-from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
+from harness.validation import check_bounds, check_fields, check_world, policy_warnings, world_warnings
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
@@ -2598,7 +2600,8 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
     loaded = load_data(configs, world)
     configs = {d: with_step_interval_from_epochs(c, loaded[d], world) for d, c in configs.items()}
     policies = world.from_main(lambda: open_run_folder(base, configs, loaded, run_record))
-    warnings = {d: config_warnings(c) + world_warnings(c, world) + policy_warnings(c, d, policies.get(d))
+    warnings = {d: config_warnings(c) + world_warnings(c, world)
+                + policy_warnings(c, d, policies.get(d), per_layer=lr_groups_kind(c) == "layer")
                 for d, c in configs.items()}
     if world.is_main:
         run_record = start_run_record(base, configs, loaded, rt, profile, policies, warnings, run_record, argv)
@@ -2669,28 +2672,9 @@ def start_run_record(base: Config, configs: dict, loaded: dict, rt: Runtime, pro
 # 10. CLI
 # ----------------------------------------------------------------------------------------------
 
-def parse_bounds(text: str) -> tuple[float, float, bool, bool]:
-    """"[0, 1)" -> (0.0, 1.0, True, False): low, high, and whether each end is included."""
-    low, high = (float(x) for x in text[1:-1].split(","))
-    return low, high, text[0] == "[", text[-1] == "]"
-
-
-def check_bounds(name: str, value) -> None:
-    """One field against the interval declared beside it in Config; non-finite numbers never pass."""
-    bounds = CONFIG_FIELDS[name].metadata["bounds"]
-    if bounds is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    if not math.isfinite(value):
-        raise UserError(f"--{name} must be a finite number, got {value}")
-    low, high, low_in, high_in = parse_bounds(bounds)
-    if value < low or value > high or (value == low and not low_in) or (value == high and not high_in):
-        raise UserError(f"--{name} must be in {bounds}, got {value}")
-
-
 def validate(c: Config) -> None:
     """Reject settings that cannot work or cannot be meant, with one line naming the flag."""
-    for f in dataclasses.fields(c):
-        check_bounds(f.name, getattr(c, f.name))
+    check_fields(c)
     if c.n_embd % c.n_head:
         raise UserError(f"--n_embd {c.n_embd} must be divisible by --n_head {c.n_head}")
     agent_actions(c)
@@ -2769,41 +2753,6 @@ def config_warnings(c: Config) -> list[str]:
     return warnings
 
 
-def policy_warnings(c: Config, dataset: str, policy: Optional[dict]) -> list[str]:
-    """A trained policy evaluated on a seed it was trained on is not a held-out result, and one trained on
-    another dataset or profile is a transfer: say so."""
-    if policy is None:
-        return []
-    manifest, warnings = policy["manifest"], []
-    overlap = sorted(set(manifest.get("seeds") or []) & set(range(c.seed_base, c.seed_base + c.seeds)))
-    if overlap:
-        warnings.append(f"seeds {overlap} were among the policy's training seeds: not held out")
-    for key, here in (("dataset", dataset), ("profile", c.profile)):
-        if manifest.get(key) not in (None, here):
-            warnings.append(f"the policy was trained with {key} {manifest.get(key)}, deployed with {here}")
-    trained_layers = (manifest.get("config") or {}).get("n_layer")
-    if lr_groups_kind(c) == "layer" and trained_layers not in (None, c.n_layer):
-        warnings.append(f"the per-layer policy was trained on {trained_layers} layers, deployed on {c.n_layer}")
-    return warnings
-
-
-def check_world(c: Config, world: World) -> None:
-    """Under torchrun the configured micro-batches are divided among the ranks: they must divide evenly."""
-    accumulation = c.gradient_accumulation_steps
-    if world.distributed and accumulation > world.size and accumulation % world.size:
-        raise UserError(f"--gradient_accumulation_steps {accumulation} cannot be divided among {world.size} "
-                        f"processes: use a multiple of {world.size}")
-
-
-def world_warnings(c: Config, world: World) -> list[str]:
-    accumulation = c.gradient_accumulation_steps
-    if not world.distributed or accumulation >= world.size:
-        return []
-    return [f"{world.size} processes and --gradient_accumulation_steps {accumulation}: each rank takes one "
-            f"micro-batch per step, so a step averages {world.size} micro-batches of {c.batch_size} sequences, "
-            f"{world.size / accumulation:g}x one process's batch (set it to a multiple of {world.size} to keep that)"]
-
-
 def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional[World] = None) -> Config:
     """A plan's "x0.1 every 10 epochs" in steps: an epoch is one pass over the train split's tokens."""
     if c.step_epochs <= 0:
@@ -2820,30 +2769,9 @@ def check_fits(c: Config, data: CharDataset) -> None:
                             f"({len(data.splits[split])} tokens)")
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block on errors; we print one line and exit 2."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
                     "overwrite", "download", "notes", "plot", "resume", "debug", "device", "dtype", "compile",
                     "backend"}
-
-
-def dataclass_parser(fields_of, description: str) -> argparse.ArgumentParser:
-    """A one-line-error parser with a --flag per field of a dataclass whose fields carry "help" and "choices"
-    metadata (train_agent.py's Args, sweep.py's SweepArgs)."""
-    parser = OneLineArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(fields_of):
-        kwargs = dict(dest=f.name, default=f.default, help=f.metadata["help"] + f" [default: {f.default}]")
-        if f.type == "bool":
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
-                                choices=f.metadata["choices"], **kwargs)
-    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2875,7 +2803,7 @@ def parse_value(f: dataclasses.Field, text: str):
         value = kind(text)
     except ValueError:
         raise UserError(f"argument --{f.name}: invalid {f.type} value: {text!r} (see --help)") from None
-    check_bounds(f.name, value)  # nan, inf and out-of-range values stop here, before anything is written
+    check_bounds(f, value)  # nan, inf and out-of-range values stop here, before anything is written
     if f.metadata["choices"] and value not in f.metadata["choices"]:
         raise UserError(f"argument --{f.name}: invalid choice: {text!r} "
                         f"(choose from {', '.join(f.metadata['choices'])})")
@@ -2892,22 +2820,6 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
             typed[f.name] = parse_value(f, value) if isinstance(value, str) else value
     base = dataclasses.replace(Config(), **{k: v for k, v in typed.items() if not isinstance(v, dict)})
     return base, typed
-
-
-def entry_point(work, argv: list[str], interrupted: str = "interrupted") -> int:
-    """The main() of train_agent.py, sweep.py and prune.py: work(argv), then 0; a UserError or RunFailed is one
-    `error:` line and its exit code (--debug: the traceback instead); Ctrl-C prints `interrupted` and gives 130."""
-    try:
-        work(argv)
-        return 0
-    except (UserError, RunFailed) as e:
-        if "--debug" in argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -64,6 +64,7 @@ import torch
 from gymnasium import spaces
 
 import experiment as ex
+from harness.cli import dataclass_parser, entry_point
 from harness.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
 
 METHODS = ("rl", "magnitude", "random")
@@ -425,7 +426,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> Args:
-    args = Args(**vars(ex.dataclass_parser(Args, __doc__.split("\n\n")[0].strip()).parse_args(argv)))
+    args = Args(**vars(dataclass_parser(Args, __doc__.split("\n\n")[0].strip()).parse_args(argv)))
     parse_targets(args.flops_target)
     parse_methods(args.method)
     for name in ("episodes", "episodes_per_update", "hidden", "mlp_steps", "finetune_iters", "taylor_batches"):
@@ -728,7 +729,7 @@ def report(out: Path, final_infos: dict, record: dict, targets: list[float], arg
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return ex.entry_point(lambda argv: prune(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
+    return entry_point(lambda argv: prune(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
                           "interrupted: the methods finished so far are in the folder (no final_info.json)")
 
 

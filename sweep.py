@@ -44,6 +44,7 @@ from typing import Optional
 import numpy as np
 
 import experiment as ex
+from harness.cli import dataclass_parser, entry_point
 from harness.files import atomic_write_json, read_json
 
 RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'
@@ -407,11 +408,11 @@ def summarize(args: SweepArgs, folder: Path, out: Path, seconds: float) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return ex.dataclass_parser(SweepArgs, __doc__.split("\n\n")[0].strip())
+    return dataclass_parser(SweepArgs, __doc__.split("\n\n")[0].strip())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return ex.entry_point(lambda argv: run_sweep(SweepArgs(**vars(build_parser().parse_args(argv))), argv),
+    return entry_point(lambda argv: run_sweep(SweepArgs(**vars(build_parser().parse_args(argv))), argv),
                           sys.argv[1:] if argv is None else argv)
 
 

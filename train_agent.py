@@ -38,8 +38,9 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 
 import experiment as ex
-from harness.runtime import format_duration
 import plot
+from harness.cli import dataclass_parser, entry_point
+from harness.runtime import format_duration
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
 
@@ -490,7 +491,7 @@ class Log:
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    return ex.dataclass_parser(Args, __doc__.split("\n\n")[0].strip())
+    return dataclass_parser(Args, __doc__.split("\n\n")[0].strip())
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -563,7 +564,7 @@ def train(args: Args, argv: list[str]) -> list[dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return ex.entry_point(lambda argv: train(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
+    return entry_point(lambda argv: train(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
                           "interrupted: finished episodes are saved; run the same command to continue")
 
 
