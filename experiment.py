@@ -43,10 +43,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from data import prepare_common  # the download/prepare logic shared with data/<dataset>/prepare.py
+from harness.checkpoints import CheckpointStore
 from harness.cli import OneLineArgumentParser
 from harness.distributed import RANK_SEED_STRIDE, World
 from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from harness.grad_stats import GradientStatistics, lamb_trust
 from harness.records import (check_same_data, command_line, data_provenance, environment_record, now_iso,
                              prepare_run_folder, resume_configs, world_record)
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
@@ -1695,11 +1697,11 @@ class TrainingRun:
     def __init__(self, cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, checkpoint: Optional[Path],
                  on_log=None, model: Optional[GPT] = None):
         self.cfg, self.data, self.rt = cfg, data, rt
-        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self.memory: dict = {}  # "last" / "previous" -> checkpoint bytes, when checkpoint is None
         self.seed = cfg.seed_base + seed_index
         self.cuda_rng = rt.device.type == "cuda"
         self.world = rt.world
+        previous = previous_checkpoint_file(Path(checkpoint)) if checkpoint is not None else None
+        self.store = CheckpointStore(checkpoint, previous, self.world)  # checkpoint None: kept in memory
         rank_seed = self.seed + RANK_SEED_STRIDE * self.world.rank  # rank 0: the single-process streams
         with self.own_rng(initial_seed=self.seed):  # model=: train that one instead (prune.py's fine-tuning)
             self.model = (model if model is not None else GPT(model_config(cfg, data.vocab_size))).to(rt.device)
@@ -1733,23 +1735,17 @@ class TrainingRun:
         self.layered = len(self.group_names) > 1
         self.group_multipliers = [1.0] * len(self.group_names)
         self.trust = [1.0] * len(self.group_names)
-        self.params = list(self.model.parameters())  # the order of flat_weights()
-        self.param_sizes = [p.numel() for p in self.params]
         group_of = {id(p): lr_group_of(name) for name, p in self.model.named_parameters()} if self.layered else {}
-        self.param_groups_index = torch.tensor([self.group_names.index(group_of.get(id(p), "all"))
-                                                for p in self.params], device=rt.device)
+        params = list(self.model.parameters())
+        self.stats = GradientStatistics(params, [self.group_names.index(group_of.get(id(p), "all")) for p in params],
+                                        self.group_names, rt.device)
         self.optimizer_groups = [(self.group_names.index(g.get("lr_group", "all")), g.get("matrices", True))
                                  for g in self.optimizer.param_groups]  # (LR group, holds matrices)
-        self.group_grad_stats = torch.zeros(2, len(self.group_names), device=rt.device)
         # --control: the other controlled hyperparameters' multipliers (the rate's is `multiplier`).
         self.hparam_multipliers = {name: 1.0 for name in extra_controlled(cfg)}
         self.steps_taken = 0  # optimizer steps this object has run (rollbacks and restores included): compute
-        self.saved_at: dict = {}  # "last" / "previous" -> the iteration its checkpoint holds
         self.on_log = on_log or (lambda it, loss, lr: None)
         self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
-        # Gradient-norm sum, sum of squares, clipped steps: on the device, read once per evaluation.
-        self.grad_stats = torch.zeros(3, device=rt.device)
-        self.weights_at_eval: Optional[torch.Tensor] = None  # for the update-to-weight ratio
         optimizer_mode(self.optimizer, training=True)
 
     @contextmanager
@@ -1768,10 +1764,6 @@ class TrainingRun:
             finally:
                 self.rng_state = {"cpu": torch.get_rng_state(),
                                   "cuda": torch.cuda.get_rng_state() if devices else None}
-
-    @property
-    def previous_checkpoint(self) -> Optional[Path]:
-        return previous_checkpoint_file(self.checkpoint) if self.checkpoint is not None else None
 
     def lr(self, it: int) -> float:
         return controlled_lr(self.cfg, it, self.multiplier)
@@ -1870,23 +1862,26 @@ class TrainingRun:
         if self.hparam_multipliers:
             self.apply_hparams()
         loss = self.accumulate_gradients(it)
-        if self.layered:
-            self.clip_by_group()
+        if self.layered:  # clipped by the global norm, each group's norm kept too
+            if self.scaler.is_enabled():
+                self.scaler.unscale_(self.optimizer)
+            self.stats.clip_by_group(self.grad_clip() if cfg.grad_clip > 0 else 0.0)
         elif cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             clip = self.grad_clip()
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.grad_stats += torch.stack((norm, norm * norm, (norm > clip).float()))
+            self.stats.add(norm, (norm > clip).float())
         elif not self.scaler.is_enabled():  # (with a float16 scaler and no clipping the grads are scaled: skipped)
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-            self.grad_stats += torch.stack((norm, norm * norm, torch.zeros_like(norm)))
+            self.stats.add(norm, torch.zeros_like(norm))
         self.state.grad_steps += 1
         self.steps_taken += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if cfg.layer_trust == "lamb":
-            self.update_trust()
+        if cfg.layer_trust == "lamb":  # LAMB's trust per layer, used from the next step on (one step stale)
+            self.trust = lamb_trust(self.optimizer, self.optimizer_groups, len(self.group_names), cfg.trust_clip,
+                                    self.rt.device) or self.trust
         return loss
 
     def accumulate_gradients(self, it: int) -> torch.Tensor:
@@ -1904,53 +1899,6 @@ class TrainingRun:
                 self.scaler.scale(loss / self.micro_steps).backward()
         return loss
 
-    def clip_by_group(self) -> None:
-        """Clip by the global norm as clip_grad_norm_ does, and keep each group's gradient norm too: the
-        per-parameter norms it needs anyway, summed by group (a few small ops per step, on the device)."""
-        cfg = self.cfg
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))  # as clip_grad_norm_ computes
-        total = torch.linalg.vector_norm(norms)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip(), total)
-        by_group = torch.zeros_like(self.group_grad_stats[0]).index_add_(0, self.param_groups_index, norms * norms)
-        self.group_grad_stats += torch.stack((by_group.sqrt(), by_group))
-        clipped = (total > self.grad_clip()).float() if cfg.grad_clip > 0 else torch.zeros_like(total)
-        self.grad_stats += torch.stack((total, total * total, clipped))
-
-    def update_trust(self) -> None:
-        """LAMB's trust ratio (You et al. 2020) per layer: |w| / |u| over the layer's matrices (LAMB leaves
-        norms and biases unadapted), u the Adam update direction of the step just taken,
-        m_hat / (sqrt(v_hat) + eps) + weight_decay x w, read from the optimizer's state. LAMB multiplies a
-        much larger base rate by the raw ratio; here the ratios are normalised to geometric mean 1 over the
-        layers, so the schedule keeps its scale and the rule only redistributes it between layers, then
-        clipped to [1/trust_clip, trust_clip]. Used from the next step on (one step stale); one host sync."""
-        n = len(self.group_names)
-        weight_sq = torch.zeros(n, device=self.rt.device)
-        update_sq = torch.zeros(n, device=self.rt.device)
-        for group, (index, matrices) in zip(self.optimizer.param_groups, self.optimizer_groups):
-            if not matrices:
-                continue
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                state = self.optimizer.state.get(p)
-                if not state:
-                    continue
-                step = float(state["step"])
-                update = (state["exp_avg"] / (1 - beta1 ** step)
-                          / ((state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + group["eps"])
-                          + group["weight_decay"] * p.detach())
-                update_sq[index] += update.float().square().sum()
-                weight_sq[index] += p.detach().float().square().sum()
-        adapted = update_sq > 0
-        if not bool(adapted.any()):
-            return
-        log_ratio = 0.5 * (weight_sq.clamp_min(1e-30).log() - update_sq.clamp_min(1e-30).log())
-        log_ratio = log_ratio - log_ratio[adapted].mean()
-        factor = log_ratio.exp().clamp(1 / self.cfg.trust_clip, self.cfg.trust_clip)
-        self.trust = torch.where(adapted, factor, torch.ones_like(factor)).tolist()
-
     def evaluate(self, it: int) -> EvalResult:
         cfg, s = self.cfg, self.state
         t = time.time()
@@ -1967,70 +1915,8 @@ class TrainingRun:
         s.first_val_loss = s.first_val_loss or losses["val"]
         s.last_eval_it = s.next_it = it
         s.last_eval_losses = [losses["train"], losses["val"]]
-        s.interval = self.interval_statistics()
+        s.interval = self.stats.interval_statistics(s)
         return EvalResult(it, losses["train"], losses["val"], done=it == cfg.max_iters)
-
-    def flush_grad_stats(self) -> None:
-        """Move the device-side gradient statistics into the (checkpointed) state: one host sync."""
-        sums = self.grad_stats.tolist()
-        self.state.grad_sums = [a + b for a, b in zip(self.state.grad_sums, sums)]
-        self.grad_stats.zero_()
-        if self.layered:
-            group_sums = self.group_grad_stats.tolist()
-            kept = self.state.group_grad_sums or [[0.0] * len(self.group_names)] * 2
-            self.state.group_grad_sums = [[a + b for a, b in zip(k, g)] for k, g in zip(kept, group_sums)]
-            self.group_grad_stats.zero_()
-
-    def interval_statistics(self) -> dict:
-        """Gradient norms (mean, std, share clipped) of the steps since the previous evaluation and the
-        relative weight change over them; then start the next interval."""
-        s = self.state
-        self.flush_grad_stats()
-        total, squares, clipped = s.grad_sums
-        n = s.grad_steps
-        stats = {}
-        if n and math.isfinite(total):
-            mean = total / n
-            stats = {"grad_norm_mean": mean, "grad_norm_std": math.sqrt(max(squares / n - mean * mean, 0.0)),
-                     "clip_fraction": clipped / n}
-        weights = self.flat_weights()
-        with torch.no_grad():
-            if self.weights_at_eval is not None and n:
-                stats["update_ratio"] = float(torch.linalg.vector_norm(weights - self.weights_at_eval)
-                                              / torch.linalg.vector_norm(weights).clamp_min(1e-12))
-            if self.layered:
-                stats["groups"] = self.group_statistics(weights, n)
-        self.weights_at_eval = weights
-        s.grad_sums, s.grad_steps = [0.0, 0.0, 0.0], 0
-        s.group_grad_sums = []
-        return stats
-
-    def group_statistics(self, weights: torch.Tensor, steps: int) -> list[dict]:
-        """Per LR group: mean and std of its gradient norm over the interval's steps, the rms of its weights and
-        their change relative to their norm: sums over slices of the flat weight copies already made."""
-        def by_group(flat: torch.Tensor) -> list[float]:
-            squares = torch.stack([chunk.square().sum() for chunk in flat.split(self.param_sizes)])
-            return torch.zeros(len(self.group_names), device=flat.device).index_add_(
-                0, self.param_groups_index, squares).tolist()
-        weight_sq = by_group(weights)
-        change_sq = by_group(weights - self.weights_at_eval) if self.weights_at_eval is not None and steps else None
-        sums, squares = self.state.group_grad_sums or [[0.0] * len(self.group_names)] * 2
-        sizes = torch.zeros(len(self.group_names)).index_add_(
-            0, self.param_groups_index.cpu(), torch.tensor(self.param_sizes, dtype=torch.float32)).tolist()
-        groups = []
-        for k, name in enumerate(self.group_names):
-            g = {"name": name, "weight_rms": math.sqrt(weight_sq[k] / sizes[k])}
-            if steps and math.isfinite(sums[k]):
-                mean = sums[k] / steps
-                g.update(grad_norm_mean=mean, grad_norm_std=math.sqrt(max(squares[k] / steps - mean * mean, 0.0)))
-            if change_sq is not None:
-                g["update_ratio"] = math.sqrt(change_sq[k] / max(weight_sq[k], 1e-24))
-            groups.append(g)
-        return groups
-
-    def flat_weights(self) -> torch.Tensor:
-        """Every parameter in one float32 vector (a copy): the reference of the update-to-weight ratio."""
-        return torch.cat([p.detach().flatten().float() for p in self.params])
 
     def observation(self) -> Observation:
         """What an agent sees at the last evaluation, with the multiplier now in effect."""
@@ -2088,27 +1974,23 @@ class TrainingRun:
     # --- checkpoints --------------------------------------------------------------------------
 
     def save(self, agent_state: dict) -> None:
-        """Atomically (temp file + rename); loads with torch.load(weights_only=True).
+        """Checkpoint the run (atomically; loads with torch.load(weights_only=True)), with the agent's state.
 
         Under torchrun every rank calls it: the model and optimizer are the same on every rank, the RNG
         streams are not, so rank 0 gathers them all and alone keeps the checkpoint."""
         t = time.perf_counter()
-        last = self.saved_at.get("last")
-        if last is not None and last < self.state.next_it and self.has_checkpoint("last"):
-            if self.world.is_main:
-                self.rotate_checkpoints()  # the last good state becomes the fallback
-            self.saved_at["previous"] = last
-        self.flush_grad_stats()
+        self.store.before_save(self.state.next_it)
+        self.stats.flush(self.state)
         rank_rng = None
         if self.world.distributed:
             rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"],
                                           "sampler_rng": self.sampler.generator.get_state(),
                                           "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []})
         if not self.world.is_main:
-            self.saved_at["last"] = self.state.next_it
+            self.store.write(None, self.state.next_it)
             return
         meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
-                "config": dataclasses.asdict(self.cfg), "previous_it": self.saved_at.get("previous"),
+                "config": dataclasses.asdict(self.cfg), "previous_it": self.store.saved_at.get("previous"),
                 **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {}),
                 **({"hparam_multipliers": self.hparam_multipliers} if self.hparam_multipliers else {})}
         between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
@@ -2116,85 +1998,32 @@ class TrainingRun:
                    "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
                    "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else [],
                    "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta),
-                   "weights_at_eval": self.weights_at_eval if between_evaluations else None,
+                   "weights_at_eval": self.stats.weights_at_eval if between_evaluations else None,
                    **({"rank_rng": rank_rng} if rank_rng else {})}
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        if self.checkpoint is None:
-            self.memory["last"] = buf.getvalue()
-        else:
-            atomic_write_bytes(self.checkpoint, buf.getvalue())
-        self.saved_at["last"] = self.state.next_it
+        self.store.write(payload, self.state.next_it)
         self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
 
     def resume(self) -> Optional[dict]:
         """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing).
         Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
-        if self.checkpoint is None:
-            return None
-        found = self.world.from_main(lambda: [p.exists() for p in (self.checkpoint, self.previous_checkpoint)])
-        if not any(found):
-            return None
-        last_exists, previous_exists = found
-        meta = self.restore(self.checkpoint if last_exists else self.previous_checkpoint)
-        if not last_exists:
-            self.saved_at = {"previous": self.state.next_it}
-        else:
-            self.saved_at = {"last": self.state.next_it}
-            if meta.get("previous_it") is not None and previous_exists:
-                self.saved_at["previous"] = meta["previous_it"]
-        return meta["agent"]
+        meta = self.store.resume(self.restore)
+        return meta["agent"] if meta is not None else None
 
     def rollback_before(self, it: int) -> Optional[dict]:
         """Restore the newest checkpoint from before step `it`, keeping the wall time spent since (it was
         spent all the same); returns the agent state saved with it, or None when there is no such one."""
         spent = {k: getattr(self.state, k) for k in WALL_CLOCK_FIELDS}
-        for key in ("last", "previous"):
-            at = self.saved_at.get(key)
-            if at is not None and at < it and self.has_checkpoint(key):
-                meta = self.restore(key)
-                for k, v in spent.items():
-                    setattr(self.state, k, v)
-                return meta["agent"]
-        return None
-
-    def has_checkpoint(self, key: str) -> bool:
-        """Whether the "last" / "previous" checkpoint is there (rank 0 holds them: it answers for all)."""
-        if self.checkpoint is None:
-            return self.world.from_main(lambda: key in self.memory)
-        path = self.checkpoint if key == "last" else self.previous_checkpoint
-        return self.world.from_main(path.exists)
-
-    def checkpoint_bytes(self, source) -> bytes:
-        """A checkpoint's bytes, from a path or from the "last" / "previous" one (a file, or in memory)."""
-        if source in ("last", "previous"):
-            if self.checkpoint is None:
-                return self.memory[source]
-            source = self.checkpoint if source == "last" else self.previous_checkpoint
-        try:
-            return Path(source).read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read checkpoint {source}: {e.strerror or e}; "
-                            f"delete it to restart this seed") from e
-
-    def rotate_checkpoints(self) -> None:
-        if self.checkpoint is None:
-            self.memory["previous"] = self.memory.pop("last")
-        else:
-            os.replace(self.checkpoint, self.previous_checkpoint)
+        key = self.store.newest_before(it)
+        if key is None:
+            return None
+        meta = self.restore(key)
+        for k, v in spent.items():
+            setattr(self.state, k, v)
+        return meta["agent"]
 
     def restore(self, source) -> dict:
-        """Load a checkpoint: a path, or the "last" / "previous" one. Under torchrun rank 0 reads it and every
-        rank loads the same bytes, each taking its own RNG streams from them."""
-        data = self.world.from_main(lambda: self.checkpoint_bytes(source))
-        name = source if source not in ("last", "previous") else f"{self.checkpoint or 'in memory'} ({source})"
-        try:
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            meta = json.loads(payload["meta"])
-            rng = payload["rank_rng"][self.world.rank] if self.world.distributed else payload
-        except Exception as e:  # a truncated or foreign file: say which, do not guess
-            raise UserError(f"checkpoint {name} is unreadable ({type(e).__name__}); "
-                            f"delete it to restart this seed") from e
+        """Load a checkpoint: a path, or the "last" / "previous" one; returns its meta."""
+        payload, meta, rng = self.store.load(source)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
@@ -2210,11 +2039,10 @@ class TrainingRun:
         if self.hparam_multipliers:
             self.hparam_multipliers = dict(meta["hparam_multipliers"])
         self.set_weight_decay()  # the optimizer's state brought the saving run's: this run's config decides
-        self.grad_stats.zero_()
-        self.group_grad_stats.zero_()
-        self.weights_at_eval = payload.get("weights_at_eval")
-        if self.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
-            self.weights_at_eval = self.flat_weights()
+        self.stats.reset()
+        self.stats.weights_at_eval = payload.get("weights_at_eval")
+        if self.stats.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
+            self.stats.weights_at_eval = self.stats.flat_weights()
         return meta
 
 

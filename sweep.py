@@ -237,7 +237,7 @@ def trainable(config: dict, setup: dict) -> None:
         atomic_write_json(compute_path, compute)
         it, (train_loss, val_loss) = run.state.last_eval_it, run.last_eval_losses()
         with tempfile.TemporaryDirectory() as d:
-            shutil.copy2(run.checkpoint, Path(d) / run.checkpoint.name)
+            shutil.copy2(run.store.path, Path(d) / run.store.path.name)
             (Path(d) / "origin.json").write_text(json.dumps({"trial": folder.name, "iter": it, "val_loss": val_loss}))
             tune.report({"iter": it, "val_loss": val_loss, "train_loss": train_loss, "steps": compute["steps"]},
                         checkpoint=tune.Checkpoint.from_directory(d))
