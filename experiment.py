@@ -705,6 +705,68 @@ def optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
         optimizer.train() if training else optimizer.eval()
 
 
+class Controls:
+    """The knobs of a training run, turned between steps: the rate multiplier (`multiplier`, the agent's),
+    with --lr_groups layer each group's own multiplier and LAMB trust factor, and with --control the other
+    hyperparameters' multipliers. TrainingRun is one; it holds cfg, optimizer and model."""
+
+    def init_controls(self, cfg: Config, optimizer: torch.optim.Optimizer) -> None:
+        self.multiplier = 1.0
+        # --lr_groups layer: each group's own multiplier (set by a per-group agent) and trust factor (LAMB).
+        self.group_names = lr_group_names(cfg)
+        self.layered = len(self.group_names) > 1
+        self.group_multipliers = [1.0] * len(self.group_names)
+        self.trust = [1.0] * len(self.group_names)
+        self.optimizer_groups = [(self.group_names.index(g.get("lr_group", "all")), g.get("matrices", True))
+                                 for g in optimizer.param_groups]  # (LR group, holds matrices)
+        # --control: the other controlled hyperparameters' multipliers (the rate's is `multiplier`).
+        self.hparam_multipliers = {name: 1.0 for name in extra_controlled(cfg)}
+
+    def lr(self, it: int) -> float:
+        return controlled_lr(self.cfg, it, self.multiplier)
+
+    def group_lrs(self, it: int) -> list[float]:
+        """Each LR group's rate at step `it`: clamp(base x multiplier x its multiplier x its trust)."""
+        base = base_lr(self.cfg, it) * self.multiplier
+        return [min(max(base * m * t, self.cfg.lr_floor), self.cfg.lr_ceiling)
+                for m, t in zip(self.group_multipliers, self.trust)]
+
+    def lr_record(self, it: int) -> dict:
+        """The per-group rates of step `it` for the logs (nothing with one group: "lr" says it all), and with
+        --control the value of every controlled hyperparameter at that step."""
+        record = {"lr_groups": dict(zip(self.group_names, self.group_lrs(it)))} if self.layered else {}
+        if self.hparam_multipliers:
+            record["hparams"] = hparam_values(self.cfg, self.lr(it), self.hparam_multipliers)
+        return record
+
+    def grad_clip(self) -> float:
+        return self.cfg.grad_clip * self.hparam_multipliers.get("grad_clip", 1.0)
+
+    def set_weight_decay(self) -> None:
+        """Weight decay of the matrices' param groups: configured x its multiplier (none on the others)."""
+        decay = self.cfg.weight_decay * self.hparam_multipliers.get("weight_decay", 1.0)
+        for group, (_, matrices) in zip(self.optimizer.param_groups, self.optimizer_groups):
+            group["weight_decay"] = decay if matrices else 0.0
+
+    def apply_hparams(self) -> None:
+        """The controlled weight decay and dropout, for the next step."""
+        if "weight_decay" in self.hparam_multipliers:
+            self.set_weight_decay()
+        if "dropout" in self.hparam_multipliers:
+            set_dropout(self.model, hparam_values(self.cfg, 0.0, self.hparam_multipliers)["dropout"])
+
+    def apply_controls(self, it: int, lr: float) -> None:
+        """Step `it`'s rate lr (each group at its own, when layered) and controlled hyperparameters."""
+        if self.layered:
+            rates = self.group_lrs(it)
+            for group, (index, _) in zip(self.optimizer.param_groups, self.optimizer_groups):
+                group["lr"] = rates[index]
+        else:
+            set_lr(self.optimizer, lr)
+        if self.hparam_multipliers:
+            self.apply_hparams()
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. Agents: after each evaluation, observe its numbers and set the next multiplier
 # ----------------------------------------------------------------------------------------------
@@ -1677,17 +1739,94 @@ class EvalResult:
     done: bool = False                   # the final evaluation (it == max_iters)
 
 
-class TrainingRun:
+class RunCheckpoints:
+    """What a checkpoint of a TrainingRun holds, and putting it back: the model, optimizer, scaler, RNG streams,
+    SeedState and the controls' multipliers; its store (harness.checkpoints) keeps the last two."""
+
+    def save(self, agent_state: dict) -> None:
+        """Checkpoint the run (atomically; loads with torch.load(weights_only=True)), with the agent's state.
+
+        Under torchrun every rank calls it: the model and optimizer are the same on every rank, the RNG
+        streams are not, so rank 0 gathers them all and alone keeps the checkpoint."""
+        t = time.perf_counter()
+        self.store.before_save(self.state.next_it)
+        self.stats.flush(self.state)
+        rank_rng = None
+        if self.world.distributed:
+            rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"],
+                                          "sampler_rng": self.sampler.generator.get_state(),
+                                          "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []})
+        if not self.world.is_main:
+            self.store.write(None, self.state.next_it)
+            return
+        meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
+                "config": dataclasses.asdict(self.cfg), "previous_it": self.store.saved_at.get("previous"),
+                **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {}),
+                **({"hparam_multipliers": self.hparam_multipliers} if self.hparam_multipliers else {})}
+        between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # reference
+                   "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
+                   "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else [],
+                   "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta),
+                   "weights_at_eval": self.stats.weights_at_eval if between_evaluations else None,
+                   **({"rank_rng": rank_rng} if rank_rng else {})}
+        self.store.write(payload, self.state.next_it)
+        self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
+
+    def resume(self) -> Optional[dict]:
+        """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing).
+        Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
+        meta = self.store.resume(self.restore)
+        return meta["agent"] if meta is not None else None
+
+    def rollback_before(self, it: int) -> Optional[dict]:
+        """Restore the newest checkpoint from before step `it`, keeping the wall time spent since (it was
+        spent all the same); returns the agent state saved with it, or None when there is no such one."""
+        spent = {k: getattr(self.state, k) for k in WALL_CLOCK_FIELDS}
+        key = self.store.newest_before(it)
+        if key is None:
+            return None
+        meta = self.restore(key)
+        for k, v in spent.items():
+            setattr(self.state, k, v)
+        return meta["agent"]
+
+    def restore(self, source) -> dict:
+        """Load a checkpoint: a path, or the "last" / "previous" one; returns its meta."""
+        payload, meta, rng = self.store.load(source)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.rng_state = {"cpu": rng["torch_rng"],
+                          "cuda": rng["cuda_rng"][0] if self.cuda_rng and rng["cuda_rng"] else None}
+        if self.cuda_rng and self.rng_state["cuda"] is None:
+            self.rng_state["cuda"] = torch.cuda.get_rng_state()
+        self.sampler.generator.set_state(rng["sampler_rng"])
+        self.state = SeedState(**meta["state"])
+        self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
+        if self.layered:
+            self.group_multipliers, self.trust = list(meta["group_multipliers"]), list(meta["trust"])
+        if self.hparam_multipliers:
+            self.hparam_multipliers = dict(meta["hparam_multipliers"])
+        self.set_weight_decay()  # the optimizer's state brought the saving run's: this run's config decides
+        self.stats.reset()
+        self.stats.weights_at_eval = payload.get("weights_at_eval")
+        if self.stats.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
+            self.stats.weights_at_eval = self.stats.flat_weights()
+        return meta
+
+
+class TrainingRun(Controls, RunCheckpoints):
     """One dataset and seed's training, advanced by a caller from evaluation to evaluation.
 
     The caller sets `multiplier` (the only knob: lr = clamp(base_schedule(it) x multiplier)), calls
     advance(), and decides what follows: an agent's decision, a checkpoint, a rollback, stopping. No agent,
     signal handler or progress bar lives in here; on_log(it, loss, lr) hears every logged step.
 
-    Two checkpoints are kept: the last one and the one before it (renamed, not rewritten). A divergence
-    detected at step j lies in the weights entering step j, which the checkpoint saved at j holds; a
-    rollback must go back to a checkpoint from before j, or it would replay the same weights and batch.
-    checkpoint=None keeps both in memory (short runs by the thousand: train_agent.py).
+    Its parts: the step and advance() (here, in nanoGPT's order), the knobs (Controls), checkpoints
+    (RunCheckpoints: the last two, so a rollback can go back to before a divergence; checkpoint=None keeps
+    them in memory, for train_agent.py's short runs by the thousand) and the gradient statistics
+    (harness.grad_stats: what an agent observes beside the losses).
     model=None builds a fresh GPT from cfg; a given model (e.g. a pruned one) is trained as it is.
 
     The run draws from its own torch RNG stream (initialisation, dropout), swapped in around its work:
@@ -1729,20 +1868,11 @@ class TrainingRun:
         self.eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)]
                             for split, s in self.eval_samplers.items()}
         self.state = SeedState()
-        self.multiplier = 1.0
-        # --lr_groups layer: each group's own multiplier (set by a per-group agent) and trust factor (LAMB).
-        self.group_names = lr_group_names(cfg)
-        self.layered = len(self.group_names) > 1
-        self.group_multipliers = [1.0] * len(self.group_names)
-        self.trust = [1.0] * len(self.group_names)
+        self.init_controls(cfg, self.optimizer)
         group_of = {id(p): lr_group_of(name) for name, p in self.model.named_parameters()} if self.layered else {}
         params = list(self.model.parameters())
         self.stats = GradientStatistics(params, [self.group_names.index(group_of.get(id(p), "all")) for p in params],
                                         self.group_names, rt.device)
-        self.optimizer_groups = [(self.group_names.index(g.get("lr_group", "all")), g.get("matrices", True))
-                                 for g in self.optimizer.param_groups]  # (LR group, holds matrices)
-        # --control: the other controlled hyperparameters' multipliers (the rate's is `multiplier`).
-        self.hparam_multipliers = {name: 1.0 for name in extra_controlled(cfg)}
         self.steps_taken = 0  # optimizer steps this object has run (rollbacks and restores included): compute
         self.on_log = on_log or (lambda it, loss, lr: None)
         self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
@@ -1764,39 +1894,6 @@ class TrainingRun:
             finally:
                 self.rng_state = {"cpu": torch.get_rng_state(),
                                   "cuda": torch.cuda.get_rng_state() if devices else None}
-
-    def lr(self, it: int) -> float:
-        return controlled_lr(self.cfg, it, self.multiplier)
-
-    def group_lrs(self, it: int) -> list[float]:
-        """Each LR group's rate at step `it`: clamp(base x multiplier x its multiplier x its trust)."""
-        base = base_lr(self.cfg, it) * self.multiplier
-        return [min(max(base * m * t, self.cfg.lr_floor), self.cfg.lr_ceiling)
-                for m, t in zip(self.group_multipliers, self.trust)]
-
-    def lr_record(self, it: int) -> dict:
-        """The per-group rates of step `it` for the logs (nothing with one group: "lr" says it all), and with
-        --control the value of every controlled hyperparameter at that step."""
-        record = {"lr_groups": dict(zip(self.group_names, self.group_lrs(it)))} if self.layered else {}
-        if self.hparam_multipliers:
-            record["hparams"] = hparam_values(self.cfg, self.lr(it), self.hparam_multipliers)
-        return record
-
-    def grad_clip(self) -> float:
-        return self.cfg.grad_clip * self.hparam_multipliers.get("grad_clip", 1.0)
-
-    def set_weight_decay(self) -> None:
-        """Weight decay of the matrices' param groups: configured x its multiplier (none on the others)."""
-        decay = self.cfg.weight_decay * self.hparam_multipliers.get("weight_decay", 1.0)
-        for group, (_, matrices) in zip(self.optimizer.param_groups, self.optimizer_groups):
-            group["weight_decay"] = decay if matrices else 0.0
-
-    def apply_hparams(self) -> None:
-        """The controlled weight decay and dropout, for the next step."""
-        if "weight_decay" in self.hparam_multipliers:
-            self.set_weight_decay()
-        if "dropout" in self.hparam_multipliers:
-            set_dropout(self.model, hparam_values(self.cfg, 0.0, self.hparam_multipliers)["dropout"])
 
     # --- training -----------------------------------------------------------------------------
 
@@ -1853,14 +1950,7 @@ class TrainingRun:
         """One optimizer step at rate lr (each group at its own, when layered); returns the last micro-batch's
         loss (on the device, not synced)."""
         cfg = self.cfg
-        if self.layered:
-            rates = self.group_lrs(it)
-            for group, (index, _) in zip(self.optimizer.param_groups, self.optimizer_groups):
-                group["lr"] = rates[index]
-        else:
-            set_lr(self.optimizer, lr)
-        if self.hparam_multipliers:
-            self.apply_hparams()
+        self.apply_controls(it, lr)
         loss = self.accumulate_gradients(it)
         if self.layered:  # clipped by the global norm, each group's norm kept too
             if self.scaler.is_enabled():
@@ -1970,80 +2060,6 @@ class TrainingRun:
             "num_params": self.model.num_params(),
             "status": status,
         }
-
-    # --- checkpoints --------------------------------------------------------------------------
-
-    def save(self, agent_state: dict) -> None:
-        """Checkpoint the run (atomically; loads with torch.load(weights_only=True)), with the agent's state.
-
-        Under torchrun every rank calls it: the model and optimizer are the same on every rank, the RNG
-        streams are not, so rank 0 gathers them all and alone keeps the checkpoint."""
-        t = time.perf_counter()
-        self.store.before_save(self.state.next_it)
-        self.stats.flush(self.state)
-        rank_rng = None
-        if self.world.distributed:
-            rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"],
-                                          "sampler_rng": self.sampler.generator.get_state(),
-                                          "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []})
-        if not self.world.is_main:
-            self.store.write(None, self.state.next_it)
-            return
-        meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
-                "config": dataclasses.asdict(self.cfg), "previous_it": self.store.saved_at.get("previous"),
-                **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {}),
-                **({"hparam_multipliers": self.hparam_multipliers} if self.hparam_multipliers else {})}
-        between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # reference
-                   "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
-                   "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else [],
-                   "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta),
-                   "weights_at_eval": self.stats.weights_at_eval if between_evaluations else None,
-                   **({"rank_rng": rank_rng} if rank_rng else {})}
-        self.store.write(payload, self.state.next_it)
-        self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
-
-    def resume(self) -> Optional[dict]:
-        """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing).
-        Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
-        meta = self.store.resume(self.restore)
-        return meta["agent"] if meta is not None else None
-
-    def rollback_before(self, it: int) -> Optional[dict]:
-        """Restore the newest checkpoint from before step `it`, keeping the wall time spent since (it was
-        spent all the same); returns the agent state saved with it, or None when there is no such one."""
-        spent = {k: getattr(self.state, k) for k in WALL_CLOCK_FIELDS}
-        key = self.store.newest_before(it)
-        if key is None:
-            return None
-        meta = self.restore(key)
-        for k, v in spent.items():
-            setattr(self.state, k, v)
-        return meta["agent"]
-
-    def restore(self, source) -> dict:
-        """Load a checkpoint: a path, or the "last" / "previous" one; returns its meta."""
-        payload, meta, rng = self.store.load(source)
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.rng_state = {"cpu": rng["torch_rng"],
-                          "cuda": rng["cuda_rng"][0] if self.cuda_rng and rng["cuda_rng"] else None}
-        if self.cuda_rng and self.rng_state["cuda"] is None:
-            self.rng_state["cuda"] = torch.cuda.get_rng_state()
-        self.sampler.generator.set_state(rng["sampler_rng"])
-        self.state = SeedState(**meta["state"])
-        self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
-        if self.layered:
-            self.group_multipliers, self.trust = list(meta["group_multipliers"]), list(meta["trust"])
-        if self.hparam_multipliers:
-            self.hparam_multipliers = dict(meta["hparam_multipliers"])
-        self.set_weight_decay()  # the optimizer's state brought the saving run's: this run's config decides
-        self.stats.reset()
-        self.stats.weights_at_eval = payload.get("weights_at_eval")
-        if self.stats.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
-            self.stats.weights_at_eval = self.stats.flat_weights()
-        return meta
 
 
 def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, out_dir: Path,
