@@ -658,17 +658,7 @@ def prune(args: Args, argv: list[str]) -> dict:
     ex.prepare_run_folder(out, args.overwrite)  # every check above: bad input touches nothing
 
     reward_tokens, search_tokens = train[-args.reward_tokens:], train[:-args.reward_tokens]
-    record = {"title": f"prune {source.run_dir.name} {args.dataset} seed {args.seed}",
-              "description": f"structured pruning for FLOPs targets {targets} by {', '.join(methods)}",
-              "command": ex.command_line(__file__, argv), "cwd": str(Path.cwd()), "started": ex.now_iso(),
-              "finished": None, "status": "running", "args": dataclasses.asdict(args), "layout": LAYOUT,
-              "source": {"run": str(source.run_dir.resolve()), "dataset": args.dataset, "seed_index": args.seed,
-                         "model": str(source.model_path.resolve()), "model_sha256": sha256_file(source.model_path),
-                         "model_config": dataclasses.asdict(source.model.config)},
-              "flops_formula": FLOPS_FORMULA,
-              "reward_slice": {"split": "train", "tokens": args.reward_tokens, "from": len(train) - args.reward_tokens},
-              "data": source.data.provenance, "finetune_config": dataclasses.asdict(ft_cfg), "search": {},
-              **ex.environment_record(source.rt)}
+    record = prune_record(args, argv, source, ft_cfg, targets, methods)
     atomic_write_json(out / "run.json", record)
     print(f"pruning {source.model_path} ({flops_per_token(source.model.config)['total']:,} FLOPs/token, "
           f"{source.model.num_params():,} params) | targets {targets} | {', '.join(methods)} | "
@@ -710,6 +700,24 @@ def prune(args: Args, argv: list[str]) -> dict:
     atomic_write_json(out / "run.json", record)
     report(out, final_infos, record, targets, args)
     return final_infos
+
+
+def prune_record(args: Args, argv: list[str], source: Source, ft_cfg: ex.Config, targets: list[float],
+                 methods: list[str]) -> dict:
+    """run.json of the prune folder: the command, the source model (and its sha256), the reward slice of the
+    train split, the fine-tuning config and the machine; "search" fills in as each method finishes."""
+    train = source.data.splits["train"]
+    return {"title": f"prune {source.run_dir.name} {args.dataset} seed {args.seed}",
+            "description": f"structured pruning for FLOPs targets {targets} by {', '.join(methods)}",
+            "command": ex.command_line(__file__, argv), "cwd": str(Path.cwd()), "started": ex.now_iso(),
+            "finished": None, "status": "running", "args": dataclasses.asdict(args), "layout": LAYOUT,
+            "source": {"run": str(source.run_dir.resolve()), "dataset": args.dataset, "seed_index": args.seed,
+                       "model": str(source.model_path.resolve()), "model_sha256": sha256_file(source.model_path),
+                       "model_config": dataclasses.asdict(source.model.config)},
+            "flops_formula": FLOPS_FORMULA,
+            "reward_slice": {"split": "train", "tokens": args.reward_tokens, "from": len(train) - args.reward_tokens},
+            "data": source.data.provenance, "finetune_config": dataclasses.asdict(ft_cfg), "search": {},
+            **ex.environment_record(source.rt)}
 
 
 def report(out: Path, final_infos: dict, record: dict, targets: list[float], args: Args) -> None:

@@ -187,6 +187,32 @@ def trial_config(setup: dict, hp: dict) -> ex.Config:
     return ex.config_for_dataset(base, settings(base, setup["overrides"], hp), setup["profile"], setup["dataset"])
 
 
+def trial_record(setup: dict, folder: Path, cfg: ex.Config, hp: dict, data: ex.CharDataset, rt: ex.Runtime,
+                 checkpoint) -> dict:
+    """The trial's run.json: a new one in a cleared folder, or, when Ray hands a checkpoint, the trial's own
+    with the restore noted, after copying the checkpoint's files into the trial folder."""
+    dataset = setup["dataset"]
+    if checkpoint is None:
+        ex.prepare_run_folder(folder, overwrite=True)
+        return {"title": f"{setup['method']} trial {folder.name}", "description": f"sweep.py {setup['method']}",
+                "profile": setup["profile"], "datasets": [dataset], "command": setup["command"],
+                "cwd": setup["cwd"], "started": ex.now_iso(), "finished": None,
+                "configs": {dataset: dataclasses.asdict(cfg)}, "data": {dataset: data.provenance},
+                "warnings": {}, "sweep": {"method": setup["method"], "trial": folder.name, "hp": hp},
+                "restores": [], **ex.environment_record(rt)}
+    record = read_json(folder / "run.json")
+    with checkpoint.as_directory() as d:
+        origin = json.loads((Path(d) / "origin.json").read_text())
+        for f in Path(d).glob("ckpt_*.pt"):
+            shutil.copy2(f, folder / f.name)
+    # A PBT exploit (another trial's weights) or a resume (this trial's own), and the settings from here on.
+    record["restores"].append({"at": ex.now_iso(), "from_trial": origin["trial"], "iter": origin["iter"],
+                               "val_loss": origin["val_loss"], "hp": hp,
+                               "kind": "resume" if origin["trial"] == folder.name else "exploit"})
+    record["configs"] = {dataset: dataclasses.asdict(cfg)}
+    return record
+
+
 def trainable(config: dict, setup: dict) -> None:
     """Ray Tune's function trainable. Restores Ray's checkpoint if it hands one (its own, when Ray resumes it
     after a failure or a synchronous-PBT pause; another trial's, when PBT exploits), trains through
@@ -204,25 +230,7 @@ def trainable(config: dict, setup: dict) -> None:
     rt = ex.Runtime.choose(cfg)
     record_path = folder / "run.json"
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        ex.prepare_run_folder(folder, overwrite=True)
-        record = {"title": f"{setup['method']} trial {folder.name}", "description": f"sweep.py {setup['method']}",
-                  "profile": setup["profile"], "datasets": [dataset], "command": setup["command"],
-                  "cwd": setup["cwd"], "started": ex.now_iso(), "finished": None,
-                  "configs": {dataset: dataclasses.asdict(cfg)}, "data": {dataset: data.provenance},
-                  "warnings": {}, "sweep": {"method": setup["method"], "trial": folder.name, "hp": config["hp"]},
-                  "restores": [], **ex.environment_record(rt)}
-    else:
-        record = read_json(record_path)
-        with checkpoint.as_directory() as d:
-            origin = json.loads((Path(d) / "origin.json").read_text())
-            for f in Path(d).glob("ckpt_*.pt"):
-                shutil.copy2(f, folder / f.name)
-        # A PBT exploit (another trial's weights) or a resume (this trial's own), and the settings from here on.
-        record["restores"].append({"at": ex.now_iso(), "from_trial": origin["trial"], "iter": origin["iter"],
-                                   "val_loss": origin["val_loss"], "hp": config["hp"],
-                                   "kind": "resume" if origin["trial"] == folder.name else "exploit"})
-        record["configs"] = {dataset: dataclasses.asdict(cfg)}
+    record = trial_record(setup, folder, cfg, config["hp"], data, rt, checkpoint)
     atomic_write_json(record_path, {**record, "status": "running"})
     compute_path = folder / "compute.json"
     compute = read_json(compute_path) if compute_path.exists() else {"steps": 0, "seconds": 0.0}

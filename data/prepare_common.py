@@ -408,25 +408,9 @@ def prepare(
     out_dir = Path(out_dir)
     if checksum is not None:
         parse_checksum(checksum)  # reject a malformed value before any work
-
-    if source is not None:
-        source = Path(source)
-        raw, source_info = load_local_source(spec, source, checksum, allow_nonstandard)
-        label = source_info["member"] or source.name
-        make_out_dir(out_dir)  # only now: a refused source leaves no new folder behind
-    else:
-        url = url or spec.url
-        make_out_dir(out_dir)
-        raw, source_info = fetch_source(spec, out_dir, url, checksum or spec.checksum, log)
-        label = source_info["member"] or Path(urlsplit(url).path).name or url
-
-    warning = None
-    if len(raw) != spec.standard_size:
-        percents = "/".join(f"{100 * f:g}" for _, f in spec.splits)
-        warning = (
-            f"{label} is {len(raw):,} bytes, not the standard {spec.standard_size:,}: "
-            f"split {percents} in proportion; losses are not comparable with published results"
-        )
+    raw, source_info, label = obtain_raw(spec, out_dir, source, url, checksum, log, allow_nonstandard)
+    warning = nonstandard_warning(spec, len(raw), label)
+    if warning is not None:
         log(f"warning: {warning}")
 
     try:
@@ -438,9 +422,6 @@ def prepare(
 
     chars, ids = build_vocab_and_encode(text)
     _check_vocab_fits(len(chars))
-    itos = dict(enumerate(chars))
-    stoi = {c: i for i, c in itos.items()}
-
     names = [name for name, _ in spec.splits]
     sizes = split_sizes(len(ids), [f for _, f in spec.splits])
     outputs, bin_sha256 = bin_outputs(ids, names, sizes)
@@ -448,8 +429,8 @@ def prepare(
         "format_version": FORMAT_VERSION,
         "dataset": spec.name,
         "vocab_size": len(chars),
-        "itos": {str(i): c for i, c in itos.items()},  # JSON keys must be strings
-        "stoi": stoi,
+        "itos": {str(i): c for i, c in enumerate(chars)},  # JSON keys must be strings
+        "stoi": {c: i for i, c in enumerate(chars)},
         "dtype": "uint16",
         "encoding": spec.encoding,
         "splits": dict(zip(names, sizes)),
@@ -458,15 +439,47 @@ def prepare(
         "warning": warning,
         "source": source_info,
     }
+    write_prepared(out_dir, outputs, chars, meta)
+    return meta
 
-    nanogpt_meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
-    outputs.append(("meta.pkl", pickle.dumps(nanogpt_meta)))
-    outputs.append(("meta.json", (json.dumps(meta, indent=1) + "\n").encode("ascii")))
-    try:  # meta.json last: it marks the folder complete (removed first, so a crash leaves no mix)
+
+def obtain_raw(spec: DatasetSpec, out_dir: Path, source: Path | None, url: str | None, checksum: str | None,
+               log: Callable[[str], None], allow_nonstandard: bool) -> tuple[bytes, dict, str]:
+    """(raw text bytes, source record, label for messages): from the local source, else downloaded.
+    out_dir is created only once a local source passed its checks (a refused source leaves no folder)."""
+    if source is not None:
+        source = Path(source)
+        raw, source_info = load_local_source(spec, source, checksum, allow_nonstandard)
+        make_out_dir(out_dir)
+        return raw, source_info, source_info["member"] or source.name
+    url = url or spec.url
+    make_out_dir(out_dir)
+    raw, source_info = fetch_source(spec, out_dir, url, checksum or spec.checksum, log)
+    return raw, source_info, source_info["member"] or Path(urlsplit(url).path).name or url
+
+
+def nonstandard_warning(spec: DatasetSpec, n_bytes: int, label: str) -> str | None:
+    """The warning a source of other than the standard size gets (recorded in meta.json); None if standard."""
+    if n_bytes == spec.standard_size:
+        return None
+    percents = "/".join(f"{100 * f:g}" for _, f in spec.splits)
+    return (
+        f"{label} is {n_bytes:,} bytes, not the standard {spec.standard_size:,}: "
+        f"split {percents} in proportion; losses are not comparable with published results"
+    )
+
+
+def write_prepared(out_dir: Path, outputs: list, chars: list[str], meta: dict) -> None:
+    """The .bin files, nanoGPT's meta.pkl and our meta.json, written as one (meta.json last: it marks the
+    folder complete, and is removed first, so a crash leaves no mix of old and new files)."""
+    itos = dict(enumerate(chars))
+    nanogpt_meta = {"vocab_size": len(chars), "itos": itos, "stoi": {c: i for i, c in itos.items()}}
+    outputs = outputs + [("meta.pkl", pickle.dumps(nanogpt_meta)),
+                         ("meta.json", (json.dumps(meta, indent=1) + "\n").encode("ascii"))]
+    try:
         atomic_write_files(out_dir, outputs, marker="meta.json")
     except OSError as exc:
         raise PrepareError(f"cannot write the prepared data to {out_dir}: {exc}") from None
-    return meta
 
 
 def make_out_dir(out_dir: Path) -> None:
