@@ -43,8 +43,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from data import prepare_common  # the download/prepare logic shared with data/<dataset>/prepare.py
-from harness.checkpoints import CheckpointStore
-from harness.cli import OneLineArgumentParser
+from harness.checkpoints import CheckpointStore, RunCheckpoints
+from harness.cli import OneLineArgumentParser, add_config_flags, job_main, parse_field_value
 from harness.distributed import RANK_SEED_STRIDE, World
 from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -52,7 +52,7 @@ from harness.grad_stats import GradientStatistics, lamb_trust
 from harness.records import (check_same_data, command_line, data_provenance, environment_record, now_iso,
                              prepare_run_folder, resume_configs, world_record)
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
-from harness.validation import check_bounds, check_fields, check_world, policy_warnings, world_warnings
+from harness.validation import check_fields, check_world, policy_warnings, world_warnings
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
@@ -1716,9 +1716,6 @@ class SeedState:
     checkpoint_time: float = 0.0
 
 
-WALL_CLOCK_FIELDS = ("elapsed", "eval_time", "agent_time", "checkpoint_time")  # kept across rollbacks
-
-
 def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
@@ -1737,83 +1734,6 @@ class EvalResult:
     diverged: Optional[str] = None       # what diverged, e.g. "train loss nan at iter 12": call rollback_before
     interrupted: bool = False            # stop() asked for it before step `it`
     done: bool = False                   # the final evaluation (it == max_iters)
-
-
-class RunCheckpoints:
-    """What a checkpoint of a TrainingRun holds, and putting it back: the model, optimizer, scaler, RNG streams,
-    SeedState and the controls' multipliers; its store (harness.checkpoints) keeps the last two."""
-
-    def save(self, agent_state: dict) -> None:
-        """Checkpoint the run (atomically; loads with torch.load(weights_only=True)), with the agent's state.
-
-        Under torchrun every rank calls it: the model and optimizer are the same on every rank, the RNG
-        streams are not, so rank 0 gathers them all and alone keeps the checkpoint."""
-        t = time.perf_counter()
-        self.store.before_save(self.state.next_it)
-        self.stats.flush(self.state)
-        rank_rng = None
-        if self.world.distributed:
-            rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"],
-                                          "sampler_rng": self.sampler.generator.get_state(),
-                                          "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []})
-        if not self.world.is_main:
-            self.store.write(None, self.state.next_it)
-            return
-        meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
-                "config": dataclasses.asdict(self.cfg), "previous_it": self.store.saved_at.get("previous"),
-                **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {}),
-                **({"hparam_multipliers": self.hparam_multipliers} if self.hparam_multipliers else {})}
-        between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # reference
-                   "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
-                   "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else [],
-                   "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta),
-                   "weights_at_eval": self.stats.weights_at_eval if between_evaluations else None,
-                   **({"rank_rng": rank_rng} if rank_rng else {})}
-        self.store.write(payload, self.state.next_it)
-        self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
-
-    def resume(self) -> Optional[dict]:
-        """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing).
-        Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
-        meta = self.store.resume(self.restore)
-        return meta["agent"] if meta is not None else None
-
-    def rollback_before(self, it: int) -> Optional[dict]:
-        """Restore the newest checkpoint from before step `it`, keeping the wall time spent since (it was
-        spent all the same); returns the agent state saved with it, or None when there is no such one."""
-        spent = {k: getattr(self.state, k) for k in WALL_CLOCK_FIELDS}
-        key = self.store.newest_before(it)
-        if key is None:
-            return None
-        meta = self.restore(key)
-        for k, v in spent.items():
-            setattr(self.state, k, v)
-        return meta["agent"]
-
-    def restore(self, source) -> dict:
-        """Load a checkpoint: a path, or the "last" / "previous" one; returns its meta."""
-        payload, meta, rng = self.store.load(source)
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.rng_state = {"cpu": rng["torch_rng"],
-                          "cuda": rng["cuda_rng"][0] if self.cuda_rng and rng["cuda_rng"] else None}
-        if self.cuda_rng and self.rng_state["cuda"] is None:
-            self.rng_state["cuda"] = torch.cuda.get_rng_state()
-        self.sampler.generator.set_state(rng["sampler_rng"])
-        self.state = SeedState(**meta["state"])
-        self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
-        if self.layered:
-            self.group_multipliers, self.trust = list(meta["group_multipliers"]), list(meta["trust"])
-        if self.hparam_multipliers:
-            self.hparam_multipliers = dict(meta["hparam_multipliers"])
-        self.set_weight_decay()  # the optimizer's state brought the saving run's: this run's config decides
-        self.stats.reset()
-        self.stats.weights_at_eval = payload.get("weights_at_eval")
-        if self.stats.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
-            self.stats.weights_at_eval = self.stats.flat_weights()
-        return meta
 
 
 class TrainingRun(Controls, RunCheckpoints):
@@ -2625,33 +2545,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "Every setting below overrides the chosen --profile (the [Config: ...] defaults are "
                     "the dataclass's; profiles change most of them). Training settings also take "
                     "per-dataset values: --learning_rate shakespeare_char=2e-3,enwik8=1e-3,text8=1e-3.")
-    for f in dataclasses.fields(Config):
-        flag, meta = f"--{f.name}", f.metadata
-        choices = f" {{{','.join(meta['choices'])}}}" if meta["choices"] else ""
-        bounds = f" in {meta['bounds']}" if meta["bounds"] else ""
-        kwargs = dict(dest=f.name, default=None, help=meta["help"] + choices + bounds + f" [Config: {f.default}]")
-        if f.type in ("bool", "Optional[bool]"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:  # converted (and checked against choices) by parse_value, which knows per-dataset values
-            parser.add_argument(flag, metavar=f.name.upper() if not meta["choices"] else "CHOICE", **kwargs)
-    return parser
+    return add_config_flags(parser, Config)
 
 
 def parse_value(f: dataclasses.Field, text: str):
     """'2e-3' -> 0.002; 'shakespeare_char=2e-3,enwik8=1e-3' -> {dataset: value} for training settings."""
-    items = [item.split("=", 1) for item in text.split(",")] if "=" in text else None
-    if items and f.name not in RUN_LEVEL_FIELDS and all(len(i) == 2 and i[0].strip() in DATASETS for i in items):
-        return {name.strip(): parse_value(f, value.strip()) for name, value in items}
-    kind = {"int": int, "float": float, "str": str}[f.type]
-    try:
-        value = kind(text)
-    except ValueError:
-        raise UserError(f"argument --{f.name}: invalid {f.type} value: {text!r} (see --help)") from None
-    check_bounds(f, value)  # nan, inf and out-of-range values stop here, before anything is written
-    if f.metadata["choices"] and value not in f.metadata["choices"]:
-        raise UserError(f"argument --{f.name}: invalid choice: {text!r} "
-                        f"(choose from {', '.join(f.metadata['choices'])})")
-    return value
+    return parse_field_value(f, text, per_dataset=() if f.name in RUN_LEVEL_FIELDS else DATASETS)
 
 
 def parse_args(argv: list[str]) -> tuple[Config, dict]:
@@ -2667,35 +2566,7 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    report = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 speaks for the job: one line, not one per rank
-    world, together = World(), False  # together: every rank ends here alike (see World.close)
-    try:
-        base, typed = parse_args(argv)
-        world = World.from_environment(base)
-        run_experiment(base, typed, argv, world)
-        together = True
-        return 0
-    except (UserError, RunFailed, Interrupted) as e:  # raised on every rank alike (World.from_main, agreed stops)
-        together = True
-        if debug:
-            raise
-        if report:
-            print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # a full disk, a vanished folder: earlier results are intact (atomic writes)
-        if debug:
-            raise
-        if report:
-            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if report:
-            print("error: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        world.close(together)
+    return job_main(sys.argv[1:] if argv is None else argv, parse_args, run_experiment)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,17 @@ same weights and batch. The last one becomes the previous one by a rename, not a
 is atomic, so a kill at any moment leaves at least one whole checkpoint.
 
 Under torchrun rank 0 alone holds the files; the other ranks ask it (World.from_main) and get the same
-answers and bytes. What goes into a checkpoint is the run's business: here it is a dict of tensors and
-plain data, saved with torch.save and loaded with torch.load(weights_only=True).
+answers and bytes. CheckpointStore keeps the bytes; RunCheckpoints (a mixin of experiment.TrainingRun) says
+what a checkpoint holds: a dict of tensors and plain data, saved with torch.save and loaded with
+torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +25,8 @@ import torch
 from harness.distributed import World
 from harness.errors import UserError
 from harness.files import atomic_write_bytes
+
+WALL_CLOCK_FIELDS = ("elapsed", "eval_time", "agent_time", "checkpoint_time")  # kept across rollbacks
 
 
 class CheckpointStore:
@@ -120,3 +125,81 @@ class CheckpointStore:
             if at is not None and at < it and self.has(key):
                 return key
         return None
+
+
+class RunCheckpoints:
+    """What a checkpoint of a TrainingRun holds, and putting it back: the model, optimizer, scaler, RNG streams,
+    its state (a dataclass, SeedState) and the controls' multipliers, kept by its CheckpointStore (`store`).
+    A mixin of experiment.TrainingRun, reading the run's attributes by name."""
+
+    def save(self, agent_state: dict) -> None:
+        """Checkpoint the run (atomically; loads with torch.load(weights_only=True)), with the agent's state.
+
+        Under torchrun every rank calls it: the model and optimizer are the same on every rank, the RNG
+        streams are not, so rank 0 gathers them all and alone keeps the checkpoint."""
+        t = time.perf_counter()
+        self.store.before_save(self.state.next_it)
+        self.stats.flush(self.state)
+        rank_rng = None
+        if self.world.distributed:
+            rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"],
+                                          "sampler_rng": self.sampler.generator.get_state(),
+                                          "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []})
+        if not self.world.is_main:
+            self.store.write(None, self.state.next_it)
+            return
+        meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
+                "config": dataclasses.asdict(self.cfg), "previous_it": self.store.saved_at.get("previous"),
+                **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {}),
+                **({"hparam_multipliers": self.hparam_multipliers} if self.hparam_multipliers else {})}
+        between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # reference
+                   "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
+                   "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else [],
+                   "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta),
+                   "weights_at_eval": self.stats.weights_at_eval if between_evaluations else None,
+                   **({"rank_rng": rank_rng} if rank_rng else {})}
+        self.store.write(payload, self.state.next_it)
+        self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
+
+    def resume(self) -> Optional[dict]:
+        """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing).
+        Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
+        meta = self.store.resume(self.restore)
+        return meta["agent"] if meta is not None else None
+
+    def rollback_before(self, it: int) -> Optional[dict]:
+        """Restore the newest checkpoint from before step `it`, keeping the wall time spent since (it was
+        spent all the same); returns the agent state saved with it, or None when there is no such one."""
+        spent = {k: getattr(self.state, k) for k in WALL_CLOCK_FIELDS}
+        key = self.store.newest_before(it)
+        if key is None:
+            return None
+        meta = self.restore(key)
+        for k, v in spent.items():
+            setattr(self.state, k, v)
+        return meta["agent"]
+
+    def restore(self, source) -> dict:
+        """Load a checkpoint: a path, or the "last" / "previous" one; returns its meta."""
+        payload, meta, rng = self.store.load(source)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.rng_state = {"cpu": rng["torch_rng"],
+                          "cuda": rng["cuda_rng"][0] if self.cuda_rng and rng["cuda_rng"] else None}
+        if self.cuda_rng and self.rng_state["cuda"] is None:
+            self.rng_state["cuda"] = torch.cuda.get_rng_state()
+        self.sampler.generator.set_state(rng["sampler_rng"])
+        self.state = type(self.state)(**meta["state"])
+        self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
+        if self.layered:
+            self.group_multipliers, self.trust = list(meta["group_multipliers"]), list(meta["trust"])
+        if self.hparam_multipliers:
+            self.hparam_multipliers = dict(meta["hparam_multipliers"])
+        self.set_weight_decay()  # the optimizer's state brought the saving run's: this run's config decides
+        self.stats.reset()
+        self.stats.weights_at_eval = payload.get("weights_at_eval")
+        if self.stats.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
+            self.stats.weights_at_eval = self.stats.flat_weights()
+        return meta
