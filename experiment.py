@@ -49,8 +49,8 @@ from harness.distributed import RANK_SEED_STRIDE, World
 from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from harness.grad_stats import GradientStatistics, lamb_trust
-from harness.records import (check_same_data, command_line, data_provenance, environment_record, now_iso,
-                             prepare_run_folder, resume_configs, world_record)
+from harness.records import (check_same_data, command_line, data_provenance, new_run_record, now_iso, policy_record,
+                             prepare_run_folder, resume_configs)
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 from harness.validation import check_fields, check_world, policy_warnings, world_warnings
 
@@ -2412,21 +2412,14 @@ def start_run_record(base: Config, configs: dict, loaded: dict, rt: Runtime, pro
     print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile}"
           f"{processes} | "
           f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
+    command = command_line(__file__, argv)
     if run_record is None:
-        run_record = {"title": base.title, "description": base.description, "profile": profile,
-                      "datasets": datasets, "command": command_line(__file__, argv), "cwd": os.getcwd(),
-                      "started": now_iso(), "finished": None,
-                      "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
-                      "data": {d: loaded[d].provenance for d in datasets},
-                      "warnings": {d: w for d, w in warnings.items() if w},
-                      "distributed": world_record(configs, world), **environment_record(rt)}
+        run_record = new_run_record(base, profile, configs, {d: loaded[d].provenance for d in datasets}, warnings, rt,
+                                    command)
         if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
-            run_record["policy"] = {d: {k: p[k] for k in ("dir", "file", "sha256")} | {"frozen": frozen(configs[d], True),
-                "trained": {k: p["manifest"].get(k) for k in ("agent", "dataset", "profile", "episodes_done",
-                                                                "seeds", "lr_range", "reward")}}
-                for d, p in policies.items()}
+            run_record["policy"] = policy_record(policies, {d: frozen(configs[d], True) for d in policies})
     else:
-        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command_line(__file__, argv)})
+        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command})
     run_record.update(status="running", error=None)
     atomic_write_json(out_dir / "run.json", run_record)
     return run_record

@@ -66,6 +66,7 @@ from gymnasium import spaces
 import experiment as ex
 from harness.cli import dataclass_parser, entry_point
 from harness.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
+from harness.records import environment_record
 
 METHODS = ("rl", "magnitude", "random")
 UNPRUNED_FINETUNED = "unpruned_finetuned"  # the source model fine-tuned as the pruned ones are
@@ -717,7 +718,7 @@ def prune_record(args: Args, argv: list[str], source: Source, ft_cfg: ex.Config,
             "flops_formula": FLOPS_FORMULA,
             "reward_slice": {"split": "train", "tokens": args.reward_tokens, "from": len(train) - args.reward_tokens},
             "data": source.data.provenance, "finetune_config": dataclasses.asdict(ft_cfg), "search": {},
-            **ex.environment_record(source.rt)}
+            **environment_record(source.rt)}
 
 
 def report(out: Path, final_infos: dict, record: dict, targets: list[float], args: Args) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 import experiment as ex
 from harness.cli import dataclass_parser, entry_point
 from harness.files import atomic_write_json, read_json
+from harness.records import environment_record
 
 RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'
 METHODS = ("grid", "random", "pbt")
@@ -199,7 +200,7 @@ def trial_record(setup: dict, folder: Path, cfg: ex.Config, hp: dict, data: ex.C
                 "cwd": setup["cwd"], "started": ex.now_iso(), "finished": None,
                 "configs": {dataset: dataclasses.asdict(cfg)}, "data": {dataset: data.provenance},
                 "warnings": {}, "sweep": {"method": setup["method"], "trial": folder.name, "hp": hp},
-                "restores": [], **ex.environment_record(rt)}
+                "restores": [], **environment_record(rt)}
     record = read_json(folder / "run.json")
     with checkpoint.as_directory() as d:
         origin = json.loads((Path(d) / "origin.json").read_text())

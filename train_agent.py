@@ -40,6 +40,7 @@ from stable_baselines3.common.vec_env import VecEnv
 import experiment as ex
 import plot
 from harness.cli import dataclass_parser, entry_point
+from harness.records import environment_record
 from harness.runtime import format_duration
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
@@ -413,7 +414,7 @@ def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) ->
             "seed": args.seed, "reward": ex.reward_kind(cfg), "actions": ex.agent_actions(cfg),
             "observation": ex.observation_spec(cfg), "controller": controller, "config": dataclasses.asdict(cfg),
             "policy_file": policy_file, "episodes": args.episodes, "episodes_done": 0, "seeds": [],
-            "command": ex.command_line(__file__, argv), "started": ex.now_iso(), **ex.environment_record(rt)}
+            "command": ex.command_line(__file__, argv), "started": ex.now_iso(), **environment_record(rt)}
 
 
 def open_out_dir(out: Path, manifest: dict) -> tuple[list[dict], dict]:

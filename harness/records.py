@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import os
 import platform
 import subprocess
 import sys
@@ -150,3 +151,24 @@ def world_record(configs: dict, world: World) -> dict:
         sequences = c.batch_size * per_rank * world.size
         batches[d] = {"micro_steps_per_rank": per_rank, "sequences": sequences, "tokens": sequences * c.block_size}
     return {"world_size": world.size, "backend": world.backend, "global_batch": batches}
+
+
+def new_run_record(base, profile: str, configs: dict, data: dict, warnings: dict, rt: Runtime, command: list) -> dict:
+    """run.json of a new run: what it is, the command, every dataset's resolved config and data provenance,
+    the warnings given, the processes, and the machine and package versions."""
+    return {"title": base.title, "description": base.description, "profile": profile,
+            "datasets": list(configs), "command": command, "cwd": os.getcwd(),
+            "started": now_iso(), "finished": None,
+            "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
+            "data": data,
+            "warnings": {d: w for d, w in warnings.items() if w},
+            "distributed": world_record(configs, rt.world), **environment_record(rt)}
+
+
+def policy_record(policies: dict, frozen: dict) -> dict:
+    """run.json's "policy": per dataset, the trained policy that acted (folder, file, sha256), whether it was
+    deployed frozen, and how it was trained (from its manifest)."""
+    return {d: {k: p[k] for k in ("dir", "file", "sha256")} | {"frozen": frozen[d],
+            "trained": {k: p["manifest"].get(k) for k in ("agent", "dataset", "profile", "episodes_done",
+                                                            "seeds", "lr_range", "reward")}}
+            for d, p in policies.items()}
