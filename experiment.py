@@ -4,17 +4,21 @@ Train small character-level GPTs while an agent controls the learning rate.
     python experiment.py --out_dir run_0                 # default profile for this machine
     python experiment.py --out_dir run_1 --profile cpu --datasets shakespeare_char
 
-One file, read top to bottom:
+What an idea edits, read top to bottom as one run meets it:
   1. Config and profiles         (one dataclass; every field is a --flag)
-  2. Small utilities             (atomic writes, statistics, errors)
+  2. Small utilities             (statistics)
   3. Data                        (prepared .bin files, batches, fixed evaluation batches)
   4. Model                       (nanoGPT: pre-LN, tied embeddings, SDPA causal attention)
-  5. Learning rate               (base schedule x agent multiplier, clamped)
+  5. Learning rate and control   (base schedule x agent multiplier, clamped; Controls: the run's knobs)
   6. Agents                      (act after each evaluation)
-  7. Training one dataset/seed   (TrainingRun: advanced evaluation to evaluation; train_one_seed drives it)
+  7. Training one dataset/seed   (TrainingRun: the step, advanced evaluation to evaluation; drive() the loop)
   8. Sampling and inference speed
   9. The run folder              (final_info.json, all_results.npy, run.json, ...)
  10. CLI
+
+What no idea touches lives beside it in harness/, one concern per module, never importing this file:
+errors and files (the one atomic writer), records (provenance, run.json), validation (bounds), cli,
+distributed (the torchrun World), runtime (device, signals, progress), checkpoints, grad_stats.
 
 The run folder follows the AI-Scientist nanoGPT template's contract (see README), so its
 plot.py and perform_experiments.py read our runs unmodified.
