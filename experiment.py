@@ -4,37 +4,35 @@ Train small character-level GPTs while an agent controls the learning rate.
     python experiment.py --out_dir run_0                 # default profile for this machine
     python experiment.py --out_dir run_1 --profile cpu --datasets shakespeare_char
 
-One file, read top to bottom:
+What an idea edits, read top to bottom as one run meets it:
   1. Config and profiles         (one dataclass; every field is a --flag)
-  2. Small utilities             (atomic writes, statistics, errors)
-  3. Data                        (prepared .bin files, batches, fixed evaluation batches)
-  4. Model                       (nanoGPT: pre-LN, tied embeddings, SDPA causal attention)
-  5. Learning rate               (base schedule x agent multiplier, clamped)
-  6. Agents                      (act after each evaluation)
-  7. Training one dataset/seed   (TrainingRun: advanced evaluation to evaluation; train_one_seed drives it)
-  8. Sampling and inference speed
-  9. The run folder              (final_info.json, all_results.npy, run.json, ...)
- 10. CLI
+  2. Data                        (prepared .bin files, batches, fixed evaluation batches)
+  3. Model                       (nanoGPT: pre-LN, tied embeddings, SDPA causal attention)
+  4. Learning rate and control   (base schedule x agent multiplier, clamped; Controls: the run's knobs)
+  5. Agents                      (what they observe; none, random, replay, qlearning; reinforce, ppo, dqn)
+  6. Training one dataset/seed   (TrainingRun: the step, advanced evaluation to evaluation; drive() the loop)
+  7. Sampling and inference speed
+  8. The run folder              (final_info.json, all_results.npy, run.json, ...)
+  9. CLI
 
-The run folder follows the AI-Scientist nanoGPT template's contract (see README), so its
+What no idea touches lives beside it in harness/, one concern per module, never importing this file:
+errors and files (the one atomic writer), records (provenance, run.json), validation (bounds), cli,
+distributed (the torchrun World), runtime (device, signals, progress), checkpoints, grad_stats,
+policy_files (policy folders read as data) and controllers (the reinforce learner), stats, tensorboard.
+
+The run folder follows the AI-Scientist nanoGPT template's contract (docs/run_folder.md), so its
 plot.py and perform_experiments.py read our runs unmodified.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import functools
-import gc
-import hashlib
 import importlib.util
 import io
 import json
 import math
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -45,22 +43,29 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist  # (imported by torch itself: no start-up cost)
 import torch.nn as nn
 from torch.nn import functional as F
 
+from data import prepare_common  # the download/prepare logic shared with data/<dataset>/prepare.py
+from harness.checkpoints import CheckpointStore, RunCheckpoints
+from harness.cli import OneLineArgumentParser, add_config_flags, job_main, parse_field_value
 from harness.controllers import ReinforceLearner
-from harness.errors import RunFailed, UserError
+from harness.distributed import RANK_SEED_STRIDE, World
+from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json
+from harness.grad_stats import GradientStatistics, lamb_trust
 from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
+from harness.records import (check_same_data, command_line, data_provenance, new_run_record, now_iso, policy_record,
+                             prepare_run_folder, resume_configs)
+from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 from harness.stats import mean_and_stderr
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
+from harness.validation import check_fields, check_world, policy_warnings, world_warnings
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
 SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw datasets
-RESULT_FILES = ("final_info.json", "all_results.npy", "all_results.json", "run.json")  # plus final_info_*.json,
-# agent_*.json, model_*.pt
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,30 +286,8 @@ def lr_groups_kind(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Small utilities
+# 2. Data
 # ----------------------------------------------------------------------------------------------
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Data
-# ----------------------------------------------------------------------------------------------
-
-@functools.cache
-def load_prepare_module():
-    """data/prepare_common.py holds the download/prepare logic shared with data/<dataset>/prepare.py."""
-    path = PROJECT_ROOT / "data" / "prepare_common.py"
-    spec = importlib.util.spec_from_file_location("prepare_common", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prepare_common"] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
 
 @dataclass
 class CharDataset:
@@ -336,7 +319,7 @@ def dataset_dir(cfg: Config, dataset: str) -> Path:
 
 def ensure_prepared(cfg: Config, dataset: str, log=print) -> Path:
     """Prepare missing data: from an offline copy if one is configured, else by downloading it."""
-    prep = load_prepare_module()
+    prep = prepare_common
     out = dataset_dir(cfg, dataset)
     if (out / "meta.json").exists():  # written last by prepare: data is there (load_dataset checks it)
         return out
@@ -387,17 +370,6 @@ def load_dataset(cfg: Config, dataset: str) -> CharDataset:
     return CharDataset(dataset, splits, itos, meta, data_provenance(folder, meta, splits))
 
 
-def data_provenance(folder: Path, meta: dict, splits: dict) -> dict:
-    """Where the tokens came from, recorded in run.json and final_info.json: a 4 MB prefix of enwik8 must
-    never pass for enwik8. sha256 of each split as read (the bytes of its .bin file)."""
-    source = meta.get("source") or {}
-    return {"folder": str(folder), "source": source.get("path") or source.get("url"),
-            "source_bytes": source.get("text_bytes", source.get("bytes")),
-            "standard_split": bool(meta.get("standard_split", False)), "warning": meta.get("warning"),
-            "splits": {k: int(len(v)) for k, v in splits.items()},
-            "sha256": {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in splits.items()}}
-
-
 def windows_at(data: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device):
     """(x, y): the block_size tokens from each start, and the same shifted by one (the targets)."""
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
@@ -427,7 +399,7 @@ class BatchSampler:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Model (nanoGPT's architecture)
+# 3. Model (nanoGPT's architecture)
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -624,7 +596,7 @@ def load_model(path: Path, device="cpu") -> GPT:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Learning rate: lr = clamp(base_schedule(iter) * multiplier, lr_floor, lr_ceiling)
+# 4. Learning rate: lr = clamp(base_schedule(iter) * multiplier, lr_floor, lr_ceiling)
 # ----------------------------------------------------------------------------------------------
 
 def base_lr(cfg: Config, it: int) -> float:
@@ -731,8 +703,70 @@ def optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
         optimizer.train() if training else optimizer.eval()
 
 
+class Controls:
+    """The knobs of a training run, turned between steps: the rate multiplier (`multiplier`, the agent's),
+    with --lr_groups layer each group's own multiplier and LAMB trust factor, and with --control the other
+    hyperparameters' multipliers. TrainingRun is one; it holds cfg, optimizer and model."""
+
+    def init_controls(self, cfg: Config, optimizer: torch.optim.Optimizer) -> None:
+        self.multiplier = 1.0
+        # --lr_groups layer: each group's own multiplier (set by a per-group agent) and trust factor (LAMB).
+        self.group_names = lr_group_names(cfg)
+        self.layered = len(self.group_names) > 1
+        self.group_multipliers = [1.0] * len(self.group_names)
+        self.trust = [1.0] * len(self.group_names)
+        self.optimizer_groups = [(self.group_names.index(g.get("lr_group", "all")), g.get("matrices", True))
+                                 for g in optimizer.param_groups]  # (LR group, holds matrices)
+        # --control: the other controlled hyperparameters' multipliers (the rate's is `multiplier`).
+        self.hparam_multipliers = {name: 1.0 for name in extra_controlled(cfg)}
+
+    def lr(self, it: int) -> float:
+        return controlled_lr(self.cfg, it, self.multiplier)
+
+    def group_lrs(self, it: int) -> list[float]:
+        """Each LR group's rate at step `it`: clamp(base x multiplier x its multiplier x its trust)."""
+        base = base_lr(self.cfg, it) * self.multiplier
+        return [min(max(base * m * t, self.cfg.lr_floor), self.cfg.lr_ceiling)
+                for m, t in zip(self.group_multipliers, self.trust)]
+
+    def lr_record(self, it: int) -> dict:
+        """The per-group rates of step `it` for the logs (nothing with one group: "lr" says it all), and with
+        --control the value of every controlled hyperparameter at that step."""
+        record = {"lr_groups": dict(zip(self.group_names, self.group_lrs(it)))} if self.layered else {}
+        if self.hparam_multipliers:
+            record["hparams"] = hparam_values(self.cfg, self.lr(it), self.hparam_multipliers)
+        return record
+
+    def grad_clip(self) -> float:
+        return self.cfg.grad_clip * self.hparam_multipliers.get("grad_clip", 1.0)
+
+    def set_weight_decay(self) -> None:
+        """Weight decay of the matrices' param groups: configured x its multiplier (none on the others)."""
+        decay = self.cfg.weight_decay * self.hparam_multipliers.get("weight_decay", 1.0)
+        for group, (_, matrices) in zip(self.optimizer.param_groups, self.optimizer_groups):
+            group["weight_decay"] = decay if matrices else 0.0
+
+    def apply_hparams(self) -> None:
+        """The controlled weight decay and dropout, for the next step."""
+        if "weight_decay" in self.hparam_multipliers:
+            self.set_weight_decay()
+        if "dropout" in self.hparam_multipliers:
+            set_dropout(self.model, hparam_values(self.cfg, 0.0, self.hparam_multipliers)["dropout"])
+
+    def apply_controls(self, it: int, lr: float) -> None:
+        """Step `it`'s rate lr (each group at its own, when layered) and controlled hyperparameters."""
+        if self.layered:
+            rates = self.group_lrs(it)
+            for group, (index, _) in zip(self.optimizer.param_groups, self.optimizer_groups):
+                group["lr"] = rates[index]
+        else:
+            set_lr(self.optimizer, lr)
+        if self.hparam_multipliers:
+            self.apply_hparams()
+
+
 # ----------------------------------------------------------------------------------------------
-# 6. Agents: after each evaluation, observe its numbers and set the next multiplier
+# 5. Agents: after each evaluation, observe its numbers and set the next multiplier
 # ----------------------------------------------------------------------------------------------
 # The interface, all the training loop knows of an agent:
 #   agent.multiplier                  the factor applied to the base schedule until the next decision
@@ -1437,7 +1471,7 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Training one dataset and seed
+# 6. Training one dataset and seed
 # ----------------------------------------------------------------------------------------------
 
 # Several processes (torchrun): every rank trains the same model on its own batches and PyTorch's
@@ -1445,242 +1479,6 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
 # so whatever steers training is decided once and shared: the agent decides on rank 0 and its multipliers
 # reach every rank before its next step; evaluations are sharded and summed, so every rank sees the same
 # losses and takes the same rollbacks; a stop request is agreed at logged steps. Rank 0 alone writes files.
-
-RANK_SEED_STRIDE = 1_000_003  # rank r draws its training batches and dropout from seed + r x this
-
-
-@dataclass
-class World:
-    """The processes of one job. size 1 (no torchrun, or one process): a plain run, no collective at all."""
-    rank: int = 0
-    local_rank: int = 0
-    size: int = 1
-    backend: Optional[str] = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @staticmethod
-    def from_environment(cfg: Config) -> "World":
-        """Join torchrun's process group when RANK/WORLD_SIZE say there is one (WORLD_SIZE > 1)."""
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        if size <= 1:
-            return World()
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-        backend = cfg.backend if cfg.backend != "auto" else "nccl" if cuda else "gloo"
-        if cfg.device == "mps":
-            raise UserError("--device mps cannot train in several processes: use cuda or cpu under torchrun")
-        if backend == "nccl" and not cuda:
-            raise UserError("--backend nccl needs CUDA devices; use --backend gloo on the CPU")
-        if cuda:
-            if local_rank >= torch.cuda.device_count():
-                raise UserError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                                f"set torchrun's --nproc_per_node to at most that")
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-        return World(rank, local_rank, size, backend)
-
-    def close(self, together: bool = True) -> None:
-        """Leave the process group, after every DDP model is gone. together: every rank gets here (the job ended
-        well, or failed on every rank alike); they wait for each other first, since gloo aborts a rank whose peer
-        has already left."""
-        if self.distributed and dist.is_initialized():
-            # A DDP model still alive holds the group beyond destroy_process_group, and gloo then aborts the
-            # process at exit ("terminate called without an active exception"): free finished runs first.
-            gc.collect()
-            if together:
-                dist.barrier()
-            dist.destroy_process_group()
-
-    def micro_steps(self, gradient_accumulation_steps: int) -> int:
-        """Micro-batches each rank takes per optimizer step: the configured ones divided among the ranks
-        (nanoGPT's rule), so the global batch stays what one process would take; at least one."""
-        return max(1, gradient_accumulation_steps // self.size)
-
-    # --- collectives: every rank calls each one at the same point, in the same order ---------------------
-
-    def comm_device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In place: the sum over the ranks (a no-op in one process)."""
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def mean(self, value: float) -> float:
-        if not self.distributed:
-            return value
-        return self.sum_(torch.tensor([value], dtype=torch.float64, device=self.comm_device())).item() / self.size
-
-    def any(self, flag: bool) -> bool:
-        if not self.distributed:
-            return flag
-        return bool(self.sum_(torch.tensor([float(flag)], device=self.comm_device())).item())
-
-    def gather(self, obj) -> list:
-        """Every rank's obj, in rank order (on every rank)."""
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def from_main(self, make):
-        """make() run on rank 0 and its result sent to every rank; rank 0's UserError or RunFailed is raised
-        on every rank (the others stay silent: see main)."""
-        if not self.distributed:
-            return make()
-        box = [None]
-        if self.is_main:
-            try:
-                box[0] = ("ok", make())
-            except (UserError, RunFailed) as e:
-                box[0] = (type(e).__name__, str(e))
-            except BaseException as e:  # a bug on rank 0: let the others end instead of waiting for it
-                dist.broadcast_object_list([("RunFailed", f"rank 0 failed: {type(e).__name__}: {e}")], src=0)
-                raise
-        dist.broadcast_object_list(box, src=0)
-        return _result_or_raise(*box[0])
-
-    def everywhere(self, make):
-        """make() on every rank; if it failed on any, every rank raises the first failure."""
-        if not self.distributed:
-            return make()
-        result, failure = None, None
-        try:
-            result = make()
-        except (UserError, RunFailed) as e:
-            failure = (type(e).__name__, f"rank {self.rank}: {e}" if self.rank else str(e))
-        failed = [f for f in self.gather(failure) if f is not None]
-        if failed:
-            _result_or_raise(*failed[0])
-        return result
-
-
-def _result_or_raise(kind: str, value):
-    if kind == "ok":
-        return value
-    raise (UserError if kind == "UserError" else RunFailed)(value)
-
-
-@dataclass
-class Runtime:
-    """What the machine decides: device, compute dtype, autocast context, compile, and the processes."""
-    device: torch.device
-    dtype: torch.dtype
-    autocast: object
-    compile: bool
-    world: World = field(default_factory=World)
-
-    @staticmethod
-    def choose(cfg: Config, world: Optional[World] = None) -> "Runtime":
-        world = world or World()
-        if cfg.device == "auto":
-            name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-            if world.distributed and name == "mps":  # DDP has no MPS backend
-                name = "cpu"
-        else:
-            name = cfg.device
-            if name == "cuda" and not torch.cuda.is_available():
-                raise UserError("--device cuda requested but CUDA is not available")
-            if name == "mps" and not torch.backends.mps.is_available():
-                raise UserError("--device mps requested but MPS is not available")
-        device = torch.device(name, world.local_rank) if name == "cuda" and world.distributed else torch.device(name)
-        dtype_name = cfg.dtype
-        if dtype_name == "auto":
-            dtype_name = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if name == "cuda" else "float32"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-        if name == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=name, dtype=dtype)
-        use_compile = cfg.compile
-        if use_compile is None:
-            use_compile = name == "cuda" and importlib.util.find_spec("triton") is not None
-        return Runtime(device, dtype, ctx, bool(use_compile), world)
-
-
-class StopRequest:
-    """Set by SIGTERM / Ctrl-C; the loop checkpoints at the next step and exits cleanly.
-
-    A second signal stops at once, unless it comes within repeat_grace_s of the first: under torchrun a
-    Ctrl-C reaches each worker twice, from the terminal and forwarded by the launcher."""
-
-    def __init__(self, repeat_grace_s: float = 0.0):
-        self.signal_name: Optional[str] = None
-        self.repeat_grace_s, self.first_at = repeat_grace_s, 0.0
-
-    def __call__(self, signum, frame):
-        if self.signal_name is not None:
-            if time.monotonic() - self.first_at < self.repeat_grace_s:
-                return
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signal_name, self.first_at = signal.Signals(signum).name, time.monotonic()
-
-
-class Interrupted(Exception):
-    exit_code = 130
-
-
-class FaultInjector:
-    """Test hook: $GPT_RL_TEST_NAN_AT="15,40" poisons the loss at those steps; "15+" at every step >= 15.
-
-    A fault behaves as a real divergence does: the same weights on the same batch give the same loss, so
-    it fires again whenever its step is reached with the weights it first fired on, and not once a
-    rollback has changed them."""
-
-    def __init__(self, spec: str):
-        self.at = {int(x) for x in spec.split(",") if x.strip() and not x.endswith("+")}
-        self.from_it = min([int(x[:-1]) for x in spec.split(",") if x.endswith("+")], default=None)
-        self.fired_on: dict[int, str] = {}  # step -> fingerprint of the weights it first fired on
-
-    def poison(self, it: int, model: nn.Module) -> bool:
-        if self.from_it is not None and it >= self.from_it:
-            return True
-        if it not in self.at:
-            return False
-        digest = hashlib.sha256()
-        for p in model.parameters():
-            digest.update(p.detach().cpu().numpy().tobytes())
-        return self.fired_on.setdefault(it, digest.hexdigest()) == digest.hexdigest()
-
-
-class Progress:
-    """A live bar on a terminal; plain periodic lines when stderr is a file or CI log."""
-
-    def __init__(self, label: str, total: int, start: int, interactive: bool, every_s: float = 15.0):
-        self.label, self.total, self.start, self.every_s = label, total, start, every_s
-        self.t0 = self.last_print = time.time()
-        self.bar = None
-        if interactive:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True, file=sys.stderr)
-
-    def update(self, it: int, loss: float, lr: float, force: bool = False) -> None:
-        elapsed = time.time() - self.t0
-        eta = elapsed / max(it - self.start, 1) * (self.total - it)
-        if self.bar is not None:
-            self.bar.n = it
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e}", refresh=True)
-        elif force or time.time() - self.last_print >= self.every_s:
-            self.last_print = time.time()
-            print(f"[{self.label}] iter {it}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                  f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}", file=sys.stderr, flush=True)
-
-    def write(self, line: str) -> None:
-        (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(line)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
 
 @torch.no_grad()
 def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime) -> dict:
@@ -1768,9 +1566,6 @@ class SeedState:
     checkpoint_time: float = 0.0
 
 
-WALL_CLOCK_FIELDS = ("elapsed", "eval_time", "agent_time", "checkpoint_time")  # kept across rollbacks
-
-
 def model_config(cfg: Config, vocab_size: int) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
@@ -1791,17 +1586,17 @@ class EvalResult:
     done: bool = False                   # the final evaluation (it == max_iters)
 
 
-class TrainingRun:
+class TrainingRun(Controls, RunCheckpoints):
     """One dataset and seed's training, advanced by a caller from evaluation to evaluation.
 
     The caller sets `multiplier` (the only knob: lr = clamp(base_schedule(it) x multiplier)), calls
     advance(), and decides what follows: an agent's decision, a checkpoint, a rollback, stopping. No agent,
     signal handler or progress bar lives in here; on_log(it, loss, lr) hears every logged step.
 
-    Two checkpoints are kept: the last one and the one before it (renamed, not rewritten). A divergence
-    detected at step j lies in the weights entering step j, which the checkpoint saved at j holds; a
-    rollback must go back to a checkpoint from before j, or it would replay the same weights and batch.
-    checkpoint=None keeps both in memory (short runs by the thousand: train_agent.py).
+    Its parts: the step and advance() (here, in nanoGPT's order), the knobs (Controls), checkpoints
+    (RunCheckpoints: the last two, so a rollback can go back to before a divergence; checkpoint=None keeps
+    them in memory, for train_agent.py's short runs by the thousand) and the gradient statistics
+    (harness.grad_stats: what an agent observes beside the losses).
     model=None builds a fresh GPT from cfg; a given model (e.g. a pruned one) is trained as it is.
 
     The run draws from its own torch RNG stream (initialisation, dropout), swapped in around its work:
@@ -1811,11 +1606,11 @@ class TrainingRun:
     def __init__(self, cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, checkpoint: Optional[Path],
                  on_log=None, model: Optional[GPT] = None):
         self.cfg, self.data, self.rt = cfg, data, rt
-        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self.memory: dict = {}  # "last" / "previous" -> checkpoint bytes, when checkpoint is None
         self.seed = cfg.seed_base + seed_index
         self.cuda_rng = rt.device.type == "cuda"
         self.world = rt.world
+        previous = previous_checkpoint_file(Path(checkpoint)) if checkpoint is not None else None
+        self.store = CheckpointStore(checkpoint, previous, self.world)  # checkpoint None: kept in memory
         rank_seed = self.seed + RANK_SEED_STRIDE * self.world.rank  # rank 0: the single-process streams
         with self.own_rng(initial_seed=self.seed):  # model=: train that one instead (prune.py's fine-tuning)
             self.model = (model if model is not None else GPT(model_config(cfg, data.vocab_size))).to(rt.device)
@@ -1843,29 +1638,14 @@ class TrainingRun:
         self.eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)]
                             for split, s in self.eval_samplers.items()}
         self.state = SeedState()
-        self.multiplier = 1.0
-        # --lr_groups layer: each group's own multiplier (set by a per-group agent) and trust factor (LAMB).
-        self.group_names = lr_group_names(cfg)
-        self.layered = len(self.group_names) > 1
-        self.group_multipliers = [1.0] * len(self.group_names)
-        self.trust = [1.0] * len(self.group_names)
-        self.params = list(self.model.parameters())  # the order of flat_weights()
-        self.param_sizes = [p.numel() for p in self.params]
+        self.init_controls(cfg, self.optimizer)
         group_of = {id(p): lr_group_of(name) for name, p in self.model.named_parameters()} if self.layered else {}
-        self.param_groups_index = torch.tensor([self.group_names.index(group_of.get(id(p), "all"))
-                                                for p in self.params], device=rt.device)
-        self.optimizer_groups = [(self.group_names.index(g.get("lr_group", "all")), g.get("matrices", True))
-                                 for g in self.optimizer.param_groups]  # (LR group, holds matrices)
-        self.group_grad_stats = torch.zeros(2, len(self.group_names), device=rt.device)
-        # --control: the other controlled hyperparameters' multipliers (the rate's is `multiplier`).
-        self.hparam_multipliers = {name: 1.0 for name in extra_controlled(cfg)}
+        params = list(self.model.parameters())
+        self.stats = GradientStatistics(params, [self.group_names.index(group_of.get(id(p), "all")) for p in params],
+                                        self.group_names, rt.device)
         self.steps_taken = 0  # optimizer steps this object has run (rollbacks and restores included): compute
-        self.saved_at: dict = {}  # "last" / "previous" -> the iteration its checkpoint holds
         self.on_log = on_log or (lambda it, loss, lr: None)
         self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
-        # Gradient-norm sum, sum of squares, clipped steps: on the device, read once per evaluation.
-        self.grad_stats = torch.zeros(3, device=rt.device)
-        self.weights_at_eval: Optional[torch.Tensor] = None  # for the update-to-weight ratio
         optimizer_mode(self.optimizer, training=True)
 
     @contextmanager
@@ -1884,43 +1664,6 @@ class TrainingRun:
             finally:
                 self.rng_state = {"cpu": torch.get_rng_state(),
                                   "cuda": torch.cuda.get_rng_state() if devices else None}
-
-    @property
-    def previous_checkpoint(self) -> Optional[Path]:
-        return previous_checkpoint_file(self.checkpoint) if self.checkpoint is not None else None
-
-    def lr(self, it: int) -> float:
-        return controlled_lr(self.cfg, it, self.multiplier)
-
-    def group_lrs(self, it: int) -> list[float]:
-        """Each LR group's rate at step `it`: clamp(base x multiplier x its multiplier x its trust)."""
-        base = base_lr(self.cfg, it) * self.multiplier
-        return [min(max(base * m * t, self.cfg.lr_floor), self.cfg.lr_ceiling)
-                for m, t in zip(self.group_multipliers, self.trust)]
-
-    def lr_record(self, it: int) -> dict:
-        """The per-group rates of step `it` for the logs (nothing with one group: "lr" says it all), and with
-        --control the value of every controlled hyperparameter at that step."""
-        record = {"lr_groups": dict(zip(self.group_names, self.group_lrs(it)))} if self.layered else {}
-        if self.hparam_multipliers:
-            record["hparams"] = hparam_values(self.cfg, self.lr(it), self.hparam_multipliers)
-        return record
-
-    def grad_clip(self) -> float:
-        return self.cfg.grad_clip * self.hparam_multipliers.get("grad_clip", 1.0)
-
-    def set_weight_decay(self) -> None:
-        """Weight decay of the matrices' param groups: configured x its multiplier (none on the others)."""
-        decay = self.cfg.weight_decay * self.hparam_multipliers.get("weight_decay", 1.0)
-        for group, (_, matrices) in zip(self.optimizer.param_groups, self.optimizer_groups):
-            group["weight_decay"] = decay if matrices else 0.0
-
-    def apply_hparams(self) -> None:
-        """The controlled weight decay and dropout, for the next step."""
-        if "weight_decay" in self.hparam_multipliers:
-            self.set_weight_decay()
-        if "dropout" in self.hparam_multipliers:
-            set_dropout(self.model, hparam_values(self.cfg, 0.0, self.hparam_multipliers)["dropout"])
 
     # --- training -----------------------------------------------------------------------------
 
@@ -1977,32 +1720,28 @@ class TrainingRun:
         """One optimizer step at rate lr (each group at its own, when layered); returns the last micro-batch's
         loss (on the device, not synced)."""
         cfg = self.cfg
-        if self.layered:
-            rates = self.group_lrs(it)
-            for group, (index, _) in zip(self.optimizer.param_groups, self.optimizer_groups):
-                group["lr"] = rates[index]
-        else:
-            set_lr(self.optimizer, lr)
-        if self.hparam_multipliers:
-            self.apply_hparams()
+        self.apply_controls(it, lr)
         loss = self.accumulate_gradients(it)
-        if self.layered:
-            self.clip_by_group()
+        if self.layered:  # clipped by the global norm, each group's norm kept too
+            if self.scaler.is_enabled():
+                self.scaler.unscale_(self.optimizer)
+            self.stats.clip_by_group(self.grad_clip() if cfg.grad_clip > 0 else 0.0)
         elif cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             clip = self.grad_clip()
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.grad_stats += torch.stack((norm, norm * norm, (norm > clip).float()))
+            self.stats.add(norm, (norm > clip).float())
         elif not self.scaler.is_enabled():  # (with a float16 scaler and no clipping the grads are scaled: skipped)
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-            self.grad_stats += torch.stack((norm, norm * norm, torch.zeros_like(norm)))
+            self.stats.add(norm, torch.zeros_like(norm))
         self.state.grad_steps += 1
         self.steps_taken += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if cfg.layer_trust == "lamb":
-            self.update_trust()
+        if cfg.layer_trust == "lamb":  # LAMB's trust per layer, used from the next step on (one step stale)
+            self.trust = lamb_trust(self.optimizer, self.optimizer_groups, len(self.group_names), cfg.trust_clip,
+                                    self.rt.device) or self.trust
         return loss
 
     def accumulate_gradients(self, it: int) -> torch.Tensor:
@@ -2020,53 +1759,6 @@ class TrainingRun:
                 self.scaler.scale(loss / self.micro_steps).backward()
         return loss
 
-    def clip_by_group(self) -> None:
-        """Clip by the global norm as clip_grad_norm_ does, and keep each group's gradient norm too: the
-        per-parameter norms it needs anyway, summed by group (a few small ops per step, on the device)."""
-        cfg = self.cfg
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))  # as clip_grad_norm_ computes
-        total = torch.linalg.vector_norm(norms)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip(), total)
-        by_group = torch.zeros_like(self.group_grad_stats[0]).index_add_(0, self.param_groups_index, norms * norms)
-        self.group_grad_stats += torch.stack((by_group.sqrt(), by_group))
-        clipped = (total > self.grad_clip()).float() if cfg.grad_clip > 0 else torch.zeros_like(total)
-        self.grad_stats += torch.stack((total, total * total, clipped))
-
-    def update_trust(self) -> None:
-        """LAMB's trust ratio (You et al. 2020) per layer: |w| / |u| over the layer's matrices (LAMB leaves
-        norms and biases unadapted), u the Adam update direction of the step just taken,
-        m_hat / (sqrt(v_hat) + eps) + weight_decay x w, read from the optimizer's state. LAMB multiplies a
-        much larger base rate by the raw ratio; here the ratios are normalised to geometric mean 1 over the
-        layers, so the schedule keeps its scale and the rule only redistributes it between layers, then
-        clipped to [1/trust_clip, trust_clip]. Used from the next step on (one step stale); one host sync."""
-        n = len(self.group_names)
-        weight_sq = torch.zeros(n, device=self.rt.device)
-        update_sq = torch.zeros(n, device=self.rt.device)
-        for group, (index, matrices) in zip(self.optimizer.param_groups, self.optimizer_groups):
-            if not matrices:
-                continue
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                state = self.optimizer.state.get(p)
-                if not state:
-                    continue
-                step = float(state["step"])
-                update = (state["exp_avg"] / (1 - beta1 ** step)
-                          / ((state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + group["eps"])
-                          + group["weight_decay"] * p.detach())
-                update_sq[index] += update.float().square().sum()
-                weight_sq[index] += p.detach().float().square().sum()
-        adapted = update_sq > 0
-        if not bool(adapted.any()):
-            return
-        log_ratio = 0.5 * (weight_sq.clamp_min(1e-30).log() - update_sq.clamp_min(1e-30).log())
-        log_ratio = log_ratio - log_ratio[adapted].mean()
-        factor = log_ratio.exp().clamp(1 / self.cfg.trust_clip, self.cfg.trust_clip)
-        self.trust = torch.where(adapted, factor, torch.ones_like(factor)).tolist()
-
     def evaluate(self, it: int) -> EvalResult:
         cfg, s = self.cfg, self.state
         t = time.time()
@@ -2083,70 +1775,8 @@ class TrainingRun:
         s.first_val_loss = s.first_val_loss or losses["val"]
         s.last_eval_it = s.next_it = it
         s.last_eval_losses = [losses["train"], losses["val"]]
-        s.interval = self.interval_statistics()
+        s.interval = self.stats.interval_statistics(s)
         return EvalResult(it, losses["train"], losses["val"], done=it == cfg.max_iters)
-
-    def flush_grad_stats(self) -> None:
-        """Move the device-side gradient statistics into the (checkpointed) state: one host sync."""
-        sums = self.grad_stats.tolist()
-        self.state.grad_sums = [a + b for a, b in zip(self.state.grad_sums, sums)]
-        self.grad_stats.zero_()
-        if self.layered:
-            group_sums = self.group_grad_stats.tolist()
-            kept = self.state.group_grad_sums or [[0.0] * len(self.group_names)] * 2
-            self.state.group_grad_sums = [[a + b for a, b in zip(k, g)] for k, g in zip(kept, group_sums)]
-            self.group_grad_stats.zero_()
-
-    def interval_statistics(self) -> dict:
-        """Gradient norms (mean, std, share clipped) of the steps since the previous evaluation and the
-        relative weight change over them; then start the next interval."""
-        s = self.state
-        self.flush_grad_stats()
-        total, squares, clipped = s.grad_sums
-        n = s.grad_steps
-        stats = {}
-        if n and math.isfinite(total):
-            mean = total / n
-            stats = {"grad_norm_mean": mean, "grad_norm_std": math.sqrt(max(squares / n - mean * mean, 0.0)),
-                     "clip_fraction": clipped / n}
-        weights = self.flat_weights()
-        with torch.no_grad():
-            if self.weights_at_eval is not None and n:
-                stats["update_ratio"] = float(torch.linalg.vector_norm(weights - self.weights_at_eval)
-                                              / torch.linalg.vector_norm(weights).clamp_min(1e-12))
-            if self.layered:
-                stats["groups"] = self.group_statistics(weights, n)
-        self.weights_at_eval = weights
-        s.grad_sums, s.grad_steps = [0.0, 0.0, 0.0], 0
-        s.group_grad_sums = []
-        return stats
-
-    def group_statistics(self, weights: torch.Tensor, steps: int) -> list[dict]:
-        """Per LR group: mean and std of its gradient norm over the interval's steps, the rms of its weights and
-        their change relative to their norm: sums over slices of the flat weight copies already made."""
-        def by_group(flat: torch.Tensor) -> list[float]:
-            squares = torch.stack([chunk.square().sum() for chunk in flat.split(self.param_sizes)])
-            return torch.zeros(len(self.group_names), device=flat.device).index_add_(
-                0, self.param_groups_index, squares).tolist()
-        weight_sq = by_group(weights)
-        change_sq = by_group(weights - self.weights_at_eval) if self.weights_at_eval is not None and steps else None
-        sums, squares = self.state.group_grad_sums or [[0.0] * len(self.group_names)] * 2
-        sizes = torch.zeros(len(self.group_names)).index_add_(
-            0, self.param_groups_index.cpu(), torch.tensor(self.param_sizes, dtype=torch.float32)).tolist()
-        groups = []
-        for k, name in enumerate(self.group_names):
-            g = {"name": name, "weight_rms": math.sqrt(weight_sq[k] / sizes[k])}
-            if steps and math.isfinite(sums[k]):
-                mean = sums[k] / steps
-                g.update(grad_norm_mean=mean, grad_norm_std=math.sqrt(max(squares[k] / steps - mean * mean, 0.0)))
-            if change_sq is not None:
-                g["update_ratio"] = math.sqrt(change_sq[k] / max(weight_sq[k], 1e-24))
-            groups.append(g)
-        return groups
-
-    def flat_weights(self) -> torch.Tensor:
-        """Every parameter in one float32 vector (a copy): the reference of the update-to-weight ratio."""
-        return torch.cat([p.detach().flatten().float() for p in self.params])
 
     def observation(self) -> Observation:
         """What an agent sees at the last evaluation, with the multiplier now in effect."""
@@ -2200,138 +1830,6 @@ class TrainingRun:
             "num_params": self.model.num_params(),
             "status": status,
         }
-
-    # --- checkpoints --------------------------------------------------------------------------
-
-    def save(self, agent_state: dict) -> None:
-        """Atomically (temp file + rename); loads with torch.load(weights_only=True).
-
-        Under torchrun every rank calls it: the model and optimizer are the same on every rank, the RNG
-        streams are not, so rank 0 gathers them all and alone keeps the checkpoint."""
-        t = time.perf_counter()
-        last = self.saved_at.get("last")
-        if last is not None and last < self.state.next_it and self.has_checkpoint("last"):
-            if self.world.is_main:
-                self.rotate_checkpoints()  # the last good state becomes the fallback
-            self.saved_at["previous"] = last
-        self.flush_grad_stats()
-        rank_rng = None
-        if self.world.distributed:
-            rank_rng = self.world.gather({"torch_rng": self.rng_state["cpu"],
-                                          "sampler_rng": self.sampler.generator.get_state(),
-                                          "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else []})
-        if not self.world.is_main:
-            self.saved_at["last"] = self.state.next_it
-            return
-        meta = {"state": dataclasses.asdict(self.state), "agent": agent_state, "multiplier": self.multiplier,
-                "config": dataclasses.asdict(self.cfg), "previous_it": self.saved_at.get("previous"),
-                **({"group_multipliers": self.group_multipliers, "trust": self.trust} if self.layered else {}),
-                **({"hparam_multipliers": self.hparam_multipliers} if self.hparam_multipliers else {})}
-        between_evaluations = self.state.next_it != self.state.last_eval_it  # (interrupted): keep the
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),  # reference
-                   "scaler": self.scaler.state_dict(), "torch_rng": self.rng_state["cpu"],  # for update_ratio
-                   "cuda_rng": [self.rng_state["cuda"]] if self.cuda_rng else [],
-                   "sampler_rng": self.sampler.generator.get_state(), "meta": json.dumps(meta),
-                   "weights_at_eval": self.weights_at_eval if between_evaluations else None,
-                   **({"rank_rng": rank_rng} if rank_rng else {})}
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        if self.checkpoint is None:
-            self.memory["last"] = buf.getvalue()
-        else:
-            atomic_write_bytes(self.checkpoint, buf.getvalue())
-        self.saved_at["last"] = self.state.next_it
-        self.state.checkpoint_time += time.perf_counter() - t  # counted from the next checkpoint on
-
-    def resume(self) -> Optional[dict]:
-        """--resume: the last checkpoint (or the previous one, if a kill fell between rotating and writing).
-        Returns the agent state saved with it; None when there is no checkpoint (the seed starts afresh)."""
-        if self.checkpoint is None:
-            return None
-        found = self.world.from_main(lambda: [p.exists() for p in (self.checkpoint, self.previous_checkpoint)])
-        if not any(found):
-            return None
-        last_exists, previous_exists = found
-        meta = self.restore(self.checkpoint if last_exists else self.previous_checkpoint)
-        if not last_exists:
-            self.saved_at = {"previous": self.state.next_it}
-        else:
-            self.saved_at = {"last": self.state.next_it}
-            if meta.get("previous_it") is not None and previous_exists:
-                self.saved_at["previous"] = meta["previous_it"]
-        return meta["agent"]
-
-    def rollback_before(self, it: int) -> Optional[dict]:
-        """Restore the newest checkpoint from before step `it`, keeping the wall time spent since (it was
-        spent all the same); returns the agent state saved with it, or None when there is no such one."""
-        spent = {k: getattr(self.state, k) for k in WALL_CLOCK_FIELDS}
-        for key in ("last", "previous"):
-            at = self.saved_at.get(key)
-            if at is not None and at < it and self.has_checkpoint(key):
-                meta = self.restore(key)
-                for k, v in spent.items():
-                    setattr(self.state, k, v)
-                return meta["agent"]
-        return None
-
-    def has_checkpoint(self, key: str) -> bool:
-        """Whether the "last" / "previous" checkpoint is there (rank 0 holds them: it answers for all)."""
-        if self.checkpoint is None:
-            return self.world.from_main(lambda: key in self.memory)
-        path = self.checkpoint if key == "last" else self.previous_checkpoint
-        return self.world.from_main(path.exists)
-
-    def checkpoint_bytes(self, source) -> bytes:
-        """A checkpoint's bytes, from a path or from the "last" / "previous" one (a file, or in memory)."""
-        if source in ("last", "previous"):
-            if self.checkpoint is None:
-                return self.memory[source]
-            source = self.checkpoint if source == "last" else self.previous_checkpoint
-        try:
-            return Path(source).read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read checkpoint {source}: {e.strerror or e}; "
-                            f"delete it to restart this seed") from e
-
-    def rotate_checkpoints(self) -> None:
-        if self.checkpoint is None:
-            self.memory["previous"] = self.memory.pop("last")
-        else:
-            os.replace(self.checkpoint, self.previous_checkpoint)
-
-    def restore(self, source) -> dict:
-        """Load a checkpoint: a path, or the "last" / "previous" one. Under torchrun rank 0 reads it and every
-        rank loads the same bytes, each taking its own RNG streams from them."""
-        data = self.world.from_main(lambda: self.checkpoint_bytes(source))
-        name = source if source not in ("last", "previous") else f"{self.checkpoint or 'in memory'} ({source})"
-        try:
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            meta = json.loads(payload["meta"])
-            rng = payload["rank_rng"][self.world.rank] if self.world.distributed else payload
-        except Exception as e:  # a truncated or foreign file: say which, do not guess
-            raise UserError(f"checkpoint {name} is unreadable ({type(e).__name__}); "
-                            f"delete it to restart this seed") from e
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.rng_state = {"cpu": rng["torch_rng"],
-                          "cuda": rng["cuda_rng"][0] if self.cuda_rng and rng["cuda_rng"] else None}
-        if self.cuda_rng and self.rng_state["cuda"] is None:
-            self.rng_state["cuda"] = torch.cuda.get_rng_state()
-        self.sampler.generator.set_state(rng["sampler_rng"])
-        self.state = SeedState(**meta["state"])
-        self.multiplier = meta["multiplier"] if "multiplier" in meta else meta["agent"]["multiplier"]
-        if self.layered:
-            self.group_multipliers, self.trust = list(meta["group_multipliers"]), list(meta["trust"])
-        if self.hparam_multipliers:
-            self.hparam_multipliers = dict(meta["hparam_multipliers"])
-        self.set_weight_decay()  # the optimizer's state brought the saving run's: this run's config decides
-        self.grad_stats.zero_()
-        self.group_grad_stats.zero_()
-        self.weights_at_eval = payload.get("weights_at_eval")
-        if self.weights_at_eval is None:  # saved at an evaluation: the reference is the weights just loaded
-            self.weights_at_eval = self.flat_weights()
-        return meta
 
 
 def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime, out_dir: Path,
@@ -2455,7 +1953,7 @@ def roll_back(run: TrainingRun, agent: NoAgent, result: EvalResult, log, label: 
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Sampling and inference speed
+# 7. Sampling and inference speed
 # ----------------------------------------------------------------------------------------------
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
@@ -2527,7 +2025,7 @@ def measure_inference_speed(model: GPT, data: CharDataset, cfg: Config, rt: Runt
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. The run folder
+# 8. The run folder
 # ----------------------------------------------------------------------------------------------
 
 def summarize(per_seed: list[dict]) -> dict:
@@ -2548,64 +2046,6 @@ def inference_protocol(cfg: Config) -> dict:
     return {"kv_cache": cfg.kv_cache, "prompt": " ", "samples": cfg.inference_samples,
             "new_tokens": cfg.inference_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
             "batch_size": 1}
-
-
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment_record(rt: Runtime) -> dict:
-    import importlib.metadata as md
-    versions = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm", "schedulefree", "scipy",
-                "gymnasium", "stable-baselines3"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    device = {"type": rt.device.type, "dtype": str(rt.dtype).replace("torch.", ""), "compile": rt.compile,
-              "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-              "processor": platform.processor() or platform.machine()}
-    if rt.device.type == "cuda":
-        device["name"] = torch.cuda.get_device_name()
-    return {"versions": versions, "device": device, "git_commit": git_commit()}
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def command_line(script: str, argv: list[str]) -> list[str]:
-    """The command that ran: interpreter, script (absolute: rerunnable from anywhere) and arguments."""
-    return [sys.executable, str(Path(script).resolve()), *map(str, argv)]
-
-
-def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to touch a folder holding results unless --overwrite; then clear our files from it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out_dir {out_dir} exists and is not a folder")
-    ours = [p for p in out_dir.glob("*") if p.name in RESULT_FILES
-            or p.name.startswith(("final_info_", "agent_", "ckpt_", "model_"))] \
-        if out_dir.exists() else []
-    if ours and not overwrite:
-        state = "finished results" if (out_dir / "final_info.json").exists() else "an unfinished run"
-        raise UserError(f"{out_dir} already holds {state} ({', '.join(sorted(p.name for p in ours))}); "
-                        f"use --overwrite to replace it, or choose another --out_dir")
-    for p in ours:
-        p.unlink()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from e
 
 
 def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interactive: bool, stop: StopRequest,
@@ -2664,55 +2104,6 @@ def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: in
     return all_results[keys[0]]
 
 
-# Flags that may differ on --resume: they change where files are, not what is computed.
-# --data_dir may be spelled differently, but must name the same folder (and the data must hash the same).
-IGNORED_ON_RESUME = {"resume", "debug", "overwrite", "out_dir", "title", "description", "source_dir",
-                     "download", "notes", "plot"}
-
-
-def resume_configs(out_dir: Path, run_record: dict, typed: dict) -> dict:
-    """The interrupted run's own configs; refuse if a flag typed now would change any of them."""
-    try:
-        stored = {d: Config(**c) for d, c in run_record["configs"].items()}
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{out_dir}/run.json does not describe a run of this version ({e})") from e
-    diffs = []
-    for name, value in typed.items():
-        if name in IGNORED_ON_RESUME:
-            continue
-        if name == "profile" and value not in ("auto", run_record.get("profile")):
-            diffs.append(f"profile: {run_record.get('profile')!r} -> {value!r}")
-        elif name == "datasets" and [d.strip() for d in value.split(",") if d.strip()] != list(stored):
-            diffs.append(f"datasets: {','.join(stored)!r} -> {value!r}")
-        elif name == "data_dir":
-            for d, old in stored.items():
-                before, after = dataset_dir(old, d), dataset_dir(dataclasses.replace(old, data_dir=value), d)
-                if before != after:
-                    diffs.append(f"{d} data: {str(before)!r} -> {str(after)!r}")
-        elif name not in ("profile", "datasets", "data_dir"):
-            for d, old in stored.items():
-                new = value.get(d, getattr(old, name)) if isinstance(value, dict) else value
-                if getattr(old, name) != new:
-                    diffs.append(f"{d}.{name}: {getattr(old, name)!r} -> {new!r}")
-    if diffs:
-        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-        raise UserError(f"--resume: {out_dir} was made with a different config ({shown}); "
-                        f"resume with just --out_dir {out_dir} --resume")
-    keep = {k: v for k, v in typed.items() if k in ("source_dir", "download", "notes", "plot")}
-    return {d: dataclasses.replace(c, resume=True, **keep) for d, c in stored.items()}
-
-
-def check_same_data(out_dir: Path, run_record: dict, loaded: dict) -> None:
-    """--resume on other tokens than the run started with would splice two experiments together."""
-    for d, data in loaded.items():
-        recorded = run_record.get("data", {}).get(d, {}).get("sha256")
-        if recorded is not None and recorded != data.provenance["sha256"]:
-            changed = [k for k in data.provenance["sha256"] if recorded.get(k) != data.provenance["sha256"][k]]
-            raise UserError(f"--resume: {out_dir} was trained on other {d} data ({', '.join(changed)} split sha256 "
-                            f"{recorded.get(changed[0], 'none')[:12]}... recorded, "
-                            f"{data.provenance['sha256'][changed[0]][:12]}... in {data.provenance['folder']} now)")
-
-
 def record_in_notebook(cfg: Config, out_dir: Path) -> None:
     """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
 
@@ -2757,7 +2148,7 @@ def resolve_configs(base: Config, cli_overrides: dict, world: World):
         for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
             stale.unlink()
         profile = run_record.get("profile", profile)
-        configs = resume_configs(out_dir, run_record, cli_overrides)
+        configs = resume_configs(out_dir, run_record, cli_overrides, Config, dataset_dir)
     else:
         datasets = [d.strip() for d in base.datasets.split(",") if d.strip()]
         unknown = [d for d in datasets if d not in DATASETS]
@@ -2828,7 +2219,8 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
     loaded = load_data(configs, world)
     configs = {d: with_step_interval_from_epochs(c, loaded[d], world) for d, c in configs.items()}
     policies = world.from_main(lambda: open_run_folder(base, configs, loaded, run_record))
-    warnings = {d: config_warnings(c) + world_warnings(c, world) + policy_warnings(c, d, policies.get(d))
+    warnings = {d: config_warnings(c) + world_warnings(c, world)
+                + policy_warnings(c, d, policies.get(d), per_layer=lr_groups_kind(c) == "layer")
                 for d, c in configs.items()}
     if world.is_main:
         run_record = start_run_record(base, configs, loaded, rt, profile, policies, warnings, run_record, argv)
@@ -2875,62 +2267,26 @@ def start_run_record(base: Config, configs: dict, loaded: dict, rt: Runtime, pro
     print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile}"
           f"{processes} | "
           f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
+    command = command_line(__file__, argv)
     if run_record is None:
-        run_record = {"title": base.title, "description": base.description, "profile": profile,
-                      "datasets": datasets, "command": command_line(__file__, argv), "cwd": os.getcwd(),
-                      "started": now_iso(), "finished": None,
-                      "configs": {d: dataclasses.asdict(c) for d, c in configs.items()},
-                      "data": {d: loaded[d].provenance for d in datasets},
-                      "warnings": {d: w for d, w in warnings.items() if w},
-                      "distributed": world_record(configs, world), **environment_record(rt)}
+        run_record = new_run_record(base, profile, configs, {d: loaded[d].provenance for d in datasets}, warnings, rt,
+                                    command)
         if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
-            run_record["policy"] = {d: {k: p[k] for k in ("dir", "file", "sha256")} | {"frozen": frozen(configs[d], True),
-                "trained": {k: p["manifest"].get(k) for k in ("agent", "dataset", "profile", "episodes_done",
-                                                                "seeds", "lr_range", "reward")}}
-                for d, p in policies.items()}
+            run_record["policy"] = policy_record(policies, {d: frozen(configs[d], True) for d in policies})
     else:
-        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command_line(__file__, argv)})
+        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command})
     run_record.update(status="running", error=None)
     atomic_write_json(out_dir / "run.json", run_record)
     return run_record
 
 
-def world_record(configs: dict, world: World) -> dict:
-    """run.json's "distributed": the processes, and the batch one optimizer step averages over all of them."""
-    batches = {}
-    for d, c in configs.items():
-        per_rank = world.micro_steps(c.gradient_accumulation_steps)
-        sequences = c.batch_size * per_rank * world.size
-        batches[d] = {"micro_steps_per_rank": per_rank, "sequences": sequences, "tokens": sequences * c.block_size}
-    return {"world_size": world.size, "backend": world.backend, "global_batch": batches}
-
-
 # ----------------------------------------------------------------------------------------------
-# 10. CLI
+# 9. CLI
 # ----------------------------------------------------------------------------------------------
-
-def parse_bounds(text: str) -> tuple[float, float, bool, bool]:
-    """"[0, 1)" -> (0.0, 1.0, True, False): low, high, and whether each end is included."""
-    low, high = (float(x) for x in text[1:-1].split(","))
-    return low, high, text[0] == "[", text[-1] == "]"
-
-
-def check_bounds(name: str, value) -> None:
-    """One field against the interval declared beside it in Config; non-finite numbers never pass."""
-    bounds = CONFIG_FIELDS[name].metadata["bounds"]
-    if bounds is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    if not math.isfinite(value):
-        raise UserError(f"--{name} must be a finite number, got {value}")
-    low, high, low_in, high_in = parse_bounds(bounds)
-    if value < low or value > high or (value == low and not low_in) or (value == high and not high_in):
-        raise UserError(f"--{name} must be in {bounds}, got {value}")
-
 
 def validate(c: Config) -> None:
     """Reject settings that cannot work or cannot be meant, with one line naming the flag."""
-    for f in dataclasses.fields(c):
-        check_bounds(f.name, getattr(c, f.name))
+    check_fields(c)
     if c.n_embd % c.n_head:
         raise UserError(f"--n_embd {c.n_embd} must be divisible by --n_head {c.n_head}")
     agent_actions(c)
@@ -3011,41 +2367,6 @@ def config_warnings(c: Config) -> list[str]:
     return warnings
 
 
-def policy_warnings(c: Config, dataset: str, policy: Optional[dict]) -> list[str]:
-    """A trained policy evaluated on a seed it was trained on is not a held-out result, and one trained on
-    another dataset or profile is a transfer: say so."""
-    if policy is None:
-        return []
-    manifest, warnings = policy["manifest"], []
-    overlap = sorted(set(manifest.get("seeds") or []) & set(range(c.seed_base, c.seed_base + c.seeds)))
-    if overlap:
-        warnings.append(f"seeds {overlap} were among the policy's training seeds: not held out")
-    for key, here in (("dataset", dataset), ("profile", c.profile)):
-        if manifest.get(key) not in (None, here):
-            warnings.append(f"the policy was trained with {key} {manifest.get(key)}, deployed with {here}")
-    trained_layers = (manifest.get("config") or {}).get("n_layer")
-    if lr_groups_kind(c) == "layer" and trained_layers not in (None, c.n_layer):
-        warnings.append(f"the per-layer policy was trained on {trained_layers} layers, deployed on {c.n_layer}")
-    return warnings
-
-
-def check_world(c: Config, world: World) -> None:
-    """Under torchrun the configured micro-batches are divided among the ranks: they must divide evenly."""
-    accumulation = c.gradient_accumulation_steps
-    if world.distributed and accumulation > world.size and accumulation % world.size:
-        raise UserError(f"--gradient_accumulation_steps {accumulation} cannot be divided among {world.size} "
-                        f"processes: use a multiple of {world.size}")
-
-
-def world_warnings(c: Config, world: World) -> list[str]:
-    accumulation = c.gradient_accumulation_steps
-    if not world.distributed or accumulation >= world.size:
-        return []
-    return [f"{world.size} processes and --gradient_accumulation_steps {accumulation}: each rank takes one "
-            f"micro-batch per step, so a step averages {world.size} micro-batches of {c.batch_size} sequences, "
-            f"{world.size / accumulation:g}x one process's batch (set it to a multiple of {world.size} to keep that)"]
-
-
 def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional[World] = None) -> Config:
     """A plan's "x0.1 every 10 epochs" in steps: an epoch is one pass over the train split's tokens."""
     if c.step_epochs <= 0:
@@ -3062,30 +2383,9 @@ def check_fits(c: Config, data: CharDataset) -> None:
                             f"({len(data.splits[split])} tokens)")
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block on errors; we print one line and exit 2."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
                     "overwrite", "download", "notes", "plot", "tensorboard", "resume", "debug", "device", "dtype",
                     "compile", "backend"}
-
-
-def dataclass_parser(fields_of, description: str) -> argparse.ArgumentParser:
-    """A one-line-error parser with a --flag per field of a dataclass whose fields carry "help" and "choices"
-    metadata (train_agent.py's Args, sweep.py's SweepArgs)."""
-    parser = OneLineArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(fields_of):
-        kwargs = dict(dest=f.name, default=f.default, help=f.metadata["help"] + f" [default: {f.default}]")
-        if f.type == "bool":
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
-                                choices=f.metadata["choices"], **kwargs)
-    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3095,33 +2395,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "Every setting below overrides the chosen --profile (the [Config: ...] defaults are "
                     "the dataclass's; profiles change most of them). Training settings also take "
                     "per-dataset values: --learning_rate shakespeare_char=2e-3,enwik8=1e-3,text8=1e-3.")
-    for f in dataclasses.fields(Config):
-        flag, meta = f"--{f.name}", f.metadata
-        choices = f" {{{','.join(meta['choices'])}}}" if meta["choices"] else ""
-        bounds = f" in {meta['bounds']}" if meta["bounds"] else ""
-        kwargs = dict(dest=f.name, default=None, help=meta["help"] + choices + bounds + f" [Config: {f.default}]")
-        if f.type in ("bool", "Optional[bool]"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:  # converted (and checked against choices) by parse_value, which knows per-dataset values
-            parser.add_argument(flag, metavar=f.name.upper() if not meta["choices"] else "CHOICE", **kwargs)
-    return parser
+    return add_config_flags(parser, Config)
 
 
 def parse_value(f: dataclasses.Field, text: str):
     """'2e-3' -> 0.002; 'shakespeare_char=2e-3,enwik8=1e-3' -> {dataset: value} for training settings."""
-    items = [item.split("=", 1) for item in text.split(",")] if "=" in text else None
-    if items and f.name not in RUN_LEVEL_FIELDS and all(len(i) == 2 and i[0].strip() in DATASETS for i in items):
-        return {name.strip(): parse_value(f, value.strip()) for name, value in items}
-    kind = {"int": int, "float": float, "str": str}[f.type]
-    try:
-        value = kind(text)
-    except ValueError:
-        raise UserError(f"argument --{f.name}: invalid {f.type} value: {text!r} (see --help)") from None
-    check_bounds(f.name, value)  # nan, inf and out-of-range values stop here, before anything is written
-    if f.metadata["choices"] and value not in f.metadata["choices"]:
-        raise UserError(f"argument --{f.name}: invalid choice: {text!r} "
-                        f"(choose from {', '.join(f.metadata['choices'])})")
-    return value
+    return parse_field_value(f, text, per_dataset=() if f.name in RUN_LEVEL_FIELDS else DATASETS)
 
 
 def parse_args(argv: list[str]) -> tuple[Config, dict]:
@@ -3136,52 +2415,8 @@ def parse_args(argv: list[str]) -> tuple[Config, dict]:
     return base, typed
 
 
-def entry_point(work, argv: list[str], interrupted: str = "interrupted") -> int:
-    """The main() of train_agent.py, sweep.py and prune.py: work(argv), then 0; a UserError or RunFailed is one
-    `error:` line and its exit code (--debug: the traceback instead); Ctrl-C prints `interrupted` and gives 130."""
-    try:
-        work(argv)
-        return 0
-    except (UserError, RunFailed) as e:
-        if "--debug" in argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    report = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 speaks for the job: one line, not one per rank
-    world, together = World(), False  # together: every rank ends here alike (see World.close)
-    try:
-        base, typed = parse_args(argv)
-        world = World.from_environment(base)
-        run_experiment(base, typed, argv, world)
-        together = True
-        return 0
-    except (UserError, RunFailed, Interrupted) as e:  # raised on every rank alike (World.from_main, agreed stops)
-        together = True
-        if debug:
-            raise
-        if report:
-            print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # a full disk, a vanished folder: earlier results are intact (atomic writes)
-        if debug:
-            raise
-        if report:
-            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if report:
-            print("error: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        world.close(together)
+    return job_main(sys.argv[1:] if argv is None else argv, parse_args, run_experiment)
 
 
 if __name__ == "__main__":

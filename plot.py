@@ -49,10 +49,8 @@ import fcntl
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,6 +62,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 
 from harness.stats import holm, paired_difference, stderr, welch_difference  # the project's one copy
+from harness.files import atomic_write_bytes  # the project's one atomic writer (no torch)
 
 # The four keys every final_info.json has (SPEC section 4); the Results line of notes.txt shows these first.
 CONTRACT_METRICS = ("final_train_loss", "best_val_loss", "total_train_time", "avg_inference_tokens_per_second")
@@ -563,21 +562,6 @@ def _table_header(rows: Sequence[dict]) -> list[str]:
 # notes.txt
 # ----------------------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it over: readers see the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; notes and figures are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def _locked(notes_path: Path):
     """Exclusive lock on notes.txt.lock beside notes.txt, so two runs finishing together take turns."""
@@ -597,7 +581,7 @@ def _rewrite_notes(notes_path: Path, edit: Callable[[list[str]], list[str]], tit
             lines = [f"# Title: {_one_line(title)}", f"# Experiment description: {_one_line(description)}"]
         new_text = "\n".join(edit(lines)) + "\n"
         if new_text != text:  # re-running for the same run leaves the file untouched
-            _atomic_write_bytes(notes_path, new_text.encode())
+            atomic_write_bytes(notes_path, new_text.encode())
 
 
 def run_section(run: Run) -> list[str]:
@@ -732,7 +716,7 @@ def save_figure(fig, path: Path) -> None:
     """Write the PNG atomically: a reader (or a crash) never sees half a file."""
     png = io.BytesIO()
     fig.savefig(png, format="png", bbox_inches="tight")
-    _atomic_write_bytes(path, png.getvalue())
+    atomic_write_bytes(path, png.getvalue())
 
 
 def _legend(ax, n_runs: int) -> None:

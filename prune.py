@@ -64,7 +64,9 @@ import torch
 from gymnasium import spaces
 
 import experiment as ex
-from harness.files import sha256_file
+from harness.cli import dataclass_parser, entry_point
+from harness.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
+from harness.records import environment_record
 
 METHODS = ("rl", "magnitude", "random")
 UNPRUNED_FINETUNED = "unpruned_finetuned"  # the source model fine-tuned as the pruned ones are
@@ -425,7 +427,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> Args:
-    args = Args(**vars(ex.dataclass_parser(Args, __doc__.split("\n\n")[0].strip()).parse_args(argv)))
+    args = Args(**vars(dataclass_parser(Args, __doc__.split("\n\n")[0].strip()).parse_args(argv)))
     parse_targets(args.flops_target)
     parse_methods(args.method)
     for name in ("episodes", "episodes_per_update", "hidden", "mlp_steps", "finetune_iters", "taylor_batches"):
@@ -459,7 +461,7 @@ def read_source(args: Args) -> Source:
     run_dir = Path(args.run)
     if not (run_dir / "run.json").exists():
         raise ex.UserError(f"--run {run_dir} is not a run folder of experiment.py (no run.json)")
-    record = ex.read_json(run_dir / "run.json")
+    record = read_json(run_dir / "run.json")
     configs = record.get("configs") or {}
     if args.dataset not in configs:
         raise ex.UserError(f"--run {run_dir} has no {args.dataset} (it trained {', '.join(configs) or 'nothing'})")
@@ -587,7 +589,7 @@ def pruned_result(method: str, target: float, chosen: dict, source: Source, ft_c
 def unpruned_result(source: Source, ft_cfg: ex.Config, args: Args) -> dict:
     """The source model measured here as the pruned ones are (loss on the val split, sampling speed on this
     device now); its training numbers and logs are the run's own."""
-    trained = ex.read_json(source.run_dir / f"final_info_{args.dataset}_{args.seed}.json")
+    trained = read_json(source.run_dir / f"final_info_{args.dataset}_{args.seed}.json")
     loss = ex.final_evaluation(source.model, source.data, ft_cfg, source.rt).get("full_val_loss")
     speed = measure_speed(source.model, source, ft_cfg, ft_cfg.seed_base + args.seed)
     flops = flops_per_token(source.model.config)
@@ -600,7 +602,7 @@ def unpruned_result(source: Source, ft_cfg: ex.Config, args: Args) -> dict:
             "latency_ms_per_token": speed["latency_ms_per_token"], "seed": source.cfg.seed_base + args.seed,
             "status": "finished"}
     results_path = source.run_dir / "all_results.json"
-    logs = ex.read_json(results_path) if results_path.exists() else {}
+    logs = read_json(results_path) if results_path.exists() else {}
     return {"info": {k: v for k, v in info.items() if v is not None}, "model": None,
             "train_info": logs.get(f"{args.dataset}_{args.seed}_train_info", []),
             "val_info": logs.get(f"{args.dataset}_{args.seed}_val_info", []), "sample": speed["sample"]}
@@ -624,8 +626,8 @@ def write_results(out: Path, results: dict) -> dict:
             all_results[f"{key}_0_{kind}"] = r[kind]
         all_results[f"{key}_0_final_info"] = numbers
         final_infos[key] = {**ex.summarize([numbers]), "method": info["method"], "flops_target": info["flops_target"]}
-    ex.atomic_save_npy(out / "all_results.npy", all_results)
-    ex.atomic_write_json(out / "all_results.json", all_results)
+    atomic_save_npy(out / "all_results.npy", all_results)
+    atomic_write_json(out / "all_results.json", all_results)
     return final_infos
 
 
@@ -657,18 +659,8 @@ def prune(args: Args, argv: list[str]) -> dict:
     ex.prepare_run_folder(out, args.overwrite)  # every check above: bad input touches nothing
 
     reward_tokens, search_tokens = train[-args.reward_tokens:], train[:-args.reward_tokens]
-    record = {"title": f"prune {source.run_dir.name} {args.dataset} seed {args.seed}",
-              "description": f"structured pruning for FLOPs targets {targets} by {', '.join(methods)}",
-              "command": ex.command_line(__file__, argv), "cwd": str(Path.cwd()), "started": ex.now_iso(),
-              "finished": None, "status": "running", "args": dataclasses.asdict(args), "layout": LAYOUT,
-              "source": {"run": str(source.run_dir.resolve()), "dataset": args.dataset, "seed_index": args.seed,
-                         "model": str(source.model_path.resolve()), "model_sha256": sha256_file(source.model_path),
-                         "model_config": dataclasses.asdict(source.model.config)},
-              "flops_formula": FLOPS_FORMULA,
-              "reward_slice": {"split": "train", "tokens": args.reward_tokens, "from": len(train) - args.reward_tokens},
-              "data": source.data.provenance, "finetune_config": dataclasses.asdict(ft_cfg), "search": {},
-              **ex.environment_record(source.rt)}
-    ex.atomic_write_json(out / "run.json", record)
+    record = prune_record(args, argv, source, ft_cfg, targets, methods)
+    atomic_write_json(out / "run.json", record)
     print(f"pruning {source.model_path} ({flops_per_token(source.model.config)['total']:,} FLOPs/token, "
           f"{source.model.num_params():,} params) | targets {targets} | {', '.join(methods)} | "
           f"importance {args.importance} | device {source.rt.device.type} | out_dir {out}", flush=True)
@@ -680,7 +672,7 @@ def prune(args: Args, argv: list[str]) -> dict:
         importance = magnitude_importance(source.model)
     score = reward_scorer(source, importance, reward_tokens)
     results = {"unpruned": unpruned_result(source, ft_cfg, args)}
-    ex.atomic_write_json(out / "final_info_unpruned_0.json",
+    atomic_write_json(out / "final_info_unpruned_0.json",
                          {**results["unpruned"]["info"], "key": "unpruned", "sample": results["unpruned"]["sample"]})
     # The like-for-like reference: the pruned models train --finetune_iters steps more than the source model did,
     # so the source model, nothing removed, is fine-tuned the same way (a model still improving gains from it too).
@@ -694,7 +686,7 @@ def prune(args: Args, argv: list[str]) -> dict:
                          search=chosen["search"], reward_loss=score(chosen["allocation"]))
         results[key] = r
         ex.save_model(ex.model_file(out, key, 0), r["model"])
-        ex.atomic_write_json(out / f"final_info_{key}_0.json", {**r["info"], "key": key, "sample": r["sample"]})
+        atomic_write_json(out / f"final_info_{key}_0.json", {**r["info"], "key": key, "sample": r["sample"]})
         record["search"][key] = {"seconds": chosen["search_time"], **{k: v for k, v in chosen["search"].items()
                                                                         if k != "seconds"}}
         write_results(out, results)
@@ -704,11 +696,29 @@ def prune(args: Args, argv: list[str]) -> dict:
               f"{i['full_val_loss']:.4f} fine-tuned | {i['tokens_per_second']:.0f} tok/s | search "
               f"{i['search_time']:.1f}s", flush=True)
     final_infos = write_results(out, results)
-    ex.atomic_write_json(out / "final_info.json", final_infos)  # last: its presence means the folder is complete
+    atomic_write_json(out / "final_info.json", final_infos)  # last: its presence means the folder is complete
     record.update(status="finished", finished=ex.now_iso())
-    ex.atomic_write_json(out / "run.json", record)
+    atomic_write_json(out / "run.json", record)
     report(out, final_infos, record, targets, args)
     return final_infos
+
+
+def prune_record(args: Args, argv: list[str], source: Source, ft_cfg: ex.Config, targets: list[float],
+                 methods: list[str]) -> dict:
+    """run.json of the prune folder: the command, the source model (and its sha256), the reward slice of the
+    train split, the fine-tuning config and the machine; "search" fills in as each method finishes."""
+    train = source.data.splits["train"]
+    return {"title": f"prune {source.run_dir.name} {args.dataset} seed {args.seed}",
+            "description": f"structured pruning for FLOPs targets {targets} by {', '.join(methods)}",
+            "command": ex.command_line(__file__, argv), "cwd": str(Path.cwd()), "started": ex.now_iso(),
+            "finished": None, "status": "running", "args": dataclasses.asdict(args), "layout": LAYOUT,
+            "source": {"run": str(source.run_dir.resolve()), "dataset": args.dataset, "seed_index": args.seed,
+                       "model": str(source.model_path.resolve()), "model_sha256": sha256_file(source.model_path),
+                       "model_config": dataclasses.asdict(source.model.config)},
+            "flops_formula": FLOPS_FORMULA,
+            "reward_slice": {"split": "train", "tokens": args.reward_tokens, "from": len(train) - args.reward_tokens},
+            "data": source.data.provenance, "finetune_config": dataclasses.asdict(ft_cfg), "search": {},
+            **environment_record(source.rt)}
 
 
 def report(out: Path, final_infos: dict, record: dict, targets: list[float], args: Args) -> None:
@@ -728,7 +738,7 @@ def report(out: Path, final_infos: dict, record: dict, targets: list[float], arg
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return ex.entry_point(lambda argv: prune(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
+    return entry_point(lambda argv: prune(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
                           "interrupted: the methods finished so far are in the folder (no final_info.json)")
 
 

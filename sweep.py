@@ -44,6 +44,9 @@ from typing import Optional
 import numpy as np
 
 import experiment as ex
+from harness.cli import dataclass_parser, entry_point
+from harness.files import atomic_write_json, read_json
+from harness.records import environment_record
 
 RAY_INSTALL = 'pip install "ray[tune]==2.60.0"'
 METHODS = ("grid", "random", "pbt")
@@ -185,6 +188,32 @@ def trial_config(setup: dict, hp: dict) -> ex.Config:
     return ex.config_for_dataset(base, settings(base, setup["overrides"], hp), setup["profile"], setup["dataset"])
 
 
+def trial_record(setup: dict, folder: Path, cfg: ex.Config, hp: dict, data: ex.CharDataset, rt: ex.Runtime,
+                 checkpoint) -> dict:
+    """The trial's run.json: a new one in a cleared folder, or, when Ray hands a checkpoint, the trial's own
+    with the restore noted, after copying the checkpoint's files into the trial folder."""
+    dataset = setup["dataset"]
+    if checkpoint is None:
+        ex.prepare_run_folder(folder, overwrite=True)
+        return {"title": f"{setup['method']} trial {folder.name}", "description": f"sweep.py {setup['method']}",
+                "profile": setup["profile"], "datasets": [dataset], "command": setup["command"],
+                "cwd": setup["cwd"], "started": ex.now_iso(), "finished": None,
+                "configs": {dataset: dataclasses.asdict(cfg)}, "data": {dataset: data.provenance},
+                "warnings": {}, "sweep": {"method": setup["method"], "trial": folder.name, "hp": hp},
+                "restores": [], **environment_record(rt)}
+    record = read_json(folder / "run.json")
+    with checkpoint.as_directory() as d:
+        origin = json.loads((Path(d) / "origin.json").read_text())
+        for f in Path(d).glob("ckpt_*.pt"):
+            shutil.copy2(f, folder / f.name)
+    # A PBT exploit (another trial's weights) or a resume (this trial's own), and the settings from here on.
+    record["restores"].append({"at": ex.now_iso(), "from_trial": origin["trial"], "iter": origin["iter"],
+                               "val_loss": origin["val_loss"], "hp": hp,
+                               "kind": "resume" if origin["trial"] == folder.name else "exploit"})
+    record["configs"] = {dataset: dataclasses.asdict(cfg)}
+    return record
+
+
 def trainable(config: dict, setup: dict) -> None:
     """Ray Tune's function trainable. Restores Ray's checkpoint if it hands one (its own, when Ray resumes it
     after a failure or a synchronous-PBT pause; another trial's, when PBT exploits), trains through
@@ -202,28 +231,10 @@ def trainable(config: dict, setup: dict) -> None:
     rt = ex.Runtime.choose(cfg)
     record_path = folder / "run.json"
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        ex.prepare_run_folder(folder, overwrite=True)
-        record = {"title": f"{setup['method']} trial {folder.name}", "description": f"sweep.py {setup['method']}",
-                  "profile": setup["profile"], "datasets": [dataset], "command": setup["command"],
-                  "cwd": setup["cwd"], "started": ex.now_iso(), "finished": None,
-                  "configs": {dataset: dataclasses.asdict(cfg)}, "data": {dataset: data.provenance},
-                  "warnings": {}, "sweep": {"method": setup["method"], "trial": folder.name, "hp": config["hp"]},
-                  "restores": [], **ex.environment_record(rt)}
-    else:
-        record = ex.read_json(record_path)
-        with checkpoint.as_directory() as d:
-            origin = json.loads((Path(d) / "origin.json").read_text())
-            for f in Path(d).glob("ckpt_*.pt"):
-                shutil.copy2(f, folder / f.name)
-        # A PBT exploit (another trial's weights) or a resume (this trial's own), and the settings from here on.
-        record["restores"].append({"at": ex.now_iso(), "from_trial": origin["trial"], "iter": origin["iter"],
-                                   "val_loss": origin["val_loss"], "hp": config["hp"],
-                                   "kind": "resume" if origin["trial"] == folder.name else "exploit"})
-        record["configs"] = {dataset: dataclasses.asdict(cfg)}
-    ex.atomic_write_json(record_path, {**record, "status": "running"})
+    record = trial_record(setup, folder, cfg, config["hp"], data, rt, checkpoint)
+    atomic_write_json(record_path, {**record, "status": "running"})
     compute_path = folder / "compute.json"
-    compute = ex.read_json(compute_path) if compute_path.exists() else {"steps": 0, "seconds": 0.0}
+    compute = read_json(compute_path) if compute_path.exists() else {"steps": 0, "seconds": 0.0}
     seen = {"steps": 0, "t": time.time()}
     kill_at = setup["kill_at"]  # "ITER:MARKER": die once, there (the tests' fault injection)
 
@@ -232,10 +243,10 @@ def trainable(config: dict, setup: dict) -> None:
         compute["steps"] += run.steps_taken - seen["steps"]
         compute["seconds"] += now - seen["t"]
         seen.update(steps=run.steps_taken, t=now)
-        ex.atomic_write_json(compute_path, compute)
+        atomic_write_json(compute_path, compute)
         it, (train_loss, val_loss) = run.state.last_eval_it, run.last_eval_losses()
         with tempfile.TemporaryDirectory() as d:
-            shutil.copy2(run.checkpoint, Path(d) / run.checkpoint.name)
+            shutil.copy2(run.store.path, Path(d) / run.store.path.name)
             (Path(d) / "origin.json").write_text(json.dumps({"trial": folder.name, "iter": it, "val_loss": val_loss}))
             tune.report({"iter": it, "val_loss": val_loss, "train_loss": train_loss, "steps": compute["steps"]},
                         checkpoint=tune.Checkpoint.from_directory(d))
@@ -246,9 +257,9 @@ def trainable(config: dict, setup: dict) -> None:
 
     final = ex.train_all({dataset: cfg}, {dataset: data}, rt, folder, False, ex.StopRequest(),
                          resume=checkpoint is not None, on_evaluation=on_evaluation)
-    ex.atomic_write_json(folder / "final_info.json", final)
+    atomic_write_json(folder / "final_info.json", final)
     record.update(status="finished", finished=ex.now_iso(), compute=compute)
-    ex.atomic_write_json(record_path, record)
+    atomic_write_json(record_path, record)
     entry = final[dataset]
     tune.report({"iter": cfg.max_iters, "val_loss": entry["means"]["final_val_loss_mean"],
                  "full_val_loss": entry["means"]["full_val_loss_mean"], "steps": compute["steps"], "done": True})
@@ -365,8 +376,8 @@ def summarize(args: SweepArgs, folder: Path, out: Path, seconds: float) -> dict:
     import plot
     rows = []
     for trial in sorted(folder.glob("trial_*")):
-        record = ex.read_json(trial / "run.json") if (trial / "run.json").exists() else {}
-        final = ex.read_json(trial / "final_info.json") if (trial / "final_info.json").exists() else None
+        record = read_json(trial / "run.json") if (trial / "run.json").exists() else {}
+        final = read_json(trial / "final_info.json") if (trial / "final_info.json").exists() else None
         dataset = (record.get("datasets") or [None])[0]
         entry = final.get(dataset) if final else None
         cfg = (record.get("configs") or {}).get(dataset, {})
@@ -383,8 +394,8 @@ def summarize(args: SweepArgs, folder: Path, out: Path, seconds: float) -> dict:
     best = min(done, key=lambda r: r["full_val_loss"]) if done else None
     summary = {"method": args.method, "trials": rows, "best": best, "seconds": seconds,
                "steps": sum(r["steps"] or 0 for r in rows), "profile": args.profile, "dataset": args.datasets}
-    ex.atomic_write_json(folder / "results.json", summary)
-    ex.atomic_write_json(folder / "best.json", best or {})
+    atomic_write_json(folder / "results.json", summary)
+    atomic_write_json(folder / "best.json", best or {})
     lines = ["| trial | configuration | full_val_loss | steps | seconds | exploits | resumes |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -406,11 +417,11 @@ def summarize(args: SweepArgs, folder: Path, out: Path, seconds: float) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return ex.dataclass_parser(SweepArgs, __doc__.split("\n\n")[0].strip())
+    return dataclass_parser(SweepArgs, __doc__.split("\n\n")[0].strip())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return ex.entry_point(lambda argv: run_sweep(SweepArgs(**vars(build_parser().parse_args(argv))), argv),
+    return entry_point(lambda argv: run_sweep(SweepArgs(**vars(build_parser().parse_args(argv))), argv),
                           sys.argv[1:] if argv is None else argv)
 
 

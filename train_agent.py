@@ -39,6 +39,9 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import experiment as ex
 import plot
+from harness.cli import dataclass_parser, entry_point
+from harness.records import environment_record
+from harness.runtime import format_duration
 from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
@@ -411,7 +414,7 @@ def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) ->
             "seed": args.seed, "reward": ex.reward_kind(cfg), "actions": ex.agent_actions(cfg),
             "observation": ex.observation_spec(cfg), "controller": controller, "config": dataclasses.asdict(cfg),
             "policy_file": policy_file, "episodes": args.episodes, "episodes_done": 0, "seeds": [],
-            "command": ex.command_line(__file__, argv), "started": ex.now_iso(), **ex.environment_record(rt)}
+            "command": ex.command_line(__file__, argv), "started": ex.now_iso(), **environment_record(rt)}
 
 
 def open_out_dir(out: Path, manifest: dict) -> tuple[list[dict], dict]:
@@ -476,7 +479,7 @@ class Log:
         for r in records:
             line = (f"episode {r['episode'] + 1}/{self.args.episodes}: lr x{r['lr_factor']:.3g} return "
                     f"{r['return']:+.4f} final val {r['final_val_loss']:.4f} ({r['status']}, {r['seconds']:.1f}s) "
-                    f"eta {ex.format_duration(eta)}")
+                    f"eta {format_duration(eta)}")
             if self.bar is not None:
                 self.bar.update(1)
                 self.bar.set_postfix_str(f"val {r['final_val_loss']:.3f}")
@@ -493,7 +496,7 @@ class Log:
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    return ex.dataclass_parser(Args, __doc__.split("\n\n")[0].strip())
+    return dataclass_parser(Args, __doc__.split("\n\n")[0].strip())
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -566,7 +569,7 @@ def train(args: Args, argv: list[str]) -> list[dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return ex.entry_point(lambda argv: train(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
+    return entry_point(lambda argv: train(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
                           "interrupted: finished episodes are saved; run the same command to continue")
 
 

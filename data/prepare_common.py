@@ -33,16 +33,17 @@ import hashlib
 import json
 import os
 import pickle
-import secrets
 import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from harness.files import atomic_write_files, sha256_file
 
 FORMAT_VERSION = 1
 DOWNLOAD_TIMEOUT_S = (15, 60)  # (connect, read between chunks): fail rather than hang
@@ -160,14 +161,6 @@ def verify_checksum(data: bytes, checksum: str, what: str, error: type[PrepareEr
     return f"{algo}:{expected}"
 
 
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- reading sources
 
 
@@ -197,7 +190,7 @@ def read_local_source(spec: DatasetSpec, source: Path) -> tuple[bytes, dict]:
     try:
         raw = read_text_bytes(spec, source, is_zip, label=str(source))
         # For a plain file the text is the file, so hash it in memory instead of re-reading.
-        sha256 = sha256_of_file(source) if is_zip else hashlib.sha256(raw).hexdigest()
+        sha256 = sha256_file(source) if is_zip else hashlib.sha256(raw).hexdigest()
         size = source.stat().st_size
     except OSError as exc:
         raise SourceError(f"cannot read source {source}: {exc}") from None
@@ -333,7 +326,7 @@ def fetch_source(spec: DatasetSpec, out_dir: Path, url: str, checksum: str, log:
     info = {
         "url": url,
         "bytes": final.stat().st_size,
-        "sha256": sha256_of_file(final) if is_zip else hashlib.sha256(raw).hexdigest(),
+        "sha256": sha256_file(final) if is_zip else hashlib.sha256(raw).hexdigest(),
         "member": spec.archive_member if is_zip else None,
         "checksum": verified,
     }
@@ -378,45 +371,16 @@ def _check_vocab_fits(vocab_size: int) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def bin_outputs(ids: np.ndarray, names: list[str], sizes: list[int]) -> tuple[list[tuple[str, Callable[[BinaryIO], None]]], dict[str, str]]:
-    """The (file name, writer) of each split's .bin and the sha256 of the bytes each writes."""
+def bin_outputs(ids: np.ndarray, names: list[str], sizes: list[int]) -> tuple[list[tuple[str, memoryview]], dict[str, str]]:
+    """The (file name, bytes) of each split's .bin and the sha256 of those bytes."""
     bounds = np.cumsum([0] + sizes)
     outputs, digests = [], {}
     for i, name in enumerate(names):
         # One buffer both hashed and written, so the digest is of exactly the bytes on disk.
         data = memoryview(np.ascontiguousarray(ids[bounds[i] : bounds[i + 1]])).cast("B")
         digests[name] = hashlib.sha256(data).hexdigest()
-        outputs.append((f"{name}.bin", lambda f, data=data: f.write(data)))
+        outputs.append((f"{name}.bin", data))
     return outputs, digests
-
-
-def _tmp_name(out_dir: Path, name: str) -> Path:
-    # Unique per call so that two runs never write into each other's temp files.
-    return out_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-def write_atomically(out_dir: Path, outputs: list[tuple[str, Callable[[BinaryIO], None]]]) -> None:
-    """Write every (name, writer) to a temp file, then rename all into place in order.
-
-    Put meta.json last: it marks the folder complete. The old meta.json is removed
-    before the first rename, so a crash half-way leaves an incomplete folder rather
-    than a complete-looking mix of old and new files.
-    """
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for name, write in outputs:
-            tmp = _tmp_name(out_dir, name)
-            staged.append((tmp, out_dir / name))
-            with open(tmp, "xb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        (out_dir / "meta.json").unlink(missing_ok=True)
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)  # no-op for those already renamed
 
 
 # ---------------------------------------------------------------- public API
@@ -444,25 +408,9 @@ def prepare(
     out_dir = Path(out_dir)
     if checksum is not None:
         parse_checksum(checksum)  # reject a malformed value before any work
-
-    if source is not None:
-        source = Path(source)
-        raw, source_info = load_local_source(spec, source, checksum, allow_nonstandard)
-        label = source_info["member"] or source.name
-        make_out_dir(out_dir)  # only now: a refused source leaves no new folder behind
-    else:
-        url = url or spec.url
-        make_out_dir(out_dir)
-        raw, source_info = fetch_source(spec, out_dir, url, checksum or spec.checksum, log)
-        label = source_info["member"] or Path(urlsplit(url).path).name or url
-
-    warning = None
-    if len(raw) != spec.standard_size:
-        percents = "/".join(f"{100 * f:g}" for _, f in spec.splits)
-        warning = (
-            f"{label} is {len(raw):,} bytes, not the standard {spec.standard_size:,}: "
-            f"split {percents} in proportion; losses are not comparable with published results"
-        )
+    raw, source_info, label = obtain_raw(spec, out_dir, source, url, checksum, log, allow_nonstandard)
+    warning = nonstandard_warning(spec, len(raw), label)
+    if warning is not None:
         log(f"warning: {warning}")
 
     try:
@@ -474,9 +422,6 @@ def prepare(
 
     chars, ids = build_vocab_and_encode(text)
     _check_vocab_fits(len(chars))
-    itos = dict(enumerate(chars))
-    stoi = {c: i for i, c in itos.items()}
-
     names = [name for name, _ in spec.splits]
     sizes = split_sizes(len(ids), [f for _, f in spec.splits])
     outputs, bin_sha256 = bin_outputs(ids, names, sizes)
@@ -484,8 +429,8 @@ def prepare(
         "format_version": FORMAT_VERSION,
         "dataset": spec.name,
         "vocab_size": len(chars),
-        "itos": {str(i): c for i, c in itos.items()},  # JSON keys must be strings
-        "stoi": stoi,
+        "itos": {str(i): c for i, c in enumerate(chars)},  # JSON keys must be strings
+        "stoi": {c: i for i, c in enumerate(chars)},
         "dtype": "uint16",
         "encoding": spec.encoding,
         "splits": dict(zip(names, sizes)),
@@ -494,15 +439,47 @@ def prepare(
         "warning": warning,
         "source": source_info,
     }
+    write_prepared(out_dir, outputs, chars, meta)
+    return meta
 
-    nanogpt_meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
-    outputs.append(("meta.pkl", lambda f: pickle.dump(nanogpt_meta, f)))
-    outputs.append(("meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode("ascii"))))
+
+def obtain_raw(spec: DatasetSpec, out_dir: Path, source: Path | None, url: str | None, checksum: str | None,
+               log: Callable[[str], None], allow_nonstandard: bool) -> tuple[bytes, dict, str]:
+    """(raw text bytes, source record, label for messages): from the local source, else downloaded.
+    out_dir is created only once a local source passed its checks (a refused source leaves no folder)."""
+    if source is not None:
+        source = Path(source)
+        raw, source_info = load_local_source(spec, source, checksum, allow_nonstandard)
+        make_out_dir(out_dir)
+        return raw, source_info, source_info["member"] or source.name
+    url = url or spec.url
+    make_out_dir(out_dir)
+    raw, source_info = fetch_source(spec, out_dir, url, checksum or spec.checksum, log)
+    return raw, source_info, source_info["member"] or Path(urlsplit(url).path).name or url
+
+
+def nonstandard_warning(spec: DatasetSpec, n_bytes: int, label: str) -> str | None:
+    """The warning a source of other than the standard size gets (recorded in meta.json); None if standard."""
+    if n_bytes == spec.standard_size:
+        return None
+    percents = "/".join(f"{100 * f:g}" for _, f in spec.splits)
+    return (
+        f"{label} is {n_bytes:,} bytes, not the standard {spec.standard_size:,}: "
+        f"split {percents} in proportion; losses are not comparable with published results"
+    )
+
+
+def write_prepared(out_dir: Path, outputs: list, chars: list[str], meta: dict) -> None:
+    """The .bin files, nanoGPT's meta.pkl and our meta.json, written as one (meta.json last: it marks the
+    folder complete, and is removed first, so a crash leaves no mix of old and new files)."""
+    itos = dict(enumerate(chars))
+    nanogpt_meta = {"vocab_size": len(chars), "itos": itos, "stoi": {c: i for i, c in itos.items()}}
+    outputs = outputs + [("meta.pkl", pickle.dumps(nanogpt_meta)),
+                         ("meta.json", (json.dumps(meta, indent=1) + "\n").encode("ascii"))]
     try:
-        write_atomically(out_dir, outputs)
+        atomic_write_files(out_dir, outputs, marker="meta.json")
     except OSError as exc:
         raise PrepareError(f"cannot write the prepared data to {out_dir}: {exc}") from None
-    return meta
 
 
 def make_out_dir(out_dir: Path) -> None:

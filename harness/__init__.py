@@ -2,5 +2,16 @@
 
 experiment.py is what an idea edits (config, data, model, schedule and control, the built-in agents, the
 training run, sampling, results, CLI). This package holds the rest, one concern per module. Imports go one
-way: entry points -> experiment.py -> harness; nothing here imports experiment.py or an entry point.
+way: entry points -> experiment.py -> harness; nothing here imports experiment.py or an entry point, and a
+module that needs the config takes it as a plain object (duck typing).
+
+  errors       UserError (exit 2), RunFailed (exit 1), Interrupted (exit 130)
+  files        the one atomic writer (bytes, JSON, .npy, a set of files), read_json, sha256_file; no torch
+  records      run.json: provenance, commit, environment, command line; the run folder's guard; resume checks
+  validation   every config field against its declared bounds; torchrun checks; trained-policy warnings
+  cli          one-line-error parsers, config flags, the main() wrappers of the entry points
+  distributed  World: the torchrun processes and their collectives
+  runtime      Runtime (device, dtype, compile), StopRequest, FaultInjector, Progress
+  checkpoints  CheckpointStore (the last two checkpoints) and RunCheckpoints (what one of a run holds)
+  grad_stats   gradient statistics between evaluations, LAMB's per-layer trust
 """

@@ -1,4 +1,4 @@
-"""The two kinds of failure every entry point turns into one line and an exit code."""
+"""The errors a run ends with, each carrying its exit code: the CLI prints one `error:` line, never a traceback."""
 
 
 class UserError(Exception):
@@ -9,3 +9,8 @@ class UserError(Exception):
 class RunFailed(Exception):
     """The run could not go on for a reason outside the user's input (e.g. offline download): exit 1."""
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """SIGTERM / Ctrl-C: the run checkpointed and stopped; exit 130."""
+    exit_code = 130

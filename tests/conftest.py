@@ -1,5 +1,4 @@
 """Shared fixtures: the offline raw data, prepared once per test session, and a way to run the CLI."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -26,10 +25,7 @@ def source_dir() -> Path:
 @pytest.fixture(scope="session")
 def prepared_data_dir(source_dir, tmp_path_factory) -> Path:
     """All three datasets prepared from the offline copies into one folder for the whole session."""
-    spec = importlib.util.spec_from_file_location("prepare_common_for_tests", ROOT / "data" / "prepare_common.py")
-    prep = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = prep
-    spec.loader.exec_module(prep)
+    from data import prepare_common as prep  # one module name everywhere (as experiment.py imports it)
     out = tmp_path_factory.mktemp("prepared")
     for dataset in ("shakespeare_char", "enwik8", "text8"):
         prep.prepare(dataset, out / dataset, source=prep.find_local_source(dataset, source_dir), log=lambda *a: None)

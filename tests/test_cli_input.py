@@ -6,6 +6,7 @@ import math
 import pytest
 
 import experiment as ex
+from harness.validation import parse_bounds
 from conftest import run_cli
 
 FLOAT_FIELDS = [f for f in dataclasses.fields(ex.Config) if f.type == "float"]
@@ -13,7 +14,7 @@ FLOAT_FIELDS = [f for f in dataclasses.fields(ex.Config) if f.type == "float"]
 
 def out_of_range(bounds: str) -> list[float]:
     """Values just outside a field's declared interval: below/above a finite end, or on an open end."""
-    low, high, low_in, high_in = ex.parse_bounds(bounds)
+    low, high, low_in, high_in = parse_bounds(bounds)
     values = []
     if math.isfinite(low):
         values.append(low if not low_in else low - 1.0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import experiment as ex
+from harness.records import world_record
 from conftest import ROOT, run_cli
 from distributed_gradients import fixed_batches, gradient_config
 from test_reliability import EVALUATED, comparable
@@ -198,9 +199,9 @@ def test_accumulation_is_divided_among_the_ranks():
     assert ex.World(size=2).micro_steps(4) == 2
     assert ex.World(size=4).micro_steps(1) == 1  # at least one each: the global batch grows (a warning says so)
     cfg = ex.Config(gradient_accumulation_steps=4, batch_size=8, block_size=32)
-    assert ex.world_record({"d": cfg}, ex.World(size=2, backend="gloo"))["global_batch"]["d"] == {
+    assert world_record({"d": cfg}, ex.World(size=2, backend="gloo"))["global_batch"]["d"] == {
         "micro_steps_per_rank": 2, "sequences": 32, "tokens": 1024}
-    assert ex.world_record({"d": cfg}, ex.World())["global_batch"]["d"]["sequences"] == 32
+    assert world_record({"d": cfg}, ex.World())["global_batch"]["d"]["sequences"] == 32
     assert ex.world_warnings(cfg, ex.World(size=2)) == []
     assert ex.world_warnings(ex.Config(gradient_accumulation_steps=1), ex.World(size=2))
     with pytest.raises(ex.UserError, match="cannot be divided among 2 processes"):

@@ -204,7 +204,7 @@ def test_bad_input_is_one_line_and_exit_2(prepared_data_dir, tmp_path, args, fra
 
 
 def test_missing_data_offline_names_the_prepare_command(tmp_path, monkeypatch, capsys):
-    prep = ex.load_prepare_module()
+    prep = ex.prepare_common
     unreachable = "http://127.0.0.1:9/input.txt"  # discard port: refused at once, no internet involved
     monkeypatch.setitem(prep.DATASETS, "shakespeare_char",
                         __import__("dataclasses").replace(prep.DATASETS["shakespeare_char"], url=unreachable))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import experiment as ex
+from harness import files
 from conftest import ROOT, run_cli
 
 LOSS_KEYS = ("final_train_loss", "best_val_loss", "final_val_loss", "best_val_iter", "rollbacks")
@@ -285,7 +286,7 @@ def test_disk_full_keeps_earlier_results_and_resume_finishes(prepared_data_dir, 
     args = args_for(tmp_path / "run", prepared_data_dir, "--seeds", "2")
     reference = tmp_path / "reference"
     assert ex.main(args_for(reference, prepared_data_dir, "--seeds", "2")) == 0
-    real_write = ex.atomic_write_bytes
+    real_write = files.atomic_write_bytes  # the one atomic writer, which all_results.npy goes through
     writes = {"all_results.npy": 0}
 
     def failing_write(path, data):
@@ -294,7 +295,7 @@ def test_disk_full_keeps_earlier_results_and_resume_finishes(prepared_data_dir, 
             if writes["all_results.npy"] == 2:  # the second seed's results: the disk is full
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_write(path, data)
-    monkeypatch.setattr(ex, "atomic_write_bytes", failing_write)
+    monkeypatch.setattr(files, "atomic_write_bytes", failing_write)
     out = tmp_path / "run"
     assert ex.main(args) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: No space left on device: {out / 'all_results.npy'}"
@@ -303,6 +304,6 @@ def test_disk_full_keeps_earlier_results_and_resume_finishes(prepared_data_dir, 
     assert set(results) == {f"shakespeare_char_0_{k}" for k in ("final_info", "train_info", "val_info")}
     assert first_seed["best_val_loss"] == results["shakespeare_char_0_final_info"]["best_val_loss"]
     assert not list(out.glob(".*.tmp"))
-    monkeypatch.setattr(ex, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(files, "atomic_write_bytes", real_write)
     assert ex.main(["--out_dir", str(out), "--resume", "--data_dir", str(prepared_data_dir)]) == 0
     assert comparable(out) == comparable(reference)
