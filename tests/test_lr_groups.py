@@ -1,10 +1,12 @@
 """Per-layer learning-rate control (--lr_groups layer): a parameter group per layer with its own multiplier,
 per-group observations and actions, the LAMB trust-ratio heuristic, and what the records and figures say."""
+import hashlib
 import json
 import math
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,9 +127,21 @@ def test_random_draws_a_factor_per_group_and_replay_plays_them_back(prepared_dat
 REFERENCE = json.loads((ROOT / "tests" / "global_lr_reference.json").read_text())
 
 
+def cpu_signature() -> dict:
+    """The CPU the kernels ran on: two CPUs of the same capability (AVX512) can still differ in the last
+    bits of a float32 matmul (seen: the reference of another machine, off by 1 ulp at step 20)."""
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("vendor_id", "cpu family", "model", "stepping", "flags") and key not in fields:
+            fields[key] = value
+    flags = fields.pop("flags", "")
+    return {**fields, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
 def same_platform() -> bool:
     return REFERENCE["torch"] == torch.__version__ and REFERENCE["cpu_capability"] == \
-        torch.backends.cpu.get_cpu_capability() and platform.machine() == "x86_64"
+        torch.backends.cpu.get_cpu_capability() and platform.machine() == "x86_64" and REFERENCE["cpu"] == cpu_signature()
 
 
 @pytest.mark.parametrize("agent", ["none", "random"])
