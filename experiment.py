@@ -134,7 +134,7 @@ class Config:
                                  bounds="[0, 1]")
     agent: str = _opt("none", "who sets the learning-rate multiplier after each evaluation (reinforce, ppo, dqn: "
                               "policies trained by train_agent.py, loaded with --agent_init DIR)",
-                      ("none", "random", "replay", "qlearning", "reinforce", "ppo", "dqn"))
+                      lambda: (*AGENTS, *SB3_AGENTS))  # the registry (section 5), read when the flags are
     agent_actions: str = _opt("", "the agent's action factors on the multiplier; default "
                                   "0.5,0.8,1,1.25,2 (qlearning, random), 0.1,0.5,1,1.5,2 (reinforce, ppo, dqn)")
     reward: str = _opt("", "reward: -L, L_prev - L, or log L_prev - log L (L: val loss); default neg_val_loss "
@@ -266,15 +266,16 @@ def config_for_dataset(base: Config, cli_overrides: dict, profile: str, dataset:
     values["profile"] = profile
     cfg = dataclasses.replace(base, **values)
     # The agent's defaults, written into the config so run.json says what was used.
-    return dataclasses.replace(cfg, agent_actions=cfg.agent_actions or DEFAULT_ACTIONS[cfg.agent],
-                               reward=reward_kind(cfg), lr_groups=lr_groups_kind(cfg))
+    actions = cfg.agent_actions or DEFAULT_ACTIONS.get(cfg.agent, TABLE_ACTIONS)
+    return dataclasses.replace(cfg, agent_actions=actions, reward=reward_kind(cfg), lr_groups=lr_groups_kind(cfg))
 
 
 POLICY_AGENTS = ("reinforce", "ppo", "dqn")  # act on observation_features(); trained by train_agent.py
 SB3_AGENTS = ("ppo", "dqn")                 # stable-baselines3 policies: deployed frozen
-DEFAULT_ACTIONS = {"none": "0.5,0.8,1,1.25,2", "random": "0.5,0.8,1,1.25,2", "replay": "0.5,0.8,1,1.25,2",
-                   "qlearning": "0.5,0.8,1,1.25,2", "reinforce": "0.1,0.5,1,1.5,2", "ppo": "0.1,0.5,1,1.5,2",
-                   "dqn": "0.1,0.5,1,1.5,2"}
+# Action factors unless --agent_actions says otherwise: the policy networks get a wider set; every other agent
+# (a new one too) the table's.
+DEFAULT_ACTIONS = {"reinforce": "0.1,0.5,1,1.5,2", "ppo": "0.1,0.5,1,1.5,2", "dqn": "0.1,0.5,1,1.5,2"}
+TABLE_ACTIONS = "0.5,0.8,1,1.25,2"
 
 
 def reward_kind(cfg: Config) -> str:
@@ -919,7 +920,7 @@ def group_observation_features(obs: Observation) -> np.ndarray:
 
 
 def agent_actions(cfg: Config) -> list[float]:
-    return parse_actions(cfg.agent_actions or DEFAULT_ACTIONS[cfg.agent])
+    return parse_actions(cfg.agent_actions or DEFAULT_ACTIONS.get(cfg.agent, TABLE_ACTIONS))
 
 
 def parse_actions(text: str) -> list[float]:

@@ -511,7 +511,7 @@ def finetune_config(cfg: ex.Config, args: Args) -> ex.Config:
                              control="lr", step_epochs=0.0, lr_ceiling=max(cfg.lr_ceiling, lr), lr_floor=0.0,
                              eval_interval=min(cfg.eval_interval, max(1, iters // 4)),
                              log_interval=min(cfg.log_interval, max(1, iters // 10)), seeds=1, resume=False)
-    ft = dataclasses.replace(ft, agent_actions=ex.DEFAULT_ACTIONS["none"], reward=ex.reward_kind(ft),
+    ft = dataclasses.replace(ft, agent_actions=ex.TABLE_ACTIONS, reward=ex.reward_kind(ft),
                              lr_groups=ex.lr_groups_kind(ft))
     ex.validate(ft)
     return ft

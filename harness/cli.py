@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from typing import Optional
 
 from harness.distributed import World
 from harness.errors import Interrupted, RunFailed, UserError
@@ -20,6 +21,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def field_choices(f: dataclasses.Field) -> Optional[tuple]:
+    """A field's allowed values; a callable gives them when asked (experiment.py's --agent: its AGENTS registry,
+    so that adding an agent is the class and its registry entry)."""
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
 def dataclass_parser(fields_of, description: str) -> argparse.ArgumentParser:
     """A one-line-error parser with a --flag per field of a dataclass whose fields carry "help" and "choices"
     metadata (train_agent.py's Args, sweep.py's SweepArgs)."""
@@ -30,7 +38,7 @@ def dataclass_parser(fields_of, description: str) -> argparse.ArgumentParser:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
-                                choices=f.metadata["choices"], **kwargs)
+                                choices=field_choices(f), **kwargs)
     return parser
 
 
@@ -54,14 +62,14 @@ def add_config_flags(parser: argparse.ArgumentParser, config_type) -> argparse.A
     """A --flag per field of the config dataclass, default None (so a typed value can be told from a default);
     values arrive as text, for parse_field_value."""
     for f in dataclasses.fields(config_type):
-        flag, meta = f"--{f.name}", f.metadata
-        choices = f" {{{','.join(meta['choices'])}}}" if meta["choices"] else ""
+        flag, meta, allowed = f"--{f.name}", f.metadata, field_choices(f)
+        choices = f" {{{','.join(allowed)}}}" if allowed else ""
         bounds = f" in {meta['bounds']}" if meta["bounds"] else ""
         kwargs = dict(dest=f.name, default=None, help=meta["help"] + choices + bounds + f" [Config: {f.default}]")
         if f.type in ("bool", "Optional[bool]"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:  # converted (and checked against choices) by parse_field_value, which knows per-dataset values
-            parser.add_argument(flag, metavar=f.name.upper() if not meta["choices"] else "CHOICE", **kwargs)
+            parser.add_argument(flag, metavar=f.name.upper() if not allowed else "CHOICE", **kwargs)
     return parser
 
 
@@ -77,9 +85,9 @@ def parse_field_value(f: dataclasses.Field, text: str, per_dataset=()):
     except ValueError:
         raise UserError(f"argument --{f.name}: invalid {f.type} value: {text!r} (see --help)") from None
     check_bounds(f, value)  # nan, inf and out-of-range values stop here, before anything is written
-    if f.metadata["choices"] and value not in f.metadata["choices"]:
-        raise UserError(f"argument --{f.name}: invalid choice: {text!r} "
-                        f"(choose from {', '.join(f.metadata['choices'])})")
+    allowed = field_choices(f)
+    if allowed and value not in allowed:
+        raise UserError(f"argument --{f.name}: invalid choice: {text!r} (choose from {', '.join(allowed)})")
     return value
 
 

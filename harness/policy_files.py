@@ -75,10 +75,12 @@ def read_policy_folder(agent_init: str, agent: str, observation: dict, actions: 
         theirs = manifest.get("observation") or {}
         if ("group_features" in theirs) != ("group_features" in observation):
             raise UserError(f"--agent_init {folder} was trained with --lr_groups "
-                            f"{'layer' if 'group_features' in theirs else 'global'}; this run has --lr_groups {lr_groups}")
+                            f"{'layer' if 'group_features' in theirs else 'global'}; "
+                            f"this run has --lr_groups {lr_groups}")
         if theirs.get("control_features") != observation.get("control_features"):
             trained = (manifest.get("config") or {}).get("control", "lr")
-            raise UserError(f"--agent_init {folder} was trained with --control {trained}; this run has --control {control}")
+            raise UserError(f"--agent_init {folder} was trained with --control {trained}; "
+                            f"this run has --control {control}")
         raise UserError(f"--agent_init {folder} was trained on observation version {theirs.get('version')} "
                         f"({len(theirs.get('features', []))} features); this version observes "
                         f"{observation['version']} ({len(observation['features'])}): retrain it")

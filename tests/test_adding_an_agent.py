@@ -42,7 +42,10 @@ def test_the_class_and_one_registry_entry_make_a_working_agent_flag(prepared_dat
     edited = (source[:registry.start()] + documented_agent() + "\n\n"
               + source[registry.start():].replace("AGENTS = {", 'AGENTS = {"plateau": PlateauAgent, ', 1))
     (tmp_path / "experiment.py").write_text(edited)
-    for package in ("harness", "data"):  # the rest of the project, unchanged: its code only
+    for module in ROOT.glob("*.py"):  # the rest of the project, unchanged: its code only
+        if module.name != "experiment.py":
+            shutil.copy(module, tmp_path / module.name)
+    for package in ("harness", "data"):
         shutil.copytree(ROOT / package, tmp_path / package,
                         ignore=lambda folder, names: [n for n in names if (Path(folder) / n).is_file()
                                                       and not n.endswith(".py")])
