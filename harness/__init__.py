@@ -14,4 +14,9 @@ module that needs the config takes it as a plain object (duck typing).
   runtime      Runtime (device, dtype, compile), StopRequest, FaultInjector, Progress
   checkpoints  CheckpointStore (the last two checkpoints) and RunCheckpoints (what one of a run holds)
   grad_stats   gradient statistics between evaluations, LAMB's per-layer trust
+  policy_files policy folders read as data, never code: agent states, train_agent.py manifests, stable-baselines3
+               zips loaded without unpickling, the dqn replay buffer as plain arrays
+  controllers  the reinforce learner (policy network, optimizer, return baseline, the update); tensors as JSON
+  stats        mean and stderr, t intervals, paired and Welch differences, Holm: the project's one copy (no torch)
+  tensorboard  live curves for --tensorboard (imported with the flag only)
 """

@@ -124,6 +124,15 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def assert_continuing_is_refused(folder, data_dir, agent, marker, named):
+    """train_agent.py on the folder again: one error line naming the file, the payload never ran, and the
+    folder is byte for byte as it was."""
+    before = snapshot(folder)
+    proc = continue_training(folder, data_dir, agent, 3)
+    assert one_line_error(proc) and named in proc.stderr, proc.stderr
+    assert not marker.exists() and snapshot(folder) == before
+
+
 def test_a_dqn_training_keeps_its_replay_buffer_as_plain_arrays_and_continues(prepared_data_dir, trained, tmp_path):
     folder = copy_of(trained, "dqn", tmp_path)
     assert not list(folder.glob("*.pkl"))
@@ -141,10 +150,7 @@ def test_a_dqn_training_keeps_its_replay_buffer_as_plain_arrays_and_continues(pr
 def test_a_pickle_planted_in_a_training_folder_is_refused(prepared_data_dir, trained, tmp_path):
     folder, marker = copy_of(trained, "dqn", tmp_path), tmp_path / "payload_ran"
     (folder / "replay_buffer.pkl").write_bytes(pickle.dumps(Payload(marker)))
-    before = snapshot(folder)
-    proc = continue_training(folder, prepared_data_dir, "dqn", 3)
-    assert one_line_error(proc) and "replay_buffer.pkl" in proc.stderr, proc.stderr
-    assert not marker.exists() and snapshot(folder) == before
+    assert_continuing_is_refused(folder, prepared_data_dir, "dqn", marker, "replay_buffer.pkl")
 
 
 def test_an_object_array_replay_buffer_is_refused(prepared_data_dir, trained, tmp_path):
@@ -153,19 +159,13 @@ def test_an_object_array_replay_buffer_is_refused(prepared_data_dir, trained, tm
         arrays = {k: saved[k] for k in saved.files}
     arrays["rewards"] = np.array([Payload(marker)] * len(arrays["rewards"]), dtype=object)
     np.savez(folder / "replay_buffer.npz", **arrays)
-    before = snapshot(folder)
-    proc = continue_training(folder, prepared_data_dir, "dqn", 3)
-    assert one_line_error(proc) and "replay_buffer.npz" in proc.stderr, proc.stderr
-    assert not marker.exists() and snapshot(folder) == before
+    assert_continuing_is_refused(folder, prepared_data_dir, "dqn", marker, "replay_buffer.npz")
 
 
 def test_a_continued_ppo_training_reads_its_zip_as_data_too(prepared_data_dir, trained, tmp_path):
     folder, marker = copy_of(trained, "ppo", tmp_path), tmp_path / "payload_ran"
     rewrite_zip(folder / "policy.zip", edit_data=lambda d: d.update(extra_setting=payload_entry(marker)))
-    before = snapshot(folder)
-    proc = continue_training(folder, prepared_data_dir, "ppo", 3)
-    assert one_line_error(proc) and "'extra_setting'" in proc.stderr, proc.stderr
-    assert not marker.exists() and snapshot(folder) == before
+    assert_continuing_is_refused(folder, prepared_data_dir, "ppo", marker, "'extra_setting'")
 
 
 def test_a_reinforce_folder_is_json_and_deploys(prepared_data_dir, tmp_path):
