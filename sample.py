@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 import experiment as ex
+from model import load_model
 
 
 def _arg(default, help, choices=None):
@@ -149,7 +150,7 @@ def sample(args: Args) -> list[str]:
     kept = run_model(run_dir, record, args) if "configs" in record else pruned_model(run_dir, record, args)
     data, rt = load_vocabulary(kept, args)
     prompt = read_prompt(args.start, data)
-    model = ex.load_model(kept.path, rt.device)
+    model = load_model(kept.path, rt.device)
     if model.config.vocab_size != data.vocab_size:
         raise ex.UserError(f"{kept.path} has {model.config.vocab_size} tokens, the {kept.dataset} vocabulary "
                            f"{data.vocab_size}: pass the --data_dir it was trained on")

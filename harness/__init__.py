@@ -1,9 +1,9 @@
 """What no idea touches: the machinery beside experiment.py.
 
-experiment.py is what an idea edits (config, data, model, schedule and control, the built-in agents, the
-training run, sampling, results, CLI). This package holds the rest, one concern per module. Imports go one
-way: entry points -> experiment.py -> harness; nothing here imports experiment.py or an entry point, and a
-module that needs the config takes it as a plain object (duck typing).
+experiment.py is what an idea edits (config, data, the model in model.py beside it, schedule and control, the
+built-in agents, the training run, sampling, results, CLI). This package holds the rest, one concern per module.
+Imports go one way: entry points -> experiment.py (and model.py) -> harness; nothing here imports experiment.py,
+model.py or an entry point, and a module that needs the config takes it as a plain object (duck typing).
 
   errors       UserError (exit 2), RunFailed (exit 1), Interrupted (exit 130)
   files        the one atomic writer (bytes, JSON, .npy, a set of files), read_json, sha256_file; no torch

@@ -42,6 +42,7 @@ def test_the_class_and_one_registry_entry_make_a_working_agent_flag(prepared_dat
     edited = (source[:registry.start()] + documented_agent() + "\n\n"
               + source[registry.start():].replace("AGENTS = {", 'AGENTS = {"plateau": PlateauAgent, ', 1))
     (tmp_path / "experiment.py").write_text(edited)
+    shutil.copy(ROOT / "model.py", tmp_path / "model.py")  # the network, read beside experiment.py: unchanged
     for package in ("harness", "data"):  # the rest of the project, unchanged: its code only
         shutil.copytree(ROOT / package, tmp_path / package,
                         ignore=lambda folder, names: [n for n in names if (Path(folder) / n).is_file()
