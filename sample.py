@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 import experiment as ex
+from harness.cli import dataclass_parser, entry_point
 from model import load_model
 
 
@@ -50,7 +51,7 @@ class Args:
 
 
 def parse_args(argv: list[str]) -> Args:
-    args = Args(**vars(ex.dataclass_parser(Args, __doc__.strip().split("\n\n")[0]).parse_args(argv)))
+    args = Args(**vars(dataclass_parser(Args, __doc__.strip().split("\n\n")[0]).parse_args(argv)))
     for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ex.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -168,7 +169,7 @@ def sample(args: Args) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return ex.entry_point(lambda argv: sample(parse_args(argv)), sys.argv[1:] if argv is None else argv)
+    return entry_point(lambda argv: sample(parse_args(argv)), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
