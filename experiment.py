@@ -18,7 +18,8 @@ What an idea edits, read top to bottom as one run meets it:
 What no idea touches lives beside it in harness/, one concern per module, never importing this file:
 errors and files (the one atomic writer), records (provenance, run.json), validation (bounds), cli,
 distributed (the torchrun World), runtime (device, signals, progress), checkpoints, grad_stats,
-policy_files (policy folders read as data) and controllers (the reinforce learner), stats, tensorboard.
+policy_files (policy folders read as data), observation (what a policy network sees) and controllers
+(the reinforce learner), stats, tensorboard.
 
 The run folder follows the AI-Scientist nanoGPT template's contract (docs/run_folder.md), so its
 plot.py and perform_experiments.py read our runs unmodified.
@@ -52,6 +53,7 @@ from harness.distributed import RANK_SEED_STRIDE, World
 from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_json, read_json
 from harness.grad_stats import GradientStatistics, lamb_trust
+from harness.observation import OBSERVATION_LIMIT, PolicyInputs
 from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
 from harness.records import (check_same_data, command_line, data_provenance, new_run_record, now_iso, policy_record,
                              prepare_run_folder, resume_configs)
@@ -270,7 +272,7 @@ def config_for_dataset(base: Config, cli_overrides: dict, profile: str, dataset:
                                reward=reward_kind(cfg), lr_groups=lr_groups_kind(cfg))
 
 
-POLICY_AGENTS = ("reinforce", "ppo", "dqn")  # act on observation_features(); trained by train_agent.py
+POLICY_AGENTS = ("reinforce", "ppo", "dqn")  # act on harness/observation.py's features; train_agent.py trains
 SB3_AGENTS = ("ppo", "dqn")                 # stable-baselines3 policies: deployed frozen
 DEFAULT_ACTIONS = {"none": "0.5,0.8,1,1.25,2", "random": "0.5,0.8,1,1.25,2", "replay": "0.5,0.8,1,1.25,2",
                    "qlearning": "0.5,0.8,1,1.25,2", "reinforce": "0.1,0.5,1,1.5,2", "ppo": "0.1,0.5,1,1.5,2",
@@ -587,120 +589,12 @@ class Observation:
     # multiplier, in effect until this decision
 
 
-# The features a policy network sees (train_agent.py's environment observes the same vector). A policy
-# records this definition; a policy trained on another one is refused at deployment. Change a feature:
-# bump the version.
-OBSERVATION_FEATURES = (
-    "progress",          # it / max_iters
-    "val_loss",          # val loss / log(vocab): 1 = a uniform guess, the same scale on every dataset
-    "dlog_val_prev",     # log L_t - log L_{t-1}  (0 at the first evaluation)
-    "dlog_val_first",    # log L_t - log L_0
-    "train_val_gap",     # log L_val - log L_train (overfitting shows as > 0)
-    "log2_multiplier",   # / 3: +-1 at x8 and x1/8
-    "log_lr",            # log10(rate in effect) + 3: 0 at 1e-3
-    "log_base_lr",       # log10(--learning_rate) + 3: how the schedule was set
-    "log_grad_norm",     # log10(mean gradient norm since the previous evaluation)
-    "grad_norm_cv",      # its std / mean: gradient noise
-    "clip_fraction",
-    "log_update_ratio",  # log10(relative weight change since the previous evaluation) + 2
-)
-# --lr_groups layer: a policy sees one row per LR group, the features above followed by these, and picks
-# one action per row. The same network serves every row (SOLAR's shared per-group policy), so a policy
-# trained on one depth runs on any other.
-GROUP_FEATURES = (
-    "depth",                   # the group's place from the input (0) to the output (1)
-    "log_group_grad_norm",     # log10(its mean gradient norm since the previous evaluation)
-    "group_grad_snr",          # log10(mean / std of that norm across the steps): steady gradients > 0
-    "log_weight_rms",          # log10(rms of its weights) + 1
-    "log_group_update_ratio",  # log10(|its weight change since the previous evaluation| / |its weights|) + 2
-    "log2_group_multiplier",   # / 3
-)
-OBSERVATION_VERSION = 1
-OBSERVATION_LIMIT = 10.0  # every feature is clipped to +-this (a gymnasium Box needs bounds)
+# The features a policy network sees are harness/observation.py's (train_agent.py's environment observes the
+# same vector); what the config decides about them travels there as plain data:
 
-
-# --control: after the features above, log2(multiplier) / 3 of each controlled hyperparameter besides lr.
-
-
-def control_features(cfg: Config) -> list[str]:
-    return [f"log2_{name}_multiplier" for name in extra_controlled(cfg)]
-
-
-def observation_spec(cfg: Optional[Config] = None) -> dict:
-    spec = {"version": OBSERVATION_VERSION, "features": list(OBSERVATION_FEATURES)}
-    if cfg is not None and lr_groups_kind(cfg) == "layer":
-        spec["group_features"] = list(GROUP_FEATURES)
-    if cfg is not None and extra_controlled(cfg):
-        spec["control_features"] = control_features(cfg)
-    return spec
-
-
-def policy_feature_count(cfg: Config) -> int:
-    """Inputs of a policy network: per decision (global), or per group row (--lr_groups layer)."""
-    return (len(OBSERVATION_FEATURES) + (len(GROUP_FEATURES) if lr_groups_kind(cfg) == "layer" else 0)
-            + len(extra_controlled(cfg)))
-
-
-def policy_action_sizes(cfg: Config, n_actions: int) -> list[int]:
-    """A policy's action space as a list of choice counts: [n] for one decision (per group row, with
-    --lr_groups layer); with --control, one n per controlled hyperparameter, or for dqn, which acts in a
-    Discrete space only, the one product n^k (control_action decodes it)."""
-    k = len(controlled(cfg))
-    if k == 1:
-        return [n_actions]
-    return [n_actions ** k] if cfg.agent == "dqn" else [n_actions] * k
-
-
-def policy_features(cfg: Config, obs: Observation) -> np.ndarray:
-    if lr_groups_kind(cfg) == "layer":
-        return group_observation_features(obs)
-    features = observation_features(obs)
-    if extra_controlled(cfg):  # the other hyperparameters' multipliers
-        own = [math.log2(obs.hparams[name]) / 3 for name in extra_controlled(cfg)]
-        features = np.concatenate([features, np.array(own, dtype=np.float32)])
-    return features
-
-
-def _log10(x: Optional[float]) -> Optional[float]:
-    return math.log10(x) if x is not None and x > 0 and math.isfinite(x) else None
-
-
-def observation_features(obs: Observation) -> np.ndarray:
-    """The normalised float32 vector of OBSERVATION_FEATURES; statistics not yet gathered are 0."""
-    log_val = math.log(max(obs.val_loss, 1e-12))
-    grad, ratio = _log10(obs.grad_norm_mean), _log10(obs.update_ratio)
-    values = [
-        obs.it / max(1, obs.max_iters),
-        obs.val_loss / math.log(max(2, obs.vocab_size)),
-        log_val - math.log(obs.prev_val_loss) if obs.prev_val_loss else 0.0,
-        log_val - math.log(obs.first_val_loss) if obs.first_val_loss else 0.0,
-        log_val - math.log(max(obs.train_loss, 1e-12)),
-        math.log2(obs.multiplier) / 3,
-        math.log10(max(obs.lr, 1e-12)) + 3,
-        math.log10(obs.base_lr) + 3,
-        grad if grad is not None else 0.0,
-        obs.grad_norm_std / obs.grad_norm_mean if grad is not None and obs.grad_norm_std is not None else 0.0,
-        obs.clip_fraction or 0.0,
-        ratio + 2 if ratio is not None else 0.0,
-    ]
-    return np.clip(np.nan_to_num(np.array(values, dtype=np.float32)), -OBSERVATION_LIMIT, OBSERVATION_LIMIT)
-
-
-def group_observation_features(obs: Observation) -> np.ndarray:
-    """(groups, OBSERVATION_FEATURES + GROUP_FEATURES) float32: the shared features on every row, then the
-    group's own; statistics not yet gathered are 0."""
-    shared = observation_features(obs)
-    rows = []
-    for k, g in enumerate(obs.groups):
-        grad, ratio, rms = _log10(g.get("grad_norm_mean")), _log10(g.get("update_ratio")), _log10(g.get("weight_rms"))
-        std = g.get("grad_norm_std")
-        snr = _log10(g["grad_norm_mean"] / max(std, 1e-12)) if grad is not None and std is not None else None
-        rows.append([k / max(1, len(obs.groups) - 1), grad if grad is not None else 0.0,
-                     snr if snr is not None else 0.0, rms + 1 if rms is not None else 0.0,
-                     ratio + 2 if ratio is not None else 0.0, math.log2(g["multiplier"]) / 3])
-    own = np.nan_to_num(np.array(rows, dtype=np.float32))
-    table = np.concatenate([np.repeat(shared[None, :], len(rows), axis=0), own], axis=1)
-    return np.clip(table, -OBSERVATION_LIMIT, OBSERVATION_LIMIT)
+def policy_inputs(cfg: Config) -> PolicyInputs:
+    return PolicyInputs(layered=lr_groups_kind(cfg) == "layer", controls=tuple(controlled(cfg)),
+                        extra_controls=tuple(extra_controlled(cfg)), agent=cfg.agent)
 
 
 def agent_actions(cfg: Config) -> list[float]:
@@ -1075,8 +969,8 @@ class QLearningAgent(NoAgent):
 class ReinforceAgent(NoAgent):
     """REINFORCE (Williams 1992), the policy-gradient agent of "Dynamic learning-rate adjustment using RL".
 
-    At each evaluation the policy network maps policy_features() to a softmax over the action factors and
-    one is sampled; when the run ends, harness.controllers.ReinforceLearner takes one policy-gradient step
+    At each evaluation the policy network maps policy_inputs(cfg).features() to a softmax over the action
+    factors and one is sampled; when the run ends, harness.controllers.ReinforceLearner takes one policy-gradient step
     over the run's decisions (advantage = return-to-go minus the usual return at that iteration).
     Frozen (a trained policy deployed): the most probable action, no update. A diverged interval scores
     as a val loss at the divergence threshold plus --divergence_penalty. --lr_groups layer: the same
@@ -1088,7 +982,7 @@ class ReinforceAgent(NoAgent):
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
         self.actions = agent_actions(cfg)
-        self.learner = ReinforceLearner(policy_feature_count(cfg), len(self.actions), cfg.policy_hidden,
+        self.learner = ReinforceLearner(policy_inputs(cfg).count(), len(self.actions), cfg.policy_hidden,
                                         cfg.policy_lr, cfg.policy_gamma, seed)
         self.start_run()
 
@@ -1109,7 +1003,7 @@ class ReinforceAgent(NoAgent):
         if obs.it >= obs.max_iters:  # the last evaluation: no decision left; learn from the whole run
             self.end_run()
             return self.record(obs, action=None, reward=reward, epsilon=None, state=None)
-        features = policy_features(self.cfg, obs)
+        features = policy_inputs(self.cfg).features(obs)
         action, probs = self.learner.act(features, sample=self.learning)
         if self.group_multipliers is not None:
             self.apply([self.actions[a] for a in action])
@@ -1135,7 +1029,7 @@ class ReinforceAgent(NoAgent):
             self.learner.learn(steps)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "actions": self.actions, "observation": observation_spec(self.cfg),
+        return {**super().state_dict(), "actions": self.actions, "observation": policy_inputs(self.cfg).spec(),
                 **self.learner.state_dict(), "prev_val": self.prev_val, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
@@ -1152,14 +1046,14 @@ class ReinforceAgent(NoAgent):
     def check_policy(self, state: dict) -> None:
         if state.get("actions") != self.actions:
             raise UserError(f"the reinforce policy has actions {state.get('actions')}, this run {self.actions}")
-        if state.get("observation") != observation_spec(self.cfg):
+        if state.get("observation") != policy_inputs(self.cfg).spec():
             raise UserError(f"the reinforce policy observes {state.get('observation')}, this run "
-                            f"{observation_spec(self.cfg)}: retrain it (or match --lr_groups)")
+                            f"{policy_inputs(self.cfg).spec()}: retrain it (or match --lr_groups)")
 
 
 class SB3Agent(NoAgent):
     """A stable-baselines3 PPO or DQN policy trained by train_agent.py, deployed frozen: at each evaluation
-    the policy's most likely action on observation_features() (stable-baselines3 is imported only here).
+    the policy's most likely action on policy_inputs(cfg).features() (stable-baselines3 imported only here).
     --lr_groups layer: the policy observes one group row and is applied to every row of the table, as
     train_agent.py trained it (each group an agent of one shared policy), whatever the depth.
     --control with more than lr: one factor per controlled hyperparameter (ppo: MultiDiscrete; dqn: one
@@ -1173,14 +1067,15 @@ class SB3Agent(NoAgent):
         self.actions = agent_actions(cfg)
         from harness.policy_files import load_sb3_policy, sb3_spaces
         # The spaces and network width come from this run's settings and the manifest, never from the zip.
-        spaces = sb3_spaces(policy_feature_count(cfg), policy_action_sizes(cfg, len(self.actions)), OBSERVATION_LIMIT)
+        inputs = policy_inputs(cfg)
+        spaces = sb3_spaces(inputs.count(), inputs.action_sizes(len(self.actions)), OBSERVATION_LIMIT)
         hidden = (policy["manifest"].get("controller") or {}).get("hidden", cfg.policy_hidden)
         self.model = load_sb3_policy(Path(policy["file"]), cfg.agent, *spaces, hidden=hidden)
 
     def observe(self, obs: Observation) -> dict:
         if obs.it >= obs.max_iters:
             return self.record(obs, action=None, reward=None, epsilon=None, state=None)
-        action, _ = self.model.predict(policy_features(self.cfg, obs), deterministic=True)
+        action, _ = self.model.predict(policy_inputs(self.cfg).features(obs), deterministic=True)
         if self.controls is not None:  # one factor per controlled hyperparameter
             action = control_action(self.cfg, action, len(self.actions))
             self.apply_controls([self.actions[a] for a in action])
@@ -1213,7 +1108,7 @@ def remove_checkpoints(run_dir: Path, dataset: str, seed_index: int) -> None:
 
 def trained_policy(cfg: Config) -> Optional[dict]:
     """--agent_init DIR written by train_agent.py, checked against this run (harness.policy_files)."""
-    return read_policy_folder(cfg.agent_init, cfg.agent, observation_spec(cfg), agent_actions(cfg),
+    return read_policy_folder(cfg.agent_init, cfg.agent, policy_inputs(cfg).spec(), agent_actions(cfg),
                               lr_groups=lr_groups_kind(cfg), control=cfg.control)
 
 

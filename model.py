@@ -220,7 +220,8 @@ def lr_groups_kind(cfg) -> str:
     return cfg.lr_groups or ("layer" if cfg.layer_trust != "none" else "global")
 
 
-# --lr_groups layer: one group per layer. (The tied token embedding is also the output layer: it belongs to "embedding".)
+# --lr_groups layer: one group per layer. (The tied token embedding is also the output layer: it belongs
+# to "embedding".)
 
 def lr_group_names(cfg) -> list[str]:
     """The LR groups from the input to the output; ["all"] when one multiplier drives the whole model."""

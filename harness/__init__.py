@@ -14,4 +14,5 @@ model.py or an entry point, and a module that needs the config takes it as a pla
   runtime      Runtime (device, dtype, compile), StopRequest, FaultInjector, Progress
   checkpoints  CheckpointStore (the last two checkpoints) and RunCheckpoints (what one of a run holds)
   grad_stats   gradient statistics between evaluations, LAMB's per-layer trust
+  observation  the neural controllers' observation vector; PolicyInputs, what the config decides of it
 """
