@@ -16,10 +16,10 @@ What an idea edits, read top to bottom as one run meets it:
   9. CLI
 
 What no idea touches lives beside it in harness/, one concern per module, never importing this file:
-errors and files (the one atomic writer), records (provenance, run.json), validation (bounds), cli,
-distributed (the torchrun World), runtime (device, signals, progress), checkpoints, grad_stats,
-policy_files (policy folders read as data), observation (what a policy network sees) and controllers
-(the reinforce learner), stats, tensorboard.
+errors and files (the one atomic writer), records (provenance, run.json), run_folder (checkpoint names,
+resume, data loading under torchrun), validation (bounds), cli, distributed (the torchrun World), runtime
+(device, signals, progress), checkpoints, grad_stats, policy_files (policy folders read as data), observation
+(what a policy network sees) and controllers (the reinforce learner), stats, tensorboard.
 
 The run folder follows the AI-Scientist nanoGPT template's contract (docs/run_folder.md), so its
 plot.py and perform_experiments.py read our runs unmodified.
@@ -55,12 +55,15 @@ from harness.files import atomic_save_npy, atomic_write_json, read_json
 from harness.grad_stats import GradientStatistics, lamb_trust
 from harness.observation import OBSERVATION_LIMIT, PolicyInputs
 from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
-from harness.records import (check_same_data, command_line, data_provenance, new_run_record, now_iso, policy_record,
-                             prepare_run_folder, resume_configs)
+from harness.records import (check_same_data, command_line, data_provenance, now_iso, prepare_run_folder,
+                             resume_configs)
+from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_rank, previous_checkpoint_file,
+                                remove_checkpoints, start_run_record)
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 from harness.stats import mean_and_stderr
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
-from harness.validation import check_fields, check_world, policy_warnings, world_warnings
+from harness.validation import (check_fields, check_fits, check_world, config_warnings, policy_warnings,
+                               world_warnings)
 from model import (GPT, CausalSelfAttention, GPTConfig, lr_group_names, lr_group_of, lr_groups_kind, model_file,
                    save_model)
 
@@ -1092,20 +1095,6 @@ AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearn
           "reinforce": ReinforceAgent}
 
 
-def checkpoint_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
-    return Path(run_dir) / f"ckpt_{dataset}_{seed_index}.pt"
-
-
-def previous_checkpoint_file(checkpoint: Path) -> Path:
-    return checkpoint.with_name(checkpoint.stem + ".prev.pt")
-
-
-def remove_checkpoints(run_dir: Path, dataset: str, seed_index: int) -> None:
-    checkpoint = checkpoint_file(run_dir, dataset, seed_index)
-    checkpoint.unlink(missing_ok=True)
-    previous_checkpoint_file(checkpoint).unlink(missing_ok=True)
-
-
 def trained_policy(cfg: Config) -> Optional[dict]:
     """--agent_init DIR written by train_agent.py, checked against this run (harness.policy_files)."""
     return read_policy_folder(cfg.agent_init, cfg.agent, policy_inputs(cfg).spec(), agent_actions(cfg),
@@ -1774,16 +1763,6 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
     return final_infos
 
 
-def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: int) -> Optional[dict]:
-    """A seed whose per-seed file and logs are on disk is kept as it is on --resume."""
-    path = out_dir / f"final_info_{dataset}_{seed_index}.json"
-    keys = [f"{dataset}_{seed_index}_{kind}" for kind in ("final_info", "train_info", "val_info")]
-    if not path.exists() or not all(k in all_results for k in keys):
-        return None
-    remove_checkpoints(out_dir, dataset, seed_index)  # killed between the two writes
-    return all_results[keys[0]]
-
-
 def record_in_notebook(cfg: Config, out_dir: Path) -> None:
     """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
 
@@ -1843,30 +1822,13 @@ def resolve_configs(base: Config, cli_overrides: dict, world: World):
 
 def load_data(configs: dict, world: World) -> dict:
     """Every dataset, prepared where missing (from an offline copy or downloaded), loaded and checked: all
-    data before the run folder is touched. Under torchrun rank 0 goes first (it may prepare the data), then
-    the first rank of every other node (which may have to prepare it on its own disk), then the rest; every
-    rank checks that it reads the tokens rank 0 reads."""
-    loaded = {}
-
-    def load_here() -> dict:
-        for dataset, cfg in configs.items():
-            ensure_prepared(cfg, dataset, log=print if world.is_main else (lambda line: None))
-            loaded[dataset] = load_dataset(cfg, dataset)
-            check_fits(cfg, loaded[dataset])
-        return {d: data.provenance["sha256"] for d, data in loaded.items()}
-
-    expected = world.from_main(load_here)
-
-    def load_same(turn: bool) -> None:
-        if turn and load_here() != expected:
-            differ = [d for d, data in loaded.items() if data.provenance["sha256"] != expected[d]]
-            raise UserError(f"rank {world.rank} reads other {', '.join(differ)} data than rank 0 "
-                            f"({loaded[differ[0]].provenance['folder']}): every node needs the same prepared data")
-
-    if world.distributed:
-        world.everywhere(lambda: load_same(not world.is_main and world.local_rank == 0))
-        world.everywhere(lambda: load_same(world.local_rank != 0))
-    return loaded
+    data before the run folder is touched (in torchrun's order, see harness.run_folder.load_on_every_rank)."""
+    def load_one(cfg: Config, dataset: str) -> CharDataset:
+        ensure_prepared(cfg, dataset, log=print if world.is_main else (lambda line: None))
+        data = load_dataset(cfg, dataset)
+        check_fits(cfg, data)
+        return data
+    return load_on_every_rank(configs, world, load_one)
 
 
 def open_run_folder(base: Config, configs: dict, loaded: dict, run_record: Optional[dict]) -> dict:
@@ -1903,7 +1865,9 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
                 + policy_warnings(c, d, policies.get(d), per_layer=lr_groups_kind(c) == "layer")
                 for d, c in configs.items()}
     if world.is_main:
-        run_record = start_run_record(base, configs, loaded, rt, profile, policies, warnings, run_record, argv)
+        frozen_policies = {d: frozen(configs[d], True) for d in policies}
+        run_record = start_run_record(base, configs, loaded, rt, profile, policies, frozen_policies, warnings,
+                                      run_record, command_line(__file__, argv))
     stop = StopRequest(repeat_grace_s=2.0 if world.distributed else 0.0)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1934,30 +1898,6 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
         print(f"{dataset}: best val loss {mean:.4f}{spread}" + (f", {diverged} seed(s) diverged" if diverged else ""),
               flush=True)
     return final_infos
-
-
-def start_run_record(base: Config, configs: dict, loaded: dict, rt: Runtime, profile: str, policies: dict,
-                     warnings: dict, run_record: Optional[dict], argv: list[str]) -> dict:
-    """Print the warnings and what runs where, and write run.json (a new one, or the resumed run's, extended)."""
-    out_dir, datasets, world = Path(base.out_dir), list(configs), rt.world
-    for d, lines in warnings.items():
-        for line in lines:
-            print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
-    processes = f" | {world.size} processes ({world.backend})" if world.distributed else ""
-    print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile}"
-          f"{processes} | "
-          f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
-    command = command_line(__file__, argv)
-    if run_record is None:
-        run_record = new_run_record(base, profile, configs, {d: loaded[d].provenance for d in datasets}, warnings, rt,
-                                    command)
-        if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
-            run_record["policy"] = policy_record(policies, {d: frozen(configs[d], True) for d in policies})
-    else:
-        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command})
-    run_record.update(status="running", error=None)
-    atomic_write_json(out_dir / "run.json", run_record)
-    return run_record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2034,19 +1974,6 @@ def check_control(c: Config) -> None:
                             f"nothing; set --{name} above 0 (or leave it out of --control)")
 
 
-def config_warnings(c: Config) -> list[str]:
-    """Settings that may be meant (a warmup-only study, a decay cut short) but usually are not:
-    printed once and recorded in run.json."""
-    warnings = []
-    if c.schedule != "constant" and c.warmup_iters >= c.max_iters:
-        warnings.append(f"--warmup_iters {c.warmup_iters} >= --max_iters {c.max_iters}: the rate never reaches "
-                        f"--learning_rate {c.learning_rate}")
-    if c.schedule == "cosine" and c.lr_decay_iters > c.max_iters:
-        warnings.append(f"--lr_decay_iters {c.lr_decay_iters} > --max_iters {c.max_iters}: training stops "
-                        f"before the cosine decay reaches --min_lr")
-    return warnings
-
-
 def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional[World] = None) -> Config:
     """A plan's "x0.1 every 10 epochs" in steps: an epoch is one pass over the train split's tokens."""
     if c.step_epochs <= 0:
@@ -2054,13 +1981,6 @@ def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional
     world = world or World()
     tokens_per_step = c.batch_size * c.block_size * world.micro_steps(c.gradient_accumulation_steps) * world.size
     return dataclasses.replace(c, step_interval=max(1, round(c.step_epochs * len(data.splits["train"]) / tokens_per_step)))
-
-
-def check_fits(c: Config, data: CharDataset) -> None:
-    for split in ("train", "val"):
-        if len(data.splits[split]) <= c.block_size + 1:
-            raise UserError(f"--block_size {c.block_size} is larger than {data.name}'s {split} split "
-                            f"({len(data.splits[split])} tokens)")
 
 
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",

@@ -44,6 +44,7 @@ from harness.observation import OBSERVATION_LIMIT
 from harness.records import environment_record
 from harness.runtime import format_duration
 from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer
+from harness.validation import check_fits
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
 
@@ -548,7 +549,7 @@ def train(args: Args, argv: list[str]) -> list[dict]:
     rt = ex.Runtime.choose(cfg)
     ex.ensure_prepared(cfg, args.dataset)
     data = ex.load_dataset(cfg, args.dataset)
-    ex.check_fits(cfg, data)
+    check_fits(cfg, data)
     out = Path(args.out_dir)
     curve, manifest = open_out_dir(out, manifest_for(args, cfg, rt, argv))
     print(f"{args.agent} on {args.dataset} | profile {cfg.profile} | {decisions_per_episode(cfg)} decisions per "

@@ -8,7 +8,9 @@ model.py or an entry point, and a module that needs the config takes it as a pla
   errors       UserError (exit 2), RunFailed (exit 1), Interrupted (exit 130)
   files        the one atomic writer (bytes, JSON, .npy, a set of files), read_json, sha256_file; no torch
   records      run.json: provenance, commit, environment, command line; the run folder's guard; resume checks
-  validation   every config field against its declared bounds; torchrun checks; trained-policy warnings
+  run_folder   checkpoint names, the seeds a resume keeps, datasets loaded in torchrun's order, run.json begun
+  validation   every config field against its declared bounds; torchrun checks; trained-policy and config
+               warnings; the data fits the context
   cli          one-line-error parsers, config flags, the main() wrappers of the entry points
   distributed  World: the torchrun processes and their collectives
   runtime      Runtime (device, dtype, compile), StopRequest, FaultInjector, Progress
