@@ -58,12 +58,12 @@ from harness.policy_files import agent_file, read_agent_init, read_agent_state, 
 from harness.records import (check_same_data, command_line, data_provenance, now_iso, prepare_run_folder,
                              resume_configs)
 from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_rank, previous_checkpoint_file,
-                                remove_checkpoints, start_run_record)
+                                remove_checkpoints, run_to_resume, start_run_record)
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 from harness.stats import mean_and_stderr
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
-from harness.validation import (check_fields, check_fits, check_world, config_warnings, policy_warnings,
-                               world_warnings)
+from harness.validation import (check_fields, check_fits, check_rate_bounds, check_world, config_warnings,
+                               policy_warnings, world_warnings)
 from model import (GPT, CausalSelfAttention, GPTConfig, lr_group_names, lr_group_of, lr_groups_kind, model_file,
                    save_model)
 
@@ -1793,19 +1793,9 @@ def resolve_configs(base: Config, cli_overrides: dict, world: World):
     profile = resolve_profile(base.profile)
     run_record = None
     if base.resume:
-        if base.overwrite:
-            raise UserError("--resume and --overwrite contradict each other")
-        if not (out_dir / "run.json").exists():
-            raise UserError(f"--resume: {out_dir} holds no run to resume (no run.json)")
-        if (out_dir / "final_info.json").exists():
+        run_record = run_to_resume(out_dir, base.overwrite, world)
+        if run_record is None:
             return profile, None, None
-        run_record = read_json(out_dir / "run.json")
-        trained_by = (run_record.get("distributed") or {}).get("world_size", 1)
-        if trained_by != world.size:
-            raise UserError(f"--resume: {out_dir} was trained by {trained_by} process(es) (world size {trained_by}); "
-                            f"this job has world size {world.size}: resume it with the same number of processes")
-        for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
-            stale.unlink()
         profile = run_record.get("profile", profile)
         configs = resume_configs(out_dir, run_record, cli_overrides, Config, dataset_dir)
     else:
@@ -1927,16 +1917,7 @@ def validate(c: Config) -> None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if c.agent_init and c.agent != "replay":
         trained_policy(c)  # a folder from train_agent.py must match this run: one line if it does not
-    if c.lr_floor > c.lr_ceiling:
-        raise UserError(f"--lr_floor {c.lr_floor} is above --lr_ceiling {c.lr_ceiling}")
-    if c.learning_rate > c.lr_ceiling:
-        raise UserError(f"--learning_rate {c.learning_rate} is above --lr_ceiling {c.lr_ceiling}")
-    if c.schedule in ("cosine", "wsd") and c.min_lr > c.learning_rate:
-        raise UserError(f"--min_lr {c.min_lr} is above --learning_rate {c.learning_rate}: the {c.schedule} "
-                        f"decay would rise; set --min_lr at or below the learning rate")
-    if c.schedule == "cosine" and c.lr_decay_iters < c.warmup_iters:
-        raise UserError(f"--lr_decay_iters {c.lr_decay_iters} is shorter than --warmup_iters {c.warmup_iters}: "
-                        f"the rate would drop from its peak to min_lr in one step")
+    check_rate_bounds(c)
 
 
 PER_GROUP_AGENTS = ("none", "random", "replay", "reinforce", "ppo")

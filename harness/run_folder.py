@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from harness.distributed import World
 from harness.errors import UserError
-from harness.files import atomic_write_json
+from harness.files import atomic_write_json, read_json
 from harness.records import new_run_record, now_iso, policy_record
 
 
@@ -37,6 +37,25 @@ def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: in
         return None
     remove_checkpoints(out_dir, dataset, seed_index)  # killed between the two writes
     return all_results[keys[0]]
+
+
+def run_to_resume(out_dir: Path, overwrite: bool, world: World) -> Optional[dict]:
+    """--resume: the run.json of the unfinished run in out_dir (None when it has finished), after checking
+    that it can be resumed here; half-written files of a killed process are removed."""
+    if overwrite:
+        raise UserError("--resume and --overwrite contradict each other")
+    if not (out_dir / "run.json").exists():
+        raise UserError(f"--resume: {out_dir} holds no run to resume (no run.json)")
+    if (out_dir / "final_info.json").exists():
+        return None
+    run_record = read_json(out_dir / "run.json")
+    trained_by = (run_record.get("distributed") or {}).get("world_size", 1)
+    if trained_by != world.size:
+        raise UserError(f"--resume: {out_dir} was trained by {trained_by} process(es) (world size {trained_by}); "
+                        f"this job has world size {world.size}: resume it with the same number of processes")
+    for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
+        stale.unlink()
+    return run_record
 
 
 def load_on_every_rank(configs: dict, world: World, load_one: Callable) -> dict:
