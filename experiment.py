@@ -7,7 +7,7 @@ Train small character-level GPTs while an agent controls the learning rate.
 What an idea edits, read top to bottom as one run meets it:
   1. Config and profiles         (one dataclass; every field is a --flag)
   2. Data                        (prepared .bin files, batches, fixed evaluation batches)
-  3. Model                       (nanoGPT: pre-LN, tied embeddings, SDPA causal attention)
+  3. Model                       (model.py, read beside this file: nanoGPT's GPT, pre-LN, tied embeddings)
   4. Learning rate and control   (base schedule x agent multiplier, clamped; Controls: the run's knobs)
   5. Agents                      (what they observe; none, random, replay, qlearning; reinforce, ppo, dqn)
   6. Training one dataset/seed   (TrainingRun: the step, advanced evaluation to evaluation; drive() the loop)
@@ -16,9 +16,10 @@ What an idea edits, read top to bottom as one run meets it:
   9. CLI
 
 What no idea touches lives beside it in harness/, one concern per module, never importing this file:
-errors and files (the one atomic writer), records (provenance, run.json), validation (bounds), cli,
-distributed (the torchrun World), runtime (device, signals, progress), checkpoints, grad_stats,
-policy_files (policy folders read as data) and controllers (the reinforce learner), stats, tensorboard.
+errors and files (the one atomic writer), records (provenance, run.json), run_folder (checkpoint names,
+resume, data loading under torchrun), validation (bounds), cli, distributed (the torchrun World), runtime
+(device, signals, progress), checkpoints, grad_stats, policy_files (policy folders read as data), observation
+(what a policy network sees) and controllers (the reinforce learner), stats, tensorboard.
 
 The run folder follows the AI-Scientist nanoGPT template's contract (docs/run_folder.md), so its
 plot.py and perform_experiments.py read our runs unmodified.
@@ -28,14 +29,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import io
 import json
 import math
 import os
 import signal
 import sys
 import time
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +51,21 @@ from harness.cli import OneLineArgumentParser, add_config_flags, job_main, parse
 from harness.controllers import ReinforceLearner
 from harness.distributed import RANK_SEED_STRIDE, World
 from harness.errors import Interrupted, RunFailed, UserError
-from harness.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, read_json
+from harness.files import atomic_save_npy, atomic_write_json, read_json
 from harness.grad_stats import GradientStatistics, lamb_trust
+from harness.observation import OBSERVATION_LIMIT, PolicyInputs
 from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
-from harness.records import (check_same_data, command_line, data_provenance, new_run_record, now_iso, policy_record,
-                             prepare_run_folder, resume_configs)
+from harness.records import (check_same_data, command_line, data_provenance, now_iso, prepare_run_folder,
+                             resume_configs)
+from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_rank, previous_checkpoint_file,
+                                remove_checkpoints, run_to_resume, start_run_record)
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 from harness.stats import mean_and_stderr
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
-from harness.validation import check_fields, check_world, policy_warnings, world_warnings
+from harness.validation import (check_fields, check_fits, check_rate_bounds, check_world, config_warnings,
+                               policy_warnings, world_warnings)
+from model import (GPT, CausalSelfAttention, GPTConfig, lr_group_names, lr_group_of, lr_groups_kind, model_file,
+                   save_model)
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
@@ -270,7 +275,7 @@ def config_for_dataset(base: Config, cli_overrides: dict, profile: str, dataset:
     return dataclasses.replace(cfg, agent_actions=actions, reward=reward_kind(cfg), lr_groups=lr_groups_kind(cfg))
 
 
-POLICY_AGENTS = ("reinforce", "ppo", "dqn")  # act on observation_features(); trained by train_agent.py
+POLICY_AGENTS = ("reinforce", "ppo", "dqn")  # act on harness/observation.py's features; train_agent.py trains
 SB3_AGENTS = ("ppo", "dqn")                 # stable-baselines3 policies: deployed frozen
 # Action factors unless --agent_actions says otherwise: the policy networks get a wider set; every other agent
 # (a new one too) the table's.
@@ -280,10 +285,6 @@ TABLE_ACTIONS = "0.5,0.8,1,1.25,2"
 
 def reward_kind(cfg: Config) -> str:
     return cfg.reward or ("improvement" if cfg.agent in POLICY_AGENTS else "neg_val_loss")
-
-
-def lr_groups_kind(cfg: Config) -> str:
-    return cfg.lr_groups or ("layer" if cfg.layer_trust != "none" else "global")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,202 +400,7 @@ class BatchSampler:
         return self.batch_at(self.draw_starts())
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Model (nanoGPT's architecture)
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float
-    bias: bool
-    # Structured pruning (prune.py): per layer, the attention heads and MLP hidden neurons it has. None = every
-    # layer has n_head heads and 4 * n_embd neurons, nanoGPT's model. The head width stays n_embd // n_head, and
-    # the residual width and the tied embedding are never pruned. 0 is allowed: a layer with no heads (or no
-    # neurons) adds only its output projection's bias (nothing without bias), i.e. the sublayer is removed.
-    layer_heads: Optional[list] = None
-    layer_mlp: Optional[list] = None
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def heads(self, layer: int) -> int:
-        return self.n_head if self.layer_heads is None else int(self.layer_heads[layer])
-
-    def mlp_width(self, layer: int) -> int:
-        return 4 * self.n_embd if self.layer_mlp is None else int(self.layer_mlp[layer])
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
-
-    def __init__(self, ndim: int, bias: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-def linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    """nn.Linear; one pruned to nothing (0 rows or columns) without torch's warning that it initialises nothing."""
-    if n_in and n_out:
-        return nn.Linear(n_in, n_out, bias=bias)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        return nn.Linear(n_in, n_out, bias=bias)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, c: GPTConfig, layer: int = 0):
-        super().__init__()
-        self.n_head, self.head_dim, self.dropout = c.heads(layer), c.head_dim, c.dropout
-        width = self.n_head * self.head_dim  # n_embd unless pruned
-        # q, k, v in one matmul: rows [q of head 0, q of head 1, ..., k of head 0, ..., v of head 0, ...]
-        self.c_attn = linear(c.n_embd, 3 * width, c.bias)
-        self.c_proj = linear(width, c.n_embd, c.bias)  # columns: head 0's outputs, head 1's, ...
-        self.resid_dropout = nn.Dropout(c.dropout)
-
-    def forward(self, x, cache: Optional[dict] = None):
-        """cache (sampling only): this layer's keys/values so far; filled from empty, then one token at a time."""
-        B, T, C = x.shape
-        if self.n_head == 0:  # every head pruned: nothing to attend with, only c_proj's bias remains
-            return self.resid_dropout(self.c_proj(x.new_zeros(B, T, 0)))
-        width = self.n_head * self.head_dim
-        q, k, v = self.c_attn(x).split(width, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        causal = True
-        if cache is not None:
-            if "k" in cache:  # one new token attends to every cached position: no mask needed
-                assert T == 1, "the KV cache takes the prompt from empty, then one token per call"
-                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)
-                causal = False
-            cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, width)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, c: GPTConfig, layer: int = 0):
-        super().__init__()
-        self.c_fc = linear(c.n_embd, c.mlp_width(layer), c.bias)  # a row per hidden neuron
-        self.c_proj = linear(c.mlp_width(layer), c.n_embd, c.bias)  # a column per hidden neuron
-        self.dropout = nn.Dropout(c.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, c: GPTConfig, layer: int = 0):
-        super().__init__()
-        self.ln_1, self.attn = LayerNorm(c.n_embd, c.bias), CausalSelfAttention(c, layer)
-        self.ln_2, self.mlp = LayerNorm(c.n_embd, c.bias), MLP(c, layer)
-
-    def forward(self, x, cache: Optional[dict] = None):
-        x = x + self.attn(self.ln_1(x), cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        self.config = c
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(c.vocab_size, c.n_embd),
-            wpe=nn.Embedding(c.block_size, c.n_embd),
-            drop=nn.Dropout(c.dropout),
-            h=nn.ModuleList([Block(c, layer) for layer in range(c.n_layer)]),
-            ln_f=LayerNorm(c.n_embd, c.bias),
-        ))
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith("c_proj.weight") and p.numel():
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
-
-    @staticmethod
-    def _init_weights(module):
-        # (A fully pruned sublayer's weights are empty: nothing to draw, and torch warns if asked to.)
-        if isinstance(module, nn.Linear):
-            if module.weight.numel():
-                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self) -> int:
-        """Parameters without the position embeddings (as nanoGPT reports them)."""
-        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
-
-    def forward(self, idx, targets=None, caches: Optional[list] = None, start_pos: int = 0):
-        """Logits (and the loss when targets are given). caches/start_pos: KV-cached sampling, see generate."""
-        T = idx.shape[1]
-        pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches is not None else None)
-        x = self.transformer.ln_f(x)
-        if targets is None:  # generation needs only the last position's logits
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-
-    def make_optimizer(self, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-        """AdamW; weight decay only on >=2-D tensors (matmul weights, embeddings), not on norms/biases.
-        --lr_groups layer: that split within each LR group (lr_group_names), so each layer has its own rate;
-        every param group carries its "lr_group" and whether it holds "matrices"."""
-        names = lr_group_names(cfg)
-        params = [(lr_group_of(name) if len(names) > 1 else "all", p)
-                  for name, p in self.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for g, p in params if g == group and (p.dim() >= 2) == matrices],
-                   "weight_decay": cfg.weight_decay if matrices else 0.0, "lr_group": group, "matrices": matrices}
-                  for group in names for matrices in (True, False)]
-        groups = [g for g in groups if g["params"]] if len(names) > 1 else groups
-        if cfg.optimizer == "schedulefree":  # averages iterates itself: needs .train()/.eval() switching
-            import schedulefree
-            return schedulefree.AdamWScheduleFree(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                                  warmup_steps=cfg.warmup_iters)
-        fused = device.type == "cuda"  # one kernel for all parameters; foreach (the default) on CPU
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-def model_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
-    """Each seed's final weights, kept in its run folder (prune.py starts from them)."""
-    return Path(run_dir) / f"model_{dataset}_{seed_index}.pt"
-
-
-def save_model(path: Path, model: GPT) -> None:
-    """The weights and the GPTConfig that builds them (pruned layer sizes included), atomically; plain tensors,
-    numbers and lists, so load_model reads it with torch.load(weights_only=True)."""
-    buf = io.BytesIO()
-    torch.save({"model_config": dataclasses.asdict(model.config), "model": model.state_dict()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_model(path: Path, device="cpu") -> GPT:
-    """A model saved by save_model, on `device`, in eval mode."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**payload["model_config"]))
-        model.load_state_dict(payload["model"])
-    except Exception as e:  # a truncated or foreign file: say which, do not guess
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"model file {path} is unreadable ({type(e).__name__}: {reason})") from e
-    return model.to(device).eval()
-
+# 3. The model is nanoGPT's, in model.py beside this file (GPT, its optimizer's parameter groups, model files).
 
 # ----------------------------------------------------------------------------------------------
 # 4. Learning rate: lr = clamp(base_schedule(iter) * multiplier, lr_floor, lr_ceiling)
@@ -629,24 +435,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-# --lr_groups layer: lr_g = clamp(base_schedule(iter) x multiplier x multiplier_g x trust_g), one g per layer.
-# (The tied token embedding is also the output layer: it belongs to "embedding".)
-
-def lr_group_names(cfg: Config) -> list[str]:
-    """The LR groups from the input to the output; ["all"] when one multiplier drives the whole model."""
-    if lr_groups_kind(cfg) != "layer":
-        return ["all"]
-    return ["embedding"] + [f"block{i}" for i in range(cfg.n_layer)] + ["ln_f"]
-
-
-def lr_group_of(parameter_name: str) -> str:
-    """transformer.wte.weight -> embedding, transformer.h.3.mlp.c_fc.weight -> block3, ... -> ln_f."""
-    parts = parameter_name.split(".")
-    if parts[1] in ("wte", "wpe"):
-        return "embedding"
-    if parts[1] == "h":
-        return f"block{parts[2]}"
-    return "ln_f"
+# --lr_groups layer: lr_g = clamp(base_schedule(iter) x multiplier x multiplier_g x trust_g), one g per layer;
+# model.py's lr_group_names and lr_group_of say which parameters make up each g.
 
 
 # --control: besides the learning rate, an agent may set weight decay, the gradient-clipping norm and dropout,
@@ -803,120 +593,12 @@ class Observation:
     # multiplier, in effect until this decision
 
 
-# The features a policy network sees (train_agent.py's environment observes the same vector). A policy
-# records this definition; a policy trained on another one is refused at deployment. Change a feature:
-# bump the version.
-OBSERVATION_FEATURES = (
-    "progress",          # it / max_iters
-    "val_loss",          # val loss / log(vocab): 1 = a uniform guess, the same scale on every dataset
-    "dlog_val_prev",     # log L_t - log L_{t-1}  (0 at the first evaluation)
-    "dlog_val_first",    # log L_t - log L_0
-    "train_val_gap",     # log L_val - log L_train (overfitting shows as > 0)
-    "log2_multiplier",   # / 3: +-1 at x8 and x1/8
-    "log_lr",            # log10(rate in effect) + 3: 0 at 1e-3
-    "log_base_lr",       # log10(--learning_rate) + 3: how the schedule was set
-    "log_grad_norm",     # log10(mean gradient norm since the previous evaluation)
-    "grad_norm_cv",      # its std / mean: gradient noise
-    "clip_fraction",
-    "log_update_ratio",  # log10(relative weight change since the previous evaluation) + 2
-)
-# --lr_groups layer: a policy sees one row per LR group, the features above followed by these, and picks
-# one action per row. The same network serves every row (SOLAR's shared per-group policy), so a policy
-# trained on one depth runs on any other.
-GROUP_FEATURES = (
-    "depth",                   # the group's place from the input (0) to the output (1)
-    "log_group_grad_norm",     # log10(its mean gradient norm since the previous evaluation)
-    "group_grad_snr",          # log10(mean / std of that norm across the steps): steady gradients > 0
-    "log_weight_rms",          # log10(rms of its weights) + 1
-    "log_group_update_ratio",  # log10(|its weight change since the previous evaluation| / |its weights|) + 2
-    "log2_group_multiplier",   # / 3
-)
-OBSERVATION_VERSION = 1
-OBSERVATION_LIMIT = 10.0  # every feature is clipped to +-this (a gymnasium Box needs bounds)
+# The features a policy network sees are harness/observation.py's (train_agent.py's environment observes the
+# same vector); what the config decides about them travels there as plain data:
 
-
-# --control: after the features above, log2(multiplier) / 3 of each controlled hyperparameter besides lr.
-
-
-def control_features(cfg: Config) -> list[str]:
-    return [f"log2_{name}_multiplier" for name in extra_controlled(cfg)]
-
-
-def observation_spec(cfg: Optional[Config] = None) -> dict:
-    spec = {"version": OBSERVATION_VERSION, "features": list(OBSERVATION_FEATURES)}
-    if cfg is not None and lr_groups_kind(cfg) == "layer":
-        spec["group_features"] = list(GROUP_FEATURES)
-    if cfg is not None and extra_controlled(cfg):
-        spec["control_features"] = control_features(cfg)
-    return spec
-
-
-def policy_feature_count(cfg: Config) -> int:
-    """Inputs of a policy network: per decision (global), or per group row (--lr_groups layer)."""
-    return (len(OBSERVATION_FEATURES) + (len(GROUP_FEATURES) if lr_groups_kind(cfg) == "layer" else 0)
-            + len(extra_controlled(cfg)))
-
-
-def policy_action_sizes(cfg: Config, n_actions: int) -> list[int]:
-    """A policy's action space as a list of choice counts: [n] for one decision (per group row, with
-    --lr_groups layer); with --control, one n per controlled hyperparameter, or for dqn, which acts in a
-    Discrete space only, the one product n^k (control_action decodes it)."""
-    k = len(controlled(cfg))
-    if k == 1:
-        return [n_actions]
-    return [n_actions ** k] if cfg.agent == "dqn" else [n_actions] * k
-
-
-def policy_features(cfg: Config, obs: Observation) -> np.ndarray:
-    if lr_groups_kind(cfg) == "layer":
-        return group_observation_features(obs)
-    features = observation_features(obs)
-    if extra_controlled(cfg):  # the other hyperparameters' multipliers
-        own = [math.log2(obs.hparams[name]) / 3 for name in extra_controlled(cfg)]
-        features = np.concatenate([features, np.array(own, dtype=np.float32)])
-    return features
-
-
-def _log10(x: Optional[float]) -> Optional[float]:
-    return math.log10(x) if x is not None and x > 0 and math.isfinite(x) else None
-
-
-def observation_features(obs: Observation) -> np.ndarray:
-    """The normalised float32 vector of OBSERVATION_FEATURES; statistics not yet gathered are 0."""
-    log_val = math.log(max(obs.val_loss, 1e-12))
-    grad, ratio = _log10(obs.grad_norm_mean), _log10(obs.update_ratio)
-    values = [
-        obs.it / max(1, obs.max_iters),
-        obs.val_loss / math.log(max(2, obs.vocab_size)),
-        log_val - math.log(obs.prev_val_loss) if obs.prev_val_loss else 0.0,
-        log_val - math.log(obs.first_val_loss) if obs.first_val_loss else 0.0,
-        log_val - math.log(max(obs.train_loss, 1e-12)),
-        math.log2(obs.multiplier) / 3,
-        math.log10(max(obs.lr, 1e-12)) + 3,
-        math.log10(obs.base_lr) + 3,
-        grad if grad is not None else 0.0,
-        obs.grad_norm_std / obs.grad_norm_mean if grad is not None and obs.grad_norm_std is not None else 0.0,
-        obs.clip_fraction or 0.0,
-        ratio + 2 if ratio is not None else 0.0,
-    ]
-    return np.clip(np.nan_to_num(np.array(values, dtype=np.float32)), -OBSERVATION_LIMIT, OBSERVATION_LIMIT)
-
-
-def group_observation_features(obs: Observation) -> np.ndarray:
-    """(groups, OBSERVATION_FEATURES + GROUP_FEATURES) float32: the shared features on every row, then the
-    group's own; statistics not yet gathered are 0."""
-    shared = observation_features(obs)
-    rows = []
-    for k, g in enumerate(obs.groups):
-        grad, ratio, rms = _log10(g.get("grad_norm_mean")), _log10(g.get("update_ratio")), _log10(g.get("weight_rms"))
-        std = g.get("grad_norm_std")
-        snr = _log10(g["grad_norm_mean"] / max(std, 1e-12)) if grad is not None and std is not None else None
-        rows.append([k / max(1, len(obs.groups) - 1), grad if grad is not None else 0.0,
-                     snr if snr is not None else 0.0, rms + 1 if rms is not None else 0.0,
-                     ratio + 2 if ratio is not None else 0.0, math.log2(g["multiplier"]) / 3])
-    own = np.nan_to_num(np.array(rows, dtype=np.float32))
-    table = np.concatenate([np.repeat(shared[None, :], len(rows), axis=0), own], axis=1)
-    return np.clip(table, -OBSERVATION_LIMIT, OBSERVATION_LIMIT)
+def policy_inputs(cfg: Config) -> PolicyInputs:
+    return PolicyInputs(layered=lr_groups_kind(cfg) == "layer", controls=tuple(controlled(cfg)),
+                        extra_controls=tuple(extra_controlled(cfg)), agent=cfg.agent)
 
 
 def agent_actions(cfg: Config) -> list[float]:
@@ -1291,8 +973,8 @@ class QLearningAgent(NoAgent):
 class ReinforceAgent(NoAgent):
     """REINFORCE (Williams 1992), the policy-gradient agent of "Dynamic learning-rate adjustment using RL".
 
-    At each evaluation the policy network maps policy_features() to a softmax over the action factors and
-    one is sampled; when the run ends, harness.controllers.ReinforceLearner takes one policy-gradient step
+    At each evaluation the policy network maps policy_inputs(cfg).features() to a softmax over the action
+    factors and one is sampled; when the run ends, harness.controllers.ReinforceLearner takes one policy-gradient step
     over the run's decisions (advantage = return-to-go minus the usual return at that iteration).
     Frozen (a trained policy deployed): the most probable action, no update. A diverged interval scores
     as a val loss at the divergence threshold plus --divergence_penalty. --lr_groups layer: the same
@@ -1304,7 +986,7 @@ class ReinforceAgent(NoAgent):
     def __init__(self, cfg: Config, seed: int):
         super().__init__(cfg, seed)
         self.actions = agent_actions(cfg)
-        self.learner = ReinforceLearner(policy_feature_count(cfg), len(self.actions), cfg.policy_hidden,
+        self.learner = ReinforceLearner(policy_inputs(cfg).count(), len(self.actions), cfg.policy_hidden,
                                         cfg.policy_lr, cfg.policy_gamma, seed)
         self.start_run()
 
@@ -1325,7 +1007,7 @@ class ReinforceAgent(NoAgent):
         if obs.it >= obs.max_iters:  # the last evaluation: no decision left; learn from the whole run
             self.end_run()
             return self.record(obs, action=None, reward=reward, epsilon=None, state=None)
-        features = policy_features(self.cfg, obs)
+        features = policy_inputs(self.cfg).features(obs)
         action, probs = self.learner.act(features, sample=self.learning)
         if self.group_multipliers is not None:
             self.apply([self.actions[a] for a in action])
@@ -1351,7 +1033,7 @@ class ReinforceAgent(NoAgent):
             self.learner.learn(steps)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "actions": self.actions, "observation": observation_spec(self.cfg),
+        return {**super().state_dict(), "actions": self.actions, "observation": policy_inputs(self.cfg).spec(),
                 **self.learner.state_dict(), "prev_val": self.prev_val, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
@@ -1368,14 +1050,14 @@ class ReinforceAgent(NoAgent):
     def check_policy(self, state: dict) -> None:
         if state.get("actions") != self.actions:
             raise UserError(f"the reinforce policy has actions {state.get('actions')}, this run {self.actions}")
-        if state.get("observation") != observation_spec(self.cfg):
+        if state.get("observation") != policy_inputs(self.cfg).spec():
             raise UserError(f"the reinforce policy observes {state.get('observation')}, this run "
-                            f"{observation_spec(self.cfg)}: retrain it (or match --lr_groups)")
+                            f"{policy_inputs(self.cfg).spec()}: retrain it (or match --lr_groups)")
 
 
 class SB3Agent(NoAgent):
     """A stable-baselines3 PPO or DQN policy trained by train_agent.py, deployed frozen: at each evaluation
-    the policy's most likely action on observation_features() (stable-baselines3 is imported only here).
+    the policy's most likely action on policy_inputs(cfg).features() (stable-baselines3 imported only here).
     --lr_groups layer: the policy observes one group row and is applied to every row of the table, as
     train_agent.py trained it (each group an agent of one shared policy), whatever the depth.
     --control with more than lr: one factor per controlled hyperparameter (ppo: MultiDiscrete; dqn: one
@@ -1389,14 +1071,15 @@ class SB3Agent(NoAgent):
         self.actions = agent_actions(cfg)
         from harness.policy_files import load_sb3_policy, sb3_spaces
         # The spaces and network width come from this run's settings and the manifest, never from the zip.
-        spaces = sb3_spaces(policy_feature_count(cfg), policy_action_sizes(cfg, len(self.actions)), OBSERVATION_LIMIT)
+        inputs = policy_inputs(cfg)
+        spaces = sb3_spaces(inputs.count(), inputs.action_sizes(len(self.actions)), OBSERVATION_LIMIT)
         hidden = (policy["manifest"].get("controller") or {}).get("hidden", cfg.policy_hidden)
         self.model = load_sb3_policy(Path(policy["file"]), cfg.agent, *spaces, hidden=hidden)
 
     def observe(self, obs: Observation) -> dict:
         if obs.it >= obs.max_iters:
             return self.record(obs, action=None, reward=None, epsilon=None, state=None)
-        action, _ = self.model.predict(policy_features(self.cfg, obs), deterministic=True)
+        action, _ = self.model.predict(policy_inputs(self.cfg).features(obs), deterministic=True)
         if self.controls is not None:  # one factor per controlled hyperparameter
             action = control_action(self.cfg, action, len(self.actions))
             self.apply_controls([self.actions[a] for a in action])
@@ -1413,23 +1096,9 @@ AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearn
           "reinforce": ReinforceAgent}
 
 
-def checkpoint_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
-    return Path(run_dir) / f"ckpt_{dataset}_{seed_index}.pt"
-
-
-def previous_checkpoint_file(checkpoint: Path) -> Path:
-    return checkpoint.with_name(checkpoint.stem + ".prev.pt")
-
-
-def remove_checkpoints(run_dir: Path, dataset: str, seed_index: int) -> None:
-    checkpoint = checkpoint_file(run_dir, dataset, seed_index)
-    checkpoint.unlink(missing_ok=True)
-    previous_checkpoint_file(checkpoint).unlink(missing_ok=True)
-
-
 def trained_policy(cfg: Config) -> Optional[dict]:
     """--agent_init DIR written by train_agent.py, checked against this run (harness.policy_files)."""
-    return read_policy_folder(cfg.agent_init, cfg.agent, observation_spec(cfg), agent_actions(cfg),
+    return read_policy_folder(cfg.agent_init, cfg.agent, policy_inputs(cfg).spec(), agent_actions(cfg),
                               lr_groups=lr_groups_kind(cfg), control=cfg.control)
 
 
@@ -2095,16 +1764,6 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
     return final_infos
 
 
-def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: int) -> Optional[dict]:
-    """A seed whose per-seed file and logs are on disk is kept as it is on --resume."""
-    path = out_dir / f"final_info_{dataset}_{seed_index}.json"
-    keys = [f"{dataset}_{seed_index}_{kind}" for kind in ("final_info", "train_info", "val_info")]
-    if not path.exists() or not all(k in all_results for k in keys):
-        return None
-    remove_checkpoints(out_dir, dataset, seed_index)  # killed between the two writes
-    return all_results[keys[0]]
-
-
 def record_in_notebook(cfg: Config, out_dir: Path) -> None:
     """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
 
@@ -2135,19 +1794,9 @@ def resolve_configs(base: Config, cli_overrides: dict, world: World):
     profile = resolve_profile(base.profile)
     run_record = None
     if base.resume:
-        if base.overwrite:
-            raise UserError("--resume and --overwrite contradict each other")
-        if not (out_dir / "run.json").exists():
-            raise UserError(f"--resume: {out_dir} holds no run to resume (no run.json)")
-        if (out_dir / "final_info.json").exists():
+        run_record = run_to_resume(out_dir, base.overwrite, world)
+        if run_record is None:
             return profile, None, None
-        run_record = read_json(out_dir / "run.json")
-        trained_by = (run_record.get("distributed") or {}).get("world_size", 1)
-        if trained_by != world.size:
-            raise UserError(f"--resume: {out_dir} was trained by {trained_by} process(es) (world size {trained_by}); "
-                            f"this job has world size {world.size}: resume it with the same number of processes")
-        for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
-            stale.unlink()
         profile = run_record.get("profile", profile)
         configs = resume_configs(out_dir, run_record, cli_overrides, Config, dataset_dir)
     else:
@@ -2164,30 +1813,13 @@ def resolve_configs(base: Config, cli_overrides: dict, world: World):
 
 def load_data(configs: dict, world: World) -> dict:
     """Every dataset, prepared where missing (from an offline copy or downloaded), loaded and checked: all
-    data before the run folder is touched. Under torchrun rank 0 goes first (it may prepare the data), then
-    the first rank of every other node (which may have to prepare it on its own disk), then the rest; every
-    rank checks that it reads the tokens rank 0 reads."""
-    loaded = {}
-
-    def load_here() -> dict:
-        for dataset, cfg in configs.items():
-            ensure_prepared(cfg, dataset, log=print if world.is_main else (lambda line: None))
-            loaded[dataset] = load_dataset(cfg, dataset)
-            check_fits(cfg, loaded[dataset])
-        return {d: data.provenance["sha256"] for d, data in loaded.items()}
-
-    expected = world.from_main(load_here)
-
-    def load_same(turn: bool) -> None:
-        if turn and load_here() != expected:
-            differ = [d for d, data in loaded.items() if data.provenance["sha256"] != expected[d]]
-            raise UserError(f"rank {world.rank} reads other {', '.join(differ)} data than rank 0 "
-                            f"({loaded[differ[0]].provenance['folder']}): every node needs the same prepared data")
-
-    if world.distributed:
-        world.everywhere(lambda: load_same(not world.is_main and world.local_rank == 0))
-        world.everywhere(lambda: load_same(world.local_rank != 0))
-    return loaded
+    data before the run folder is touched (in torchrun's order, see harness.run_folder.load_on_every_rank)."""
+    def load_one(cfg: Config, dataset: str) -> CharDataset:
+        ensure_prepared(cfg, dataset, log=print if world.is_main else (lambda line: None))
+        data = load_dataset(cfg, dataset)
+        check_fits(cfg, data)
+        return data
+    return load_on_every_rank(configs, world, load_one)
 
 
 def open_run_folder(base: Config, configs: dict, loaded: dict, run_record: Optional[dict]) -> dict:
@@ -2224,7 +1856,9 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
                 + policy_warnings(c, d, policies.get(d), per_layer=lr_groups_kind(c) == "layer")
                 for d, c in configs.items()}
     if world.is_main:
-        run_record = start_run_record(base, configs, loaded, rt, profile, policies, warnings, run_record, argv)
+        frozen_policies = {d: frozen(configs[d], True) for d in policies}
+        run_record = start_run_record(base, configs, loaded, rt, profile, policies, frozen_policies, warnings,
+                                      run_record, command_line(__file__, argv))
     stop = StopRequest(repeat_grace_s=2.0 if world.distributed else 0.0)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -2257,30 +1891,6 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
     return final_infos
 
 
-def start_run_record(base: Config, configs: dict, loaded: dict, rt: Runtime, profile: str, policies: dict,
-                     warnings: dict, run_record: Optional[dict], argv: list[str]) -> dict:
-    """Print the warnings and what runs where, and write run.json (a new one, or the resumed run's, extended)."""
-    out_dir, datasets, world = Path(base.out_dir), list(configs), rt.world
-    for d, lines in warnings.items():
-        for line in lines:
-            print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
-    processes = f" | {world.size} processes ({world.backend})" if world.distributed else ""
-    print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile}"
-          f"{processes} | "
-          f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
-    command = command_line(__file__, argv)
-    if run_record is None:
-        run_record = new_run_record(base, profile, configs, {d: loaded[d].provenance for d in datasets}, warnings, rt,
-                                    command)
-        if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
-            run_record["policy"] = policy_record(policies, {d: frozen(configs[d], True) for d in policies})
-    else:
-        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command})
-    run_record.update(status="running", error=None)
-    atomic_write_json(out_dir / "run.json", run_record)
-    return run_record
-
-
 # ----------------------------------------------------------------------------------------------
 # 9. CLI
 # ----------------------------------------------------------------------------------------------
@@ -2308,16 +1918,7 @@ def validate(c: Config) -> None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if c.agent_init and c.agent != "replay":
         trained_policy(c)  # a folder from train_agent.py must match this run: one line if it does not
-    if c.lr_floor > c.lr_ceiling:
-        raise UserError(f"--lr_floor {c.lr_floor} is above --lr_ceiling {c.lr_ceiling}")
-    if c.learning_rate > c.lr_ceiling:
-        raise UserError(f"--learning_rate {c.learning_rate} is above --lr_ceiling {c.lr_ceiling}")
-    if c.schedule in ("cosine", "wsd") and c.min_lr > c.learning_rate:
-        raise UserError(f"--min_lr {c.min_lr} is above --learning_rate {c.learning_rate}: the {c.schedule} "
-                        f"decay would rise; set --min_lr at or below the learning rate")
-    if c.schedule == "cosine" and c.lr_decay_iters < c.warmup_iters:
-        raise UserError(f"--lr_decay_iters {c.lr_decay_iters} is shorter than --warmup_iters {c.warmup_iters}: "
-                        f"the rate would drop from its peak to min_lr in one step")
+    check_rate_bounds(c)
 
 
 PER_GROUP_AGENTS = ("none", "random", "replay", "reinforce", "ppo")
@@ -2355,19 +1956,6 @@ def check_control(c: Config) -> None:
                             f"nothing; set --{name} above 0 (or leave it out of --control)")
 
 
-def config_warnings(c: Config) -> list[str]:
-    """Settings that may be meant (a warmup-only study, a decay cut short) but usually are not:
-    printed once and recorded in run.json."""
-    warnings = []
-    if c.schedule != "constant" and c.warmup_iters >= c.max_iters:
-        warnings.append(f"--warmup_iters {c.warmup_iters} >= --max_iters {c.max_iters}: the rate never reaches "
-                        f"--learning_rate {c.learning_rate}")
-    if c.schedule == "cosine" and c.lr_decay_iters > c.max_iters:
-        warnings.append(f"--lr_decay_iters {c.lr_decay_iters} > --max_iters {c.max_iters}: training stops "
-                        f"before the cosine decay reaches --min_lr")
-    return warnings
-
-
 def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional[World] = None) -> Config:
     """A plan's "x0.1 every 10 epochs" in steps: an epoch is one pass over the train split's tokens."""
     if c.step_epochs <= 0:
@@ -2375,13 +1963,6 @@ def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional
     world = world or World()
     tokens_per_step = c.batch_size * c.block_size * world.micro_steps(c.gradient_accumulation_steps) * world.size
     return dataclasses.replace(c, step_interval=max(1, round(c.step_epochs * len(data.splits["train"]) / tokens_per_step)))
-
-
-def check_fits(c: Config, data: CharDataset) -> None:
-    for split in ("train", "val"):
-        if len(data.splits[split]) <= c.block_size + 1:
-            raise UserError(f"--block_size {c.block_size} is larger than {data.name}'s {split} split "
-                            f"({len(data.splits[split])} tokens)")
 
 
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",

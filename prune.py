@@ -67,6 +67,7 @@ import experiment as ex
 from harness.cli import dataclass_parser, entry_point
 from harness.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
 from harness.records import environment_record
+from model import load_model
 
 METHODS = ("rl", "magnitude", "random")
 UNPRUNED_FINETUNED = "unpruned_finetuned"  # the source model fine-tuned as the pruned ones are
@@ -483,7 +484,7 @@ def read_source(args: Args) -> Source:
     if recorded and recorded != data.provenance["sha256"]:
         raise ex.UserError(f"the {args.dataset} data in {data.provenance['folder']} is not what {run_dir} was "
                            f"trained on (its sha256 differs from run.json's): pass the right --data_dir")
-    model = ex.load_model(path, rt.device)
+    model = load_model(path, rt.device)
     if (model.config.vocab_size, model.config.block_size) != (data.vocab_size, cfg.block_size):
         raise ex.UserError(f"{path} does not match {run_dir}'s {args.dataset} config (vocab or block size)")
     return Source(run_dir, record, cfg, model, path, data, rt)

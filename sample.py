@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 
 import experiment as ex
+from harness.cli import dataclass_parser, entry_point
+from model import load_model
 
 
 def _arg(default, help, choices=None):
@@ -49,7 +51,7 @@ class Args:
 
 
 def parse_args(argv: list[str]) -> Args:
-    args = Args(**vars(ex.dataclass_parser(Args, __doc__.strip().split("\n\n")[0]).parse_args(argv)))
+    args = Args(**vars(dataclass_parser(Args, __doc__.strip().split("\n\n")[0]).parse_args(argv)))
     for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ex.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -149,7 +151,7 @@ def sample(args: Args) -> list[str]:
     kept = run_model(run_dir, record, args) if "configs" in record else pruned_model(run_dir, record, args)
     data, rt = load_vocabulary(kept, args)
     prompt = read_prompt(args.start, data)
-    model = ex.load_model(kept.path, rt.device)
+    model = load_model(kept.path, rt.device)
     if model.config.vocab_size != data.vocab_size:
         raise ex.UserError(f"{kept.path} has {model.config.vocab_size} tokens, the {kept.dataset} vocabulary "
                            f"{data.vocab_size}: pass the --data_dir it was trained on")
@@ -167,7 +169,7 @@ def sample(args: Args) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return ex.entry_point(lambda argv: sample(parse_args(argv)), sys.argv[1:] if argv is None else argv)
+    return entry_point(lambda argv: sample(parse_args(argv)), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

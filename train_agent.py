@@ -40,9 +40,11 @@ from stable_baselines3.common.vec_env import VecEnv
 import experiment as ex
 import plot
 from harness.cli import dataclass_parser, entry_point
+from harness.observation import OBSERVATION_LIMIT
 from harness.records import environment_record
 from harness.runtime import format_duration
 from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer
+from harness.validation import check_fits
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
 
@@ -142,14 +144,14 @@ class LRControlEnv(gym.Env):
         episodes' instances are fixed by `instance`; reset(seed=...) rewinds to the first one, so the same
         seed replays the same sequence of runs (the seed also seeds np_random, which nothing here draws from).
     step(a): multiply the LR multiplier by actions[a] (clipped to its bounds), train to the next evaluation.
-    Observation: experiment.observation_features() (float32, clipped to +-OBSERVATION_LIMIT).
+    Observation: harness.observation's features (float32, clipped to +-OBSERVATION_LIMIT).
     Reward: experiment.reward_for() on the val loss. A divergence scores as a val loss at the divergence
     threshold plus divergence_penalty (below every interval that did not diverge); the run is rolled back
     to the evaluation where the action was taken, with the multiplier cut, and the agent decides again
     there; once the rollbacks are spent the episode terminates. The last evaluation terminates it too.
     No files, no printing; info carries the evaluation, and at the end "episode_record".
 
-    --lr_groups layer: the observation is a table, one row per LR group (experiment.group_observation_features),
+    --lr_groups layer: the observation is a table, one row per LR group (group_observation_features),
     and the action one factor per group (MultiDiscrete), applied to that group's multiplier. A divergence
     cuts the global multiplier, as in a CLI run. GroupsAsAgents presents it to stable-baselines3 as one
     agent per group sharing one policy.
@@ -164,15 +166,15 @@ class LRControlEnv(gym.Env):
         self.reward_kind = ex.reward_kind(cfg)
         self.layered = ex.lr_groups_kind(cfg) == "layer"
         self.multi = ex.multi_control(cfg)
-        n_groups, n_features = len(ex.lr_group_names(cfg)), ex.policy_feature_count(cfg)
-        sizes = ex.policy_action_sizes(cfg, len(self.actions))
+        n_groups, n_features = len(ex.lr_group_names(cfg)), ex.policy_inputs(cfg).count()
+        sizes = ex.policy_inputs(cfg).action_sizes(len(self.actions))
         if self.layered:
             self.action_space = spaces.MultiDiscrete([len(self.actions)] * n_groups)
             shape = (n_groups, n_features)
         else:
             self.action_space = spaces.MultiDiscrete(sizes) if len(sizes) > 1 else spaces.Discrete(sizes[0])
             shape = (n_features,)
-        self.observation_space = spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT, shape, np.float32)
+        self.observation_space = spaces.Box(-OBSERVATION_LIMIT, OBSERVATION_LIMIT, shape, np.float32)
         self.first_episode = self.next_episode = first_episode
         self.run: Optional[ex.TrainingRun] = None
 
@@ -237,7 +239,7 @@ class LRControlEnv(gym.Env):
         return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
 
     def observe(self) -> np.ndarray:
-        return ex.policy_features(self.cfg, self.run.observation())
+        return ex.policy_inputs(self.cfg).features(self.run.observation())
 
     def info(self, result: ex.EvalResult) -> dict:
         return {"it": result.it, "train_loss": result.train_loss, "val_loss": result.val_loss,
@@ -253,7 +255,7 @@ class GroupsAsAgents(VecEnv):
     def __init__(self, env: LRControlEnv):
         self.env = env
         n_groups, n_features = env.observation_space.shape
-        super().__init__(n_groups, spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT, (n_features,),
+        super().__init__(n_groups, spaces.Box(-OBSERVATION_LIMIT, OBSERVATION_LIMIT, (n_features,),
                                               np.float32), spaces.Discrete(len(env.actions)))
         self.pending = None
 
@@ -412,7 +414,7 @@ def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) ->
     return {"agent": args.agent, "dataset": args.dataset, "profile": cfg.profile,
             "lr_range": list(lr_range) if lr_range else None,
             "seed": args.seed, "reward": ex.reward_kind(cfg), "actions": ex.agent_actions(cfg),
-            "observation": ex.observation_spec(cfg), "controller": controller, "config": dataclasses.asdict(cfg),
+            "observation": ex.policy_inputs(cfg).spec(), "controller": controller, "config": dataclasses.asdict(cfg),
             "policy_file": policy_file, "episodes": args.episodes, "episodes_done": 0, "seeds": [],
             "command": ex.command_line(__file__, argv), "started": ex.now_iso(), **environment_record(rt)}
 
@@ -547,7 +549,7 @@ def train(args: Args, argv: list[str]) -> list[dict]:
     rt = ex.Runtime.choose(cfg)
     ex.ensure_prepared(cfg, args.dataset)
     data = ex.load_dataset(cfg, args.dataset)
-    ex.check_fits(cfg, data)
+    check_fits(cfg, data)
     out = Path(args.out_dir)
     curve, manifest = open_out_dir(out, manifest_for(args, cfg, rt, argv))
     print(f"{args.agent} on {args.dataset} | profile {cfg.profile} | {decisions_per_episode(cfg)} decisions per "

@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import experiment as ex  # noqa: E402  (the project root is on the path now)
 from harness import stats  # noqa: E402
-from harness.files import sha256_file  # noqa: E402
+from harness.cli import entry_point  # noqa: E402
+from harness.files import atomic_write_bytes, sha256_file  # noqa: E402
 from harness.policy_files import POLICY_MANIFEST  # noqa: E402
+from harness.records import git_commit  # noqa: E402
 
 # SPEC section 7: seed sets never overlap. Controller training (train_agent.py's --seed + episode), search and
 # tuning, held-out evaluation (experiment.py's default seed_base).
@@ -250,7 +252,7 @@ def record(argv: Optional[Sequence[str]] = None) -> dict:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
-    return {"commit": ex.git_commit(), "machine": machine, "date": ex.now_iso(),
+    return {"commit": git_commit(), "machine": machine, "date": ex.now_iso(),
             "command": ex.command_line(sys.argv[0], list(sys.argv[1:] if argv is None else argv))}
 
 
@@ -290,7 +292,7 @@ def write_summary(folder: Path, question: str, arms: Sequence[Arm], rows: Sequen
                "comparisons": list(rows), **(extra or {})}
     ex.atomic_write_json(Path(folder) / "summary.json", summary)
     text = summary_markdown(question, rec, summary["arms"], rows, notes)
-    ex.atomic_write_bytes(Path(folder) / "summary.md", text.encode())
+    atomic_write_bytes(Path(folder) / "summary.md", text.encode())
     return text
 
 
@@ -306,4 +308,4 @@ def argument_parser(description: str, out: str) -> argparse.ArgumentParser:
 
 def main_of(work) -> int:
     """A study's entry point: work(argv); bad input is one `error:` line and exit 2 (experiment.py's rule)."""
-    return ex.entry_point(work, sys.argv[1:])
+    return entry_point(work, sys.argv[1:])

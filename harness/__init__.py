@@ -1,14 +1,16 @@
 """What no idea touches: the machinery beside experiment.py.
 
-experiment.py is what an idea edits (config, data, model, schedule and control, the built-in agents, the
-training run, sampling, results, CLI). This package holds the rest, one concern per module. Imports go one
-way: entry points -> experiment.py -> harness; nothing here imports experiment.py or an entry point, and a
-module that needs the config takes it as a plain object (duck typing).
+experiment.py is what an idea edits (config, data, the model in model.py beside it, schedule and control, the
+built-in agents, the training run, sampling, results, CLI). This package holds the rest, one concern per module.
+Imports go one way: entry points -> experiment.py (and model.py) -> harness; nothing here imports experiment.py,
+model.py or an entry point, and a module that needs the config takes it as a plain object (duck typing).
 
   errors       UserError (exit 2), RunFailed (exit 1), Interrupted (exit 130)
   files        the one atomic writer (bytes, JSON, .npy, a set of files), read_json, sha256_file; no torch
   records      run.json: provenance, commit, environment, command line; the run folder's guard; resume checks
-  validation   every config field against its declared bounds; torchrun checks; trained-policy warnings
+  run_folder   checkpoint names, the seeds a resume keeps, datasets loaded in torchrun's order, run.json begun
+  validation   every config field against its declared bounds; torchrun checks; trained-policy and config
+               warnings; the data fits the context
   cli          one-line-error parsers, config flags, the main() wrappers of the entry points
   distributed  World: the torchrun processes and their collectives
   runtime      Runtime (device, dtype, compile), StopRequest, FaultInjector, Progress
@@ -19,4 +21,5 @@ module that needs the config takes it as a plain object (duck typing).
   controllers  the reinforce learner (policy network, optimizer, return baseline, the update); tensors as JSON
   stats        mean and stderr, t intervals, paired and Welch differences, Holm: the project's one copy (no torch)
   tensorboard  live curves for --tensorboard (imported with the flag only)
+  observation  the neural controllers' observation vector; PolicyInputs, what the config decides of it
 """

@@ -68,3 +68,38 @@ def policy_warnings(c, dataset: str, policy: Optional[dict], per_layer: bool) ->
     if per_layer and trained_layers not in (None, c.n_layer):
         warnings.append(f"the per-layer policy was trained on {trained_layers} layers, deployed on {c.n_layer}")
     return warnings
+
+
+def config_warnings(c) -> list[str]:
+    """Settings that may be meant (a warmup-only study, a decay cut short) but usually are not:
+    printed once and recorded in run.json."""
+    warnings = []
+    if c.schedule != "constant" and c.warmup_iters >= c.max_iters:
+        warnings.append(f"--warmup_iters {c.warmup_iters} >= --max_iters {c.max_iters}: the rate never reaches "
+                        f"--learning_rate {c.learning_rate}")
+    if c.schedule == "cosine" and c.lr_decay_iters > c.max_iters:
+        warnings.append(f"--lr_decay_iters {c.lr_decay_iters} > --max_iters {c.max_iters}: training stops "
+                        f"before the cosine decay reaches --min_lr")
+    return warnings
+
+
+def check_fits(c, data) -> None:
+    """A window is block_size + 1 tokens: each split must hold more (data: a loaded dataset, by duck typing)."""
+    for split in ("train", "val"):
+        if len(data.splits[split]) <= c.block_size + 1:
+            raise UserError(f"--block_size {c.block_size} is larger than {data.name}'s {split} split "
+                            f"({len(data.splits[split])} tokens)")
+
+
+def check_rate_bounds(c) -> None:
+    """The rate's floor, ceiling, peak and decay agree with each other (the last of validate's checks)."""
+    if c.lr_floor > c.lr_ceiling:
+        raise UserError(f"--lr_floor {c.lr_floor} is above --lr_ceiling {c.lr_ceiling}")
+    if c.learning_rate > c.lr_ceiling:
+        raise UserError(f"--learning_rate {c.learning_rate} is above --lr_ceiling {c.lr_ceiling}")
+    if c.schedule in ("cosine", "wsd") and c.min_lr > c.learning_rate:
+        raise UserError(f"--min_lr {c.min_lr} is above --learning_rate {c.learning_rate}: the {c.schedule} "
+                        f"decay would rise; set --min_lr at or below the learning rate")
+    if c.schedule == "cosine" and c.lr_decay_iters < c.warmup_iters:
+        raise UserError(f"--lr_decay_iters {c.lr_decay_iters} is shorter than --warmup_iters {c.warmup_iters}: "
+                        f"the rate would drop from its peak to min_lr in one step")

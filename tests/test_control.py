@@ -8,6 +8,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import experiment as ex
+from harness.observation import OBSERVATION_FEATURES
 import train_agent as ta
 from conftest import run_cli
 from test_train_agent import deploy, one_line_error, smoke_training, train_cli
@@ -100,9 +101,9 @@ def test_replay_plays_back_every_controlled_hyperparameter(prepared_data_dir, tm
 
 def test_a_flattened_action_decodes_to_one_factor_per_hyperparameter():
     cfg = ex.Config(control=THREE, agent="dqn")
-    assert ex.policy_action_sizes(cfg, 5) == [125]
-    assert ex.policy_action_sizes(ex.Config(control=THREE, agent="ppo"), 5) == [5, 5, 5]
-    assert ex.policy_action_sizes(ex.Config(agent="ppo"), 5) == [5]
+    assert ex.policy_inputs(cfg).action_sizes(5) == [125]
+    assert ex.policy_inputs(ex.Config(control=THREE, agent="ppo")).action_sizes(5) == [5, 5, 5]
+    assert ex.policy_inputs(ex.Config(agent="ppo")).action_sizes(5) == [5]
     for triple in ([0, 0, 0], [4, 4, 4], [1, 3, 2], [2, 0, 4]):
         flat = int(np.ravel_multi_index(triple, (5, 5, 5)))
         assert ex.control_action(cfg, flat, 5) == triple  # dqn's one index
@@ -113,10 +114,10 @@ def test_the_observation_carries_the_controlled_multipliers():
     cfg = ex.Config(control=THREE)
     obs = ex.Observation(it=10, max_iters=30, train_loss=3.0, val_loss=3.1,
                          hparams={"weight_decay": 2.0, "grad_clip": 0.25})
-    features = ex.policy_features(cfg, obs)
-    assert len(features) == ex.policy_feature_count(cfg) == len(ex.OBSERVATION_FEATURES) + 2
+    features = ex.policy_inputs(cfg).features(obs)
+    assert len(features) == ex.policy_inputs(cfg).count() == len(OBSERVATION_FEATURES) + 2
     assert list(features[-2:]) == pytest.approx([1 / 3, -2 / 3])
-    assert ex.observation_spec(cfg)["control_features"] == ["log2_weight_decay_multiplier",
+    assert ex.policy_inputs(cfg).spec()["control_features"] == ["log2_weight_decay_multiplier",
                                                             "log2_grad_clip_multiplier"]
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import experiment as ex
+from harness.observation import OBSERVATION_FEATURES, OBSERVATION_LIMIT, PolicyInputs, observation_features
 from harness.policy_files import POLICY_MANIFEST
 import train_agent as ta
 
@@ -52,12 +53,12 @@ class SyntheticEnv(gym.Env):
     def __init__(self, seed=0):
         self.cfg = ex.Config(max_iters=DECISIONS * INTERVAL, eval_interval=INTERVAL)
         self.action_space = gym.spaces.Discrete(len(ACTIONS))
-        self.observation_space = gym.spaces.Box(-ex.OBSERVATION_LIMIT, ex.OBSERVATION_LIMIT,
-                                                (len(ex.OBSERVATION_FEATURES),), np.float32)
+        self.observation_space = gym.spaces.Box(-OBSERVATION_LIMIT, OBSERVATION_LIMIT,
+                                                (len(OBSERVATION_FEATURES),), np.float32)
         self.rng = np.random.default_rng(seed)
 
     def obs(self):
-        return ex.observation_features(observation(self.k, self.loss, self.prev, 2.5, self.multiplier))
+        return observation_features(observation(self.k, self.loss, self.prev, 2.5, self.multiplier))
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -77,7 +78,7 @@ def cfg_for(agent, **kw):
 
 
 def write_policy_folder(folder, agent, policy_file):
-    ex.atomic_write_json(folder / POLICY_MANIFEST, {"agent": agent, "observation": ex.observation_spec(),
+    ex.atomic_write_json(folder / POLICY_MANIFEST, {"agent": agent, "observation": PolicyInputs().spec(),
                                                        "actions": ACTIONS, "policy_file": policy_file})
 
 
@@ -153,7 +154,7 @@ def test_a_saved_stable_baselines3_policy_reloads_and_acts_identically(agent_nam
     write_policy_folder(tmp_path, agent_name, "policy.zip")
     deployed = ex.make_agent(cfg_for(agent_name, agent_init=str(tmp_path)), 0, "shakespeare_char", 0)
     for obs in probe_observations():
-        expected, _ = model.predict(ex.observation_features(obs), deterministic=True)
+        expected, _ = model.predict(observation_features(obs), deterministic=True)
         assert deployed.observe(obs)["action"] == int(expected)
 
 
@@ -185,14 +186,14 @@ def test_a_frozen_reinforce_agent_learns_nothing_and_an_unfrozen_one_does():
 
 def test_observation_features_are_finite_bounded_and_named():
     obs = observation(3, 2.0, 2.1, 2.5, 4.0)
-    features = ex.observation_features(obs)
-    assert features.dtype == np.float32 and features.shape == (len(ex.OBSERVATION_FEATURES),)
-    named = dict(zip(ex.OBSERVATION_FEATURES, features))
+    features = observation_features(obs)
+    assert features.dtype == np.float32 and features.shape == (len(OBSERVATION_FEATURES),)
+    named = dict(zip(OBSERVATION_FEATURES, features))
     assert named["progress"] == pytest.approx(0.3)
     assert named["dlog_val_prev"] == pytest.approx(np.log(2.0 / 2.1))
     assert named["log2_multiplier"] == pytest.approx(2 / 3)
     extreme = ex.dataclasses.replace(obs, val_loss=float("nan"), grad_norm_mean=1e30, grad_norm_std=0.0,
                                      update_ratio=0.0)
-    values = ex.observation_features(extreme)
-    assert np.all(np.isfinite(values)) and np.all(np.abs(values) <= ex.OBSERVATION_LIMIT)
-    json.dumps(ex.observation_spec())
+    values = observation_features(extreme)
+    assert np.all(np.isfinite(values)) and np.all(np.abs(values) <= OBSERVATION_LIMIT)
+    json.dumps(PolicyInputs().spec())

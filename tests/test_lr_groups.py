@@ -14,6 +14,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import experiment as ex
+from harness.observation import GROUP_FEATURES, OBSERVATION_FEATURES, group_observation_features, observation_features
 import train_agent as ta
 from conftest import ROOT, run_cli
 from test_train_agent import deploy, one_line_error, smoke_training, train_cli
@@ -222,10 +223,10 @@ def test_each_group_is_observed_between_evaluations_from_statistics_the_steps_ga
         assert g["multiplier"] == 1.0 and g["lr"] == obs.lr
     total = math.sqrt(sum(g["grad_norm_mean"] ** 2 for g in obs.groups))
     assert total == pytest.approx(obs.grad_norm_mean, rel=1e-5)  # the whole model's norm, split by group
-    rows = ex.group_observation_features(obs)
-    n_global = len(ex.OBSERVATION_FEATURES)
-    assert rows.shape == (len(SMOKE_GROUPS), n_global + len(ex.GROUP_FEATURES))
-    assert np.all(rows[:, :n_global] == ex.observation_features(obs))  # every row: the global features, then its own
+    rows = group_observation_features(obs)
+    n_global = len(OBSERVATION_FEATURES)
+    assert rows.shape == (len(SMOKE_GROUPS), n_global + len(GROUP_FEATURES))
+    assert np.all(rows[:, :n_global] == observation_features(obs))  # every row: the global features, then its own
     assert list(rows[:, n_global]) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])  # depth, input to output
 
 
@@ -234,7 +235,7 @@ def test_each_group_is_observed_between_evaluations_from_statistics_the_steps_ga
 def test_the_layer_environment_passes_gymnasiums_checker(prepared_data_dir):
     cfg = smoke_config(prepared_data_dir, agent="ppo", lr_groups="layer")
     env = ta.LRControlEnv(cfg, ex.load_dataset(cfg, "shakespeare_char"), ex.Runtime.choose(cfg))
-    assert env.observation_space.shape == (len(SMOKE_GROUPS), ex.policy_feature_count(cfg))
+    assert env.observation_space.shape == (len(SMOKE_GROUPS), ex.policy_inputs(cfg).count())
     assert list(env.action_space.nvec) == [len(ex.agent_actions(cfg))] * len(SMOKE_GROUPS)  # a factor per group
     check_env(env, skip_render_check=True)
 
@@ -243,7 +244,7 @@ def test_the_layer_environment_passes_gymnasiums_checker(prepared_data_dir):
 def test_a_policy_trained_on_4_layers_runs_frozen_on_6(prepared_data_dir, tmp_path, agent):
     policy = smoke_training(tmp_path, prepared_data_dir, agent, 2, "--lr_groups", "layer", "--set", "n_layer=4")
     manifest = json.loads((policy / "manifest.json").read_text())
-    assert manifest["config"]["n_layer"] == 4 and manifest["observation"]["group_features"] == list(ex.GROUP_FEATURES)
+    assert manifest["config"]["n_layer"] == 4 and manifest["observation"]["group_features"] == list(GROUP_FEATURES)
     proc = deploy(tmp_path, prepared_data_dir, agent, policy, "deep", "--lr_groups", "layer", "--n_layer", "6")
     assert proc.returncode == 0, proc.stderr
     assert "trained on 4 layers, deployed on 6" in proc.stderr  # said, not refused

@@ -16,6 +16,7 @@ import experiment as ex
 import plot
 import prune
 from conftest import ROOT, run_cli
+from model import load_model
 
 CONTRACT_KEYS = ("final_train_loss", "best_val_loss", "total_train_time", "avg_inference_tokens_per_second")
 PRUNE_KEYS = ("flops_ratio", "flops_per_token", "params", "full_val_loss", "full_val_loss_before",
@@ -96,7 +97,7 @@ def test_a_pruned_model_saves_loads_and_samples_the_same_with_and_without_the_kv
     ex.save_model(path, pruned)
     payload = torch.load(path, weights_only=True)  # plain data: no pickled classes
     assert payload["model_config"]["layer_heads"] == [3, 0, 1]
-    loaded = ex.load_model(path)
+    loaded = load_model(path)
     x = torch.randint(13, (2, 16), generator=torch.Generator().manual_seed(2))
     assert torch.equal(logits(loaded, x), logits(pruned, x))
     prompt = x[:1, :3]
@@ -303,7 +304,7 @@ def test_prune_writes_a_contract_folder_plot_py_reads(pruned_folder, smoke_run):
     assert record["args"]["method"] == "rl" and "prune.py" in record["command"][1]
     assert record["search"]["rl_0.5"]["episodes"] == 3
     per_key = json.loads((pruned_folder / "final_info_rl_0.5_0.json").read_text())
-    model = ex.load_model(pruned_folder / "model_rl_0.5_0.pt")
+    model = load_model(pruned_folder / "model_rl_0.5_0.pt")
     assert model.config.layer_heads == [h for h, _ in per_key["allocation"]]
     assert model.config.layer_mlp == [len(n) for n in per_key["neurons"]]
     assert "## Prune p:" in (pruned_folder.parent / "notes.txt").read_text()

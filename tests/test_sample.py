@@ -10,6 +10,7 @@ import torch
 import experiment as ex
 import sample
 from conftest import ROOT, run_cli
+from model import load_model
 
 SEPARATOR = "\n---------------\n"
 
@@ -44,7 +45,7 @@ def samples_of(argv, capsys) -> list[str]:
 def expected(model_path, dataset_dir, prompt, n, new_tokens, temperature=0.8, top_k=200, seed=1337) -> list[str]:
     """The samples, computed the long way: the model file, its vocabulary, experiment.generate from the seed."""
     meta = json.loads((dataset_dir / "meta.json").read_text())
-    model = ex.load_model(model_path)
+    model = load_model(model_path)
     generator = torch.Generator().manual_seed(seed)
     x = torch.tensor([[meta["stoi"][c] for c in prompt]])
     return ["".join(meta["itos"][str(i)] for i in ex.generate(model, x, new_tokens, temperature, top_k,
@@ -89,8 +90,8 @@ def test_a_prune_folders_models_by_key(run_0, prune_0, prepared_data_dir, capsys
     pruned = samples_of(["--run", prune_0, "--key", "magnitude_0.5", *args], capsys)
     assert pruned == expected(prune_0 / "model_magnitude_0.5_0.pt", prepared_data_dir / "shakespeare_char",
                               "KING", 1, 25)
-    assert ex.load_model(prune_0 / "model_magnitude_0.5_0.pt").num_params() < \
-        ex.load_model(run_0 / "model_shakespeare_char_0.pt").num_params()
+    assert load_model(prune_0 / "model_magnitude_0.5_0.pt").num_params() < \
+        load_model(run_0 / "model_shakespeare_char_0.pt").num_params()
     unpruned = samples_of(["--run", prune_0, "--key", "unpruned", *args], capsys)  # the model prune.py started from
     assert unpruned == samples_of(["--run", run_0, "--dataset", "shakespeare_char", *args], capsys)
 

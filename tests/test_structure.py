@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for p in ROOT.rglob("*.py")
                  if not {"tests", ".venv", ".ci-venv"} & set(p.relative_to(ROOT).parts))
-ENTRY_POINTS = ("experiment", "train_agent", "sweep", "prune", "sample", "plot", "bench")
+ENTRY_POINTS = ("experiment", "model", "train_agent", "sweep", "prune", "sample", "plot", "bench")
 
 
 def definitions(path):

@@ -12,6 +12,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import experiment as ex
+from harness.observation import PolicyInputs
 import train_agent as ta
 from conftest import ROOT, run_cli
 
@@ -115,7 +116,7 @@ def test_train_agent_writes_policy_manifest_and_learning_curve(prepared_data_dir
     manifest = json.loads((out / "manifest.json").read_text())
     curve = json.loads((out / "learning_curve.json").read_text())
     assert (out / manifest["policy_file"]).exists() and (out / "learning_curve.png").exists()
-    assert manifest["agent"] == agent and manifest["episodes_done"] == 3 and manifest["observation"] == ex.observation_spec()
+    assert manifest["agent"] == agent and manifest["episodes_done"] == 3 and manifest["observation"] == PolicyInputs().spec()
     assert manifest["seeds"] == [1_000_000, 1_000_001, 1_000_002]  # clear of the evaluation seeds 1337...
     assert manifest["versions"]["stable-baselines3"] and manifest["versions"]["gymnasium"]
     assert [r["episode"] for r in curve] == [0, 1, 2]

@@ -1,0 +1,107 @@
+"""
+The run folder's plumbing that no idea edits: checkpoint file names, which seeds a resumed run keeps, loading
+every dataset in torchrun's order, and starting run.json. The config arrives as a plain object (duck typing);
+what only experiment.py knows (how one dataset is prepared and loaded) arrives as a callback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from harness.distributed import World
+from harness.errors import UserError
+from harness.files import atomic_write_json, read_json
+from harness.records import new_run_record, now_iso, policy_record
+
+
+def checkpoint_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
+    return Path(run_dir) / f"ckpt_{dataset}_{seed_index}.pt"
+
+
+def previous_checkpoint_file(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.stem + ".prev.pt")
+
+
+def remove_checkpoints(run_dir: Path, dataset: str, seed_index: int) -> None:
+    checkpoint = checkpoint_file(run_dir, dataset, seed_index)
+    checkpoint.unlink(missing_ok=True)
+    previous_checkpoint_file(checkpoint).unlink(missing_ok=True)
+
+
+def finished_seed(out_dir: Path, all_results: dict, dataset: str, seed_index: int) -> Optional[dict]:
+    """A seed whose per-seed file and logs are on disk is kept as it is on --resume."""
+    path = out_dir / f"final_info_{dataset}_{seed_index}.json"
+    keys = [f"{dataset}_{seed_index}_{kind}" for kind in ("final_info", "train_info", "val_info")]
+    if not path.exists() or not all(k in all_results for k in keys):
+        return None
+    remove_checkpoints(out_dir, dataset, seed_index)  # killed between the two writes
+    return all_results[keys[0]]
+
+
+def run_to_resume(out_dir: Path, overwrite: bool, world: World) -> Optional[dict]:
+    """--resume: the run.json of the unfinished run in out_dir (None when it has finished), after checking
+    that it can be resumed here; half-written files of a killed process are removed."""
+    if overwrite:
+        raise UserError("--resume and --overwrite contradict each other")
+    if not (out_dir / "run.json").exists():
+        raise UserError(f"--resume: {out_dir} holds no run to resume (no run.json)")
+    if (out_dir / "final_info.json").exists():
+        return None
+    run_record = read_json(out_dir / "run.json")
+    trained_by = (run_record.get("distributed") or {}).get("world_size", 1)
+    if trained_by != world.size:
+        raise UserError(f"--resume: {out_dir} was trained by {trained_by} process(es) (world size {trained_by}); "
+                        f"this job has world size {world.size}: resume it with the same number of processes")
+    for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
+        stale.unlink()
+    return run_record
+
+
+def load_on_every_rank(configs: dict, world: World, load_one: Callable) -> dict:
+    """{dataset: load_one(cfg, dataset)} on every process. Under torchrun rank 0 goes first (it may prepare the
+    data), then the first rank of every other node (which may have to prepare it on its own disk), then the
+    rest; every rank checks that it reads the tokens rank 0 reads."""
+    loaded = {}
+
+    def load_here() -> dict:
+        for dataset, cfg in configs.items():
+            loaded[dataset] = load_one(cfg, dataset)
+        return {d: data.provenance["sha256"] for d, data in loaded.items()}
+
+    expected = world.from_main(load_here)
+
+    def load_same(turn: bool) -> None:
+        if turn and load_here() != expected:
+            differ = [d for d, data in loaded.items() if data.provenance["sha256"] != expected[d]]
+            raise UserError(f"rank {world.rank} reads other {', '.join(differ)} data than rank 0 "
+                            f"({loaded[differ[0]].provenance['folder']}): every node needs the same prepared data")
+
+    if world.distributed:
+        world.everywhere(lambda: load_same(not world.is_main and world.local_rank == 0))
+        world.everywhere(lambda: load_same(world.local_rank != 0))
+    return loaded
+
+
+def start_run_record(base, configs: dict, loaded: dict, rt, profile: str, policies: dict, frozen: dict,
+                     warnings: dict, run_record: Optional[dict], command: list[str]) -> dict:
+    """Print the warnings and what runs where, and write run.json (a new one, or the resumed run's, extended).
+    frozen: by dataset with a trained policy, whether it acts frozen; command: the command line that ran."""
+    out_dir, datasets, world = Path(base.out_dir), list(configs), rt.world
+    for d, lines in warnings.items():
+        for line in lines:
+            print(f"warning: {d}: {line}", file=sys.stderr, flush=True)
+    processes = f" | {world.size} processes ({world.backend})" if world.distributed else ""
+    print(f"profile {profile} | device {rt.device.type} | dtype {str(rt.dtype)[6:]} | compile {rt.compile}"
+          f"{processes} | "
+          f"datasets {', '.join(datasets)} | out_dir {out_dir}" + (" | resuming" if base.resume else ""), flush=True)
+    if run_record is None:
+        run_record = new_run_record(base, profile, configs, {d: loaded[d].provenance for d in datasets}, warnings, rt,
+                                    command)
+        if policies:  # which trained policy acted: its folder, file and hash, and how it was trained
+            run_record["policy"] = policy_record(policies, frozen)
+    else:
+        run_record.setdefault("resumed", []).append({"at": now_iso(), "command": command})
+    run_record.update(status="running", error=None)
+    atomic_write_json(out_dir / "run.json", run_record)
+    return run_record
