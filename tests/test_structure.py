@@ -1,9 +1,14 @@
 """The house rules, checked: small pieces, imports one way, one of each helper, a README that fits a screen."""
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+import experiment as ex
+from data import prepare_common as pc
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for p in ROOT.rglob("*.py")
@@ -32,13 +37,32 @@ def test_no_function_over_60_lines_and_no_class_over_250_outside_tests():
     assert not too_long
 
 
+@pytest.mark.xfail(strict=True, reason="issue 24 is open: experiment.py is 2,005 lines; the neural agents "
+                                       "(ReinforceAgent, SB3Agent) still inherit NoAgent there")
 def test_experiment_py_is_a_file_an_idea_can_hold_in_view():
     assert len((ROOT / "experiment.py").read_text().splitlines()) <= 1800
 
 
 @pytest.mark.parametrize("module", sorted((ROOT / "harness").glob("*.py")), ids=lambda p: p.name)
 def test_the_package_never_imports_experiment_py_or_an_entry_point(module):
+    assert module.read_text().startswith('"""'), f"{module.name} says what it is for in a docstring"
     assert not [m for m in imported_modules(module) if m.split(".")[0] in ENTRY_POINTS]
+
+
+def test_prepare_common_is_one_module_so_its_errors_are_one_class():
+    # Loaded under several names, the same error would be distinct classes and an except clause would miss it.
+    assert ex.prepare_common is pc and sys.modules["data.prepare_common"] is pc
+    with pytest.raises(pc.PrepareError):
+        ex.prepare_common.get_spec("no_such_dataset")
+    names = [name for name, module in sys.modules.items() if getattr(module, "__file__", None)
+             and module.__file__.endswith("prepare_common.py")]
+    assert names == ["data.prepare_common"]
+
+
+def test_plot_py_and_the_file_helpers_import_no_torch():
+    code = "import sys, plot, harness.files, harness.stats; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_plot_py_stays_free_of_torch():
@@ -54,10 +78,11 @@ def test_plot_py_stays_free_of_torch():
         todo += modules
 
 
-@pytest.mark.parametrize("definition", ["def atomic_write_bytes", "def sha256_file", "def holm", "def paired_"])
+@pytest.mark.parametrize("definition", ["def atomic_write", "def sha256_file", "def holm", "def paired_",
+                                        "def mean_and_stderr", "def read_json"])
 def test_one_of_each_helper(definition):
     defining = [p.relative_to(ROOT) for p in SOURCES if re.search(rf"^\s*{definition}", p.read_text(), re.M)]
-    assert len(defining) == 1, defining
+    assert len(defining) == 1, defining  # (the atomic writers all live in harness/files.py)
 
 
 def test_the_readme_fits_a_screen_and_starts_with_the_two_commands():
