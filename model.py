@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from harness.errors import UserError
 from harness.files import atomic_write_bytes
 
+
 @dataclass
 class GPTConfig:
     vocab_size: int
