@@ -54,7 +54,8 @@ from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_json, read_json
 from harness.grad_stats import GradientStatistics, lamb_trust
 from harness.observation import OBSERVATION_LIMIT, PolicyInputs
-from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
+from harness.policy_files import (agent_file, load_sb3_policy, read_agent_init, read_agent_state, read_policy_folder,
+                                   sb3_spaces)
 from harness.records import (check_same_data, command_line, data_provenance, now_iso, prepare_run_folder,
                              resume_configs)
 from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_rank, previous_checkpoint_file,
@@ -1057,7 +1058,7 @@ class ReinforceAgent(NoAgent):
 
 class SB3Agent(NoAgent):
     """A stable-baselines3 PPO or DQN policy trained by train_agent.py, deployed frozen: at each evaluation
-    the policy's most likely action on policy_inputs(cfg).features() (stable-baselines3 imported only here).
+    the policy's most likely action on policy_inputs(cfg).features() (stable-baselines3 is imported by the loader).
     --lr_groups layer: the policy observes one group row and is applied to every row of the table, as
     train_agent.py trained it (each group an agent of one shared policy), whatever the depth.
     --control with more than lr: one factor per controlled hyperparameter (ppo: MultiDiscrete; dqn: one
@@ -1069,7 +1070,6 @@ class SB3Agent(NoAgent):
     def __init__(self, cfg: Config, seed: int, policy: dict):
         super().__init__(cfg, seed)
         self.actions = agent_actions(cfg)
-        from harness.policy_files import load_sb3_policy, sb3_spaces
         # The spaces and network width come from this run's settings and the manifest, never from the zip.
         inputs = policy_inputs(cfg)
         spaces = sb3_spaces(inputs.count(), inputs.action_sizes(len(self.actions)), OBSERVATION_LIMIT)
