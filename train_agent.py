@@ -41,9 +41,9 @@ import experiment as ex
 import plot
 from harness.cli import dataclass_parser, entry_point
 from harness.observation import OBSERVATION_LIMIT
+from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer, sb3_spaces
 from harness.records import environment_record
 from harness.runtime import format_duration
-from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer
 from harness.validation import check_fits
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
@@ -166,15 +166,15 @@ class LRControlEnv(gym.Env):
         self.reward_kind = ex.reward_kind(cfg)
         self.layered = ex.lr_groups_kind(cfg) == "layer"
         self.multi = ex.multi_control(cfg)
-        n_groups, n_features = len(ex.lr_group_names(cfg)), ex.policy_inputs(cfg).count()
-        sizes = ex.policy_inputs(cfg).action_sizes(len(self.actions))
-        if self.layered:
+        self.inputs = ex.policy_inputs(cfg)
+        n_groups, n_features = len(ex.lr_group_names(cfg)), self.inputs.count()
+        if self.layered:  # a table; GroupsAsAgents shows stable-baselines3 one row at a time
             self.action_space = spaces.MultiDiscrete([len(self.actions)] * n_groups)
-            shape = (n_groups, n_features)
-        else:
-            self.action_space = spaces.MultiDiscrete(sizes) if len(sizes) > 1 else spaces.Discrete(sizes[0])
-            shape = (n_features,)
-        self.observation_space = spaces.Box(-OBSERVATION_LIMIT, OBSERVATION_LIMIT, shape, np.float32)
+            self.observation_space = spaces.Box(-OBSERVATION_LIMIT, OBSERVATION_LIMIT, (n_groups, n_features),
+                                                np.float32)
+        else:  # the spaces a deployed or continued policy is loaded with (harness.policy_files)
+            self.observation_space, self.action_space = sb3_spaces(
+                n_features, self.inputs.action_sizes(len(self.actions)), OBSERVATION_LIMIT)
         self.first_episode = self.next_episode = first_episode
         self.run: Optional[ex.TrainingRun] = None
 
@@ -239,7 +239,7 @@ class LRControlEnv(gym.Env):
         return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
 
     def observe(self) -> np.ndarray:
-        return ex.policy_inputs(self.cfg).features(self.run.observation())
+        return self.inputs.features(self.run.observation())
 
     def info(self, result: ex.EvalResult) -> dict:
         return {"it": result.it, "train_loss": result.train_loss, "val_loss": result.val_loss,
@@ -255,8 +255,7 @@ class GroupsAsAgents(VecEnv):
     def __init__(self, env: LRControlEnv):
         self.env = env
         n_groups, n_features = env.observation_space.shape
-        super().__init__(n_groups, spaces.Box(-OBSERVATION_LIMIT, OBSERVATION_LIMIT, (n_features,),
-                                              np.float32), spaces.Discrete(len(env.actions)))
+        super().__init__(n_groups, *sb3_spaces(n_features, [len(env.actions)], OBSERVATION_LIMIT))
         self.pending = None
 
     def reset(self):
