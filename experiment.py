@@ -9,7 +9,7 @@ What an idea edits, read top to bottom as one run meets it:
   2. Data                        (prepared .bin files, batches, fixed evaluation batches)
   3. Model                       (model.py, read beside this file: nanoGPT's GPT, pre-LN, tied embeddings)
   4. Learning rate and control   (base schedule x agent multiplier, clamped; Controls: the run's knobs)
-  5. Agents                      (what they observe; none, random, replay, qlearning; reinforce, ppo, dqn)
+  5. Agents                      (what they observe; none, random, replay, qlearning; the registry)
   6. Training one dataset/seed   (TrainingRun: the step, advanced evaluation to evaluation; drive() the loop)
   7. Sampling and inference speed
   8. The run folder              (final_info.json, all_results.npy, run.json, ...)
@@ -17,9 +17,10 @@ What an idea edits, read top to bottom as one run meets it:
 
 What no idea touches lives beside it in harness/, one concern per module, never importing this file:
 errors and files (the one atomic writer), records (provenance, run.json), run_folder (checkpoint names,
-resume, data loading under torchrun), validation (bounds), cli, distributed (the torchrun World), runtime
-(device, signals, progress), checkpoints, grad_stats, policy_files (policy folders read as data), observation
-(what a policy network sees) and controllers (the reinforce learner), stats, tensorboard.
+resume, data loading under torchrun), validation (bounds and refusals), cli, distributed (the torchrun World),
+runtime (device, signals, progress), checkpoints, grad_stats, control (--control's bounds, LR groups, action
+factors), agents (the agent base and the neural agents), policy_files (policy folders read as data),
+observation (what a policy network sees), controllers (the reinforce learner), stats, tensorboard.
 
 The run folder follows the AI-Scientist nanoGPT template's contract (docs/run_folder.md), so its
 plot.py and perform_experiments.py read our runs unmodified.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -48,14 +50,14 @@ from torch.nn import functional as F
 from data import prepare_common  # the download/prepare logic shared with data/<dataset>/prepare.py
 from harness.checkpoints import CheckpointStore, RunCheckpoints
 from harness.cli import OneLineArgumentParser, add_config_flags, job_main, parse_field_value
-from harness.controllers import ReinforceLearner
+from harness.agents import Agent, ReinforceAgent, SB3Agent
+from harness.control import (DROPOUT_MAX, controlled, extra_controlled, lr_group_names, lr_groups_kind, parse_actions,
+                             policy_inputs)
 from harness.distributed import RANK_SEED_STRIDE, World
 from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_json, read_json
 from harness.grad_stats import GradientStatistics, lamb_trust
-from harness.observation import OBSERVATION_LIMIT, PolicyInputs
-from harness.policy_files import (agent_file, load_sb3_policy, read_agent_init, read_agent_state, read_policy_folder,
-                                   sb3_spaces)
+from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
 from harness.records import (check_same_data, command_line, data_provenance, now_iso, prepare_run_folder,
                              resume_configs)
 from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_rank, previous_checkpoint_file,
@@ -63,10 +65,9 @@ from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_ra
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 from harness.stats import mean_and_stderr
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
-from harness.validation import (check_fields, check_fits, check_rate_bounds, check_world, config_warnings,
-                               policy_warnings, world_warnings)
-from model import (GPT, CausalSelfAttention, GPTConfig, lr_group_names, lr_group_of, lr_groups_kind, model_file,
-                   save_model)
+from harness.validation import (check_combinations, check_control, check_fields, check_fits, check_lr_groups,
+                                check_rate_bounds, check_world, config_warnings, policy_warnings, world_warnings)
+from model import GPT, CausalSelfAttention, GPTConfig, lr_group_of, model_file, save_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATASETS = ("shakespeare_char", "enwik8", "text8")
@@ -436,31 +437,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-# --lr_groups layer: lr_g = clamp(base_schedule(iter) x multiplier x multiplier_g x trust_g), one g per layer;
-# model.py's lr_group_names and lr_group_of say which parameters make up each g.
-
-
-# --control: besides the learning rate, an agent may set weight decay, the gradient-clipping norm and dropout,
-# each as configured x its own multiplier. (The rate's multiplier is the agent's `multiplier`, as ever.)
-CONTROLLABLE = ("lr", "weight_decay", "grad_clip", "dropout")
-CONTROL_BOUNDS = {"weight_decay": (0.125, 8.0), "grad_clip": (0.125, 8.0), "dropout": (0.25, 2.0)}
-DROPOUT_MAX = 0.5  # dropout x its multiplier never goes above this
-
-
-def controlled(cfg: Config) -> list[str]:
-    """The controlled hyperparameters, in CONTROLLABLE's order (which fixes the order of an action's factors)."""
-    names = {n.strip() for n in cfg.control.split(",") if n.strip()}
-    return [n for n in CONTROLLABLE if n in names]
-
-
-def extra_controlled(cfg: Config) -> list[str]:
-    """The controlled hyperparameters besides the learning rate."""
-    return [n for n in controlled(cfg) if n != "lr"]
-
-
-def multi_control(cfg: Config) -> bool:
-    return controlled(cfg) != ["lr"]
-
+# --lr_groups layer: lr_g = clamp(base_schedule(iter) x multiplier x multiplier_g x trust_g), one g per layer
+# (harness/control.py's lr_group_names; model.py's lr_group_of says which parameters make up each g).
+# --control: besides the rate, weight decay, the clipping norm and dropout, each as configured x its own
+# multiplier, within harness/control.py's CONTROL_BOUNDS (the rate's multiplier is the agent's, as ever).
 
 def hparam_values(cfg: Config, lr: float, multipliers: dict) -> dict:
     """The value of every controlled hyperparameter given the rate and the others' multipliers."""
@@ -477,16 +457,6 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.p = p
         elif isinstance(module, CausalSelfAttention):
             module.dropout = p
-
-
-def control_action(cfg: Config, action, n_actions: int) -> list[int]:
-    """One action index per controlled hyperparameter, from a vector (MultiDiscrete) or from one index into
-    their product (the flattened action set a Discrete-only agent such as DQN acts in)."""
-    n = len(controlled(cfg))
-    flat = np.asarray(action).reshape(-1)
-    if flat.size == 1 and n > 1:
-        return [int(a) for a in np.unravel_index(int(flat[0]), [n_actions] * n)]
-    return [int(a) for a in flat]
 
 
 def optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
@@ -595,25 +565,10 @@ class Observation:
 
 
 # The features a policy network sees are harness/observation.py's (train_agent.py's environment observes the
-# same vector); what the config decides about them travels there as plain data:
-
-def policy_inputs(cfg: Config) -> PolicyInputs:
-    return PolicyInputs(layered=lr_groups_kind(cfg) == "layer", controls=tuple(controlled(cfg)),
-                        extra_controls=tuple(extra_controlled(cfg)), agent=cfg.agent)
-
+# same vector); harness/control.py's policy_inputs(cfg) tells it what the config decides about them.
 
 def agent_actions(cfg: Config) -> list[float]:
     return parse_actions(cfg.agent_actions or DEFAULT_ACTIONS.get(cfg.agent, TABLE_ACTIONS))
-
-
-def parse_actions(text: str) -> list[float]:
-    try:
-        actions = [float(a) for a in text.split(",") if a.strip()]
-    except ValueError:
-        raise UserError(f"--agent_actions must be comma-separated numbers, got {text!r}") from None
-    if not actions or any(a <= 0 or not math.isfinite(a) for a in actions):
-        raise UserError(f"--agent_actions must be positive factors, got {text!r}")
-    return actions
 
 
 def reward_for(kind: str, prev_val: Optional[float], val: float) -> Optional[float]:
@@ -643,91 +598,9 @@ def divergence_loss(cfg: Config, reference: Optional[float]) -> float:
     return (cfg.divergence_factor if cfg.divergence_factor > 0 else 2.0) * reference
 
 
-def apply_control_factors(cfg: Config, multiplier: float, hparam_multipliers: dict,
-                          factors: list[float]) -> tuple[float, dict]:
-    """(the LR multiplier, the other hyperparameters' multipliers) after one factor per controlled
-    hyperparameter, each clipped to its bounds (the rate's: multiplier_min..multiplier_max)."""
-    hparams = dict(hparam_multipliers)
-    for name, factor in zip(controlled(cfg), factors):
-        if name == "lr":
-            multiplier = min(max(multiplier * factor, cfg.multiplier_min), cfg.multiplier_max)
-        else:
-            low, high = CONTROL_BOUNDS[name]
-            hparams[name] = min(max(hparams[name] * factor, low), high)
-    return multiplier, hparams
-
-
-class NoAgent:
-    """The baseline: the multiplier stays 1, so the run is the plain base schedule.
-
-    Under --lr_groups layer an agent that acts per group (PER_GROUP) also holds group_multipliers, one per
-    LR group, which it sets instead of the global multiplier (that one then only takes rollback cuts).
-    Under --control with more than lr, an agent that sets several hyperparameters (MULTI_CONTROL) holds
-    hparam_multipliers too, one per controlled hyperparameter besides the rate, and acts with one factor
-    per controlled hyperparameter (apply_controls)."""
-
-    PER_GROUP = False
-    MULTI_CONTROL = False
-
-    def __init__(self, cfg: Config, seed: int):
-        self.cfg = cfg
-        self.n_groups = len(lr_group_names(cfg)) if self.PER_GROUP and lr_groups_kind(cfg) == "layer" else 0
-        self.multiplier, self.trajectory = 1.0, []
-        self.group_multipliers = [1.0] * self.n_groups if self.n_groups else None
-        self.controls = controlled(cfg) if self.MULTI_CONTROL and multi_control(cfg) else None
-        self.hparam_multipliers = {n: 1.0 for n in extra_controlled(cfg)} if self.controls else None
-
-    def clip(self, multiplier: float) -> float:
-        return min(max(multiplier, self.cfg.multiplier_min), self.cfg.multiplier_max)
-
-    def apply(self, factors: list[float]) -> None:
-        """Multiply each group's multiplier by its factor, within the bounds."""
-        self.group_multipliers = [self.clip(m * f) for m, f in zip(self.group_multipliers, factors)]
-
-    def apply_controls(self, factors: list[float]) -> None:
-        """One factor per controlled hyperparameter (controlled(cfg) order), each within its bounds."""
-        self.multiplier, self.hparam_multipliers = apply_control_factors(self.cfg, self.multiplier,
-                                                                         self.hparam_multipliers, factors)
-
-    def start_run(self) -> None:
-        """A new run begins with this agent (train_agent.py): the multipliers start at 1 again."""
-        self.multiplier, self.trajectory = 1.0, []
-        self.group_multipliers = [1.0] * self.n_groups if self.n_groups else None
-        self.hparam_multipliers = {n: 1.0 for n in extra_controlled(self.cfg)} if self.controls else None
-
-    def observe(self, obs: Observation) -> dict:
-        return self.record(obs, action=None, reward=None, epsilon=None, state=None)
-
-    def on_rollback(self, diverged_loss: float, it: int, final: bool = False) -> None:
-        """The run diverged after this agent's last decision and was rolled back: take a smaller step
-        (final: the rollbacks are spent and the seed ends here).
-
-        The trajectory is corrected to the multiplier the optimizer now uses, so --agent replay plays
-        back what was used, not what was chosen before the rollback."""
-        if final:
-            return
-        self.multiplier = self.clip(self.multiplier * self.cfg.rollback_cut)
-        if self.trajectory:
-            self.trajectory[-1]["multiplier"] = self.multiplier
-
-    def record(self, obs: Observation, **fields) -> dict:
-        groups = {} if self.group_multipliers is None else {"multipliers": list(self.group_multipliers)}
-        if self.hparam_multipliers is not None:
-            groups["hparam_multipliers"] = dict(self.hparam_multipliers)
-        self.trajectory.append({"iter": obs.it, "multiplier": self.multiplier, **groups})
-        return {"multiplier": self.multiplier, **groups, **fields}
-
-    def state_dict(self) -> dict:
-        groups = {} if self.group_multipliers is None else {"group_multipliers": self.group_multipliers}
-        if self.hparam_multipliers is not None:
-            groups["hparam_multipliers"] = self.hparam_multipliers
-        return {"agent": self.cfg.agent, "multiplier": self.multiplier, "trajectory": self.trajectory, **groups}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.multiplier, self.trajectory = state["multiplier"], [dict(t) for t in state["trajectory"]]
-        self.group_multipliers = state.get("group_multipliers")
-        if self.controls:
-            self.hparam_multipliers = dict(state.get("hparam_multipliers") or self.hparam_multipliers)
+class NoAgent(Agent):
+    """The baseline: the multiplier stays 1, so the run is the plain base schedule. Every agent inherits it;
+    the plumbing (multipliers per group or hyperparameter, bounds, records, saved state) is harness.agents.Agent."""
 
 
 class RandomAgent(NoAgent):
@@ -971,129 +844,14 @@ class QLearningAgent(NoAgent):
             self.epsilon = max(self.cfg.epsilon_min, min(s.get("epsilon", self.cfg.epsilon) for s in states))
 
 
-class ReinforceAgent(NoAgent):
-    """REINFORCE (Williams 1992), the policy-gradient agent of "Dynamic learning-rate adjustment using RL".
-
-    At each evaluation the policy network maps policy_inputs(cfg).features() to a softmax over the action
-    factors and one is sampled; when the run ends, harness.controllers.ReinforceLearner takes one policy-gradient step
-    over the run's decisions (advantage = return-to-go minus the usual return at that iteration).
-    Frozen (a trained policy deployed): the most probable action, no update. A diverged interval scores
-    as a val loss at the divergence threshold plus --divergence_penalty. --lr_groups layer: the same
-    network picks one action per group row, and all rows share the run's reward.
-    """
-
-    PER_GROUP = True
-
-    def __init__(self, cfg: Config, seed: int):
-        super().__init__(cfg, seed)
-        self.actions = agent_actions(cfg)
-        self.learner = ReinforceLearner(policy_inputs(cfg).count(), len(self.actions), cfg.policy_hidden,
-                                        cfg.policy_lr, cfg.policy_gamma, seed)
-        self.start_run()
-
-    def start_run(self) -> None:
-        super().start_run()
-        self.prev_val = None
-        self.steps: list[dict] = []  # {"iter", "features", "action", "reward"} of this run's decisions
-
-    @property
-    def learning(self) -> bool:
-        return not self.cfg.agent_freeze
-
-    def observe(self, obs: Observation) -> dict:
-        reward = reward_for(reward_kind(self.cfg), self.prev_val, obs.val_loss)
-        if self.steps and self.steps[-1]["reward"] is None:
-            self.steps[-1]["reward"] = reward
-        self.prev_val = obs.val_loss
-        if obs.it >= obs.max_iters:  # the last evaluation: no decision left; learn from the whole run
-            self.end_run()
-            return self.record(obs, action=None, reward=reward, epsilon=None, state=None)
-        features = policy_inputs(self.cfg).features(obs)
-        action, probs = self.learner.act(features, sample=self.learning)
-        if self.group_multipliers is not None:
-            self.apply([self.actions[a] for a in action])
-        else:
-            self.multiplier = self.clip(self.multiplier * self.actions[action])
-        self.steps.append({"iter": obs.it, "features": features.tolist(), "action": action, "reward": None})
-        return self.record(obs, action=action, reward=reward, epsilon=None, state=None,
-                           probs=np.round(probs, 4).tolist() if self.n_groups else [round(p, 4) for p in probs])
-
-    def on_rollback(self, diverged_loss: float, it: int, final: bool = False) -> None:
-        super().on_rollback(diverged_loss, it, final)
-        if self.steps and self.steps[-1]["reward"] is None:
-            self.steps[-1]["reward"] = (reward_for(reward_kind(self.cfg), self.prev_val, diverged_loss)
-                                        + self.cfg.divergence_penalty)
-        if final:
-            self.end_run()
-
-    def end_run(self) -> None:
-        """Learn from this run's scored decisions (once per run; nothing when frozen)."""
-        steps = [s for s in self.steps if s["reward"] is not None]
-        self.steps = []
-        if self.learning and steps:
-            self.learner.learn(steps)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "actions": self.actions, "observation": policy_inputs(self.cfg).spec(),
-                **self.learner.state_dict(), "prev_val": self.prev_val, "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.check_policy(state)
-        self.learner.load_state_dict(state)
-        self.prev_val, self.steps = state["prev_val"], state["steps"]
-
-    def load_policy(self, state: dict) -> None:
-        """What a later run takes from a trained one: the network, its optimizer and the return baseline."""
-        self.check_policy(state)
-        self.learner.load_policy(state)
-
-    def check_policy(self, state: dict) -> None:
-        if state.get("actions") != self.actions:
-            raise UserError(f"the reinforce policy has actions {state.get('actions')}, this run {self.actions}")
-        if state.get("observation") != policy_inputs(self.cfg).spec():
-            raise UserError(f"the reinforce policy observes {state.get('observation')}, this run "
-                            f"{policy_inputs(self.cfg).spec()}: retrain it (or match --lr_groups)")
+def reinforce_agent(cfg: Config, seed: int) -> ReinforceAgent:
+    """The policy-gradient agent (harness/agents.py), with this file's action factors and reward."""
+    return ReinforceAgent(cfg, seed, agent_actions(cfg), functools.partial(reward_for, reward_kind(cfg)))
 
 
-class SB3Agent(NoAgent):
-    """A stable-baselines3 PPO or DQN policy trained by train_agent.py, deployed frozen: at each evaluation
-    the policy's most likely action on policy_inputs(cfg).features() (stable-baselines3 is imported by the loader).
-    --lr_groups layer: the policy observes one group row and is applied to every row of the table, as
-    train_agent.py trained it (each group an agent of one shared policy), whatever the depth.
-    --control with more than lr: one factor per controlled hyperparameter (ppo: MultiDiscrete; dqn: one
-    index into their product, decoded by control_action)."""
-
-    PER_GROUP = True
-    MULTI_CONTROL = True
-
-    def __init__(self, cfg: Config, seed: int, policy: dict):
-        super().__init__(cfg, seed)
-        self.actions = agent_actions(cfg)
-        # The spaces and network width come from this run's settings and the manifest, never from the zip.
-        inputs = policy_inputs(cfg)
-        spaces = sb3_spaces(inputs.count(), inputs.action_sizes(len(self.actions)), OBSERVATION_LIMIT)
-        hidden = (policy["manifest"].get("controller") or {}).get("hidden", cfg.policy_hidden)
-        self.model = load_sb3_policy(Path(policy["file"]), cfg.agent, *spaces, hidden=hidden)
-
-    def observe(self, obs: Observation) -> dict:
-        if obs.it >= obs.max_iters:
-            return self.record(obs, action=None, reward=None, epsilon=None, state=None)
-        action, _ = self.model.predict(policy_inputs(self.cfg).features(obs), deterministic=True)
-        if self.controls is not None:  # one factor per controlled hyperparameter
-            action = control_action(self.cfg, action, len(self.actions))
-            self.apply_controls([self.actions[a] for a in action])
-        elif self.group_multipliers is not None:  # a batch of rows: one action each
-            action = [int(a) for a in action]
-            self.apply([self.actions[a] for a in action])
-        else:
-            action = int(action)
-            self.multiplier = self.clip(self.multiplier * self.actions[action])
-        return self.record(obs, action=action, reward=None, epsilon=None, state=None)
-
-
+# reinforce and the stable-baselines3 agents (SB3Agent) are harness/agents.py's: they act on a policy network.
 AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearning": QLearningAgent,
-          "reinforce": ReinforceAgent}
+          "reinforce": reinforce_agent}
 
 
 def trained_policy(cfg: Config) -> Optional[dict]:
@@ -1124,7 +882,7 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
         if not cfg.agent_freeze:
             raise UserError(f"--agent {cfg.agent} is deployed frozen (stable-baselines3 learns in its own loop: "
                             f"train it further with train_agent.py)")
-        return SB3Agent(cfg, seed, policy)
+        return SB3Agent(cfg, seed, agent_actions(cfg), policy)
     agent = AGENTS[cfg.agent](cfg, seed)
     if policy is not None:
         state = read_agent_state(Path(policy["file"]))
@@ -1895,65 +1653,23 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
 # 9. CLI
 # ----------------------------------------------------------------------------------------------
 
+PER_GROUP_AGENTS = ("none", "random", "replay", "reinforce", "ppo")  # can set a multiplier per LR group
+CONTROL_AGENTS = ("none", "random", "replay", "ppo", "dqn")          # can set several hyperparameters
+
+
 def validate(c: Config) -> None:
-    """Reject settings that cannot work or cannot be meant, with one line naming the flag."""
+    """Reject settings that cannot work or cannot be meant, with one line naming the flag (harness.validation
+    holds the checks; the agent lists are this file's)."""
     check_fields(c)
-    if c.n_embd % c.n_head:
-        raise UserError(f"--n_embd {c.n_embd} must be divisible by --n_head {c.n_head}")
     agent_actions(c)
-    if c.optimizer == "schedulefree" and c.schedule != "constant":
-        raise UserError("--optimizer schedulefree replaces the schedule (it warms up itself): use --schedule constant")
-    if c.agent_init and not Path(c.agent_init).expanduser().exists():
-        raise UserError(f"--agent_init {c.agent_init} does not exist")
-    if c.agent_freeze and c.agent_learn:
-        raise UserError("--agent_freeze and --agent_learn contradict each other")
-    if c.agent in SB3_AGENTS and not c.agent_init:
-        raise UserError(f"--agent {c.agent} needs --agent_init DIR: a policy trained by train_agent.py --agent {c.agent}")
-    if c.agent in SB3_AGENTS and c.agent_learn:
-        raise UserError(f"--agent {c.agent} is deployed frozen (stable-baselines3 learns in its own loop: "
-                        f"train it further with train_agent.py); drop --agent_learn")
-    check_lr_groups(c)
-    check_control(c)
+    check_combinations(c, SB3_AGENTS)
+    check_lr_groups(c, PER_GROUP_AGENTS)
+    check_control(c, CONTROL_AGENTS)
     if c.tensorboard and not tensorboard_installed():
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if c.agent_init and c.agent != "replay":
         trained_policy(c)  # a folder from train_agent.py must match this run: one line if it does not
     check_rate_bounds(c)
-
-
-PER_GROUP_AGENTS = ("none", "random", "replay", "reinforce", "ppo")
-
-
-def check_lr_groups(c: Config) -> None:
-    if c.layer_trust != "none" and c.lr_groups == "global":
-        raise UserError(f"--layer_trust {c.layer_trust} scales each layer's rate: it needs --lr_groups layer "
-                        f"(the default with it)")
-    if c.layer_trust != "none" and c.optimizer != "adamw":
-        raise UserError(f"--layer_trust {c.layer_trust} reads AdamW's moments: use --optimizer adamw")
-    if lr_groups_kind(c) == "layer" and c.agent not in PER_GROUP_AGENTS:
-        raise UserError(f"--agent {c.agent} sets one global multiplier: use --lr_groups global, or a per-layer "
-                        f"agent ({', '.join(PER_GROUP_AGENTS[1:])})")
-
-
-CONTROL_AGENTS = ("none", "random", "replay", "ppo", "dqn")
-
-
-def check_control(c: Config) -> None:
-    names = [n.strip() for n in c.control.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONTROLLABLE]
-    if unknown or not names:
-        raise UserError(f"--control {c.control!r}: choose from {','.join(CONTROLLABLE)} (comma-separated)")
-    if not multi_control(c):
-        return
-    if c.agent not in CONTROL_AGENTS:
-        raise UserError(f"--agent {c.agent} sets the learning rate only: use --control lr, or an agent that sets "
-                        f"several ({', '.join(CONTROL_AGENTS[1:])})")
-    if lr_groups_kind(c) == "layer":
-        raise UserError("--control with more than lr and --lr_groups layer cannot be combined: choose one")
-    for name, value in (("weight_decay", c.weight_decay), ("grad_clip", c.grad_clip), ("dropout", c.dropout)):
-        if name in names and value <= 0:
-            raise UserError(f"--control {name}: the configured --{name} is 0, so its multiplier would do "
-                            f"nothing; set --{name} above 0 (or leave it out of --control)")
 
 
 def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional[World] = None) -> Config:

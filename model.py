@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from harness.control import lr_group_names
 from harness.errors import UserError
 from harness.files import atomic_write_bytes
 
@@ -215,21 +216,7 @@ def load_model(path: Path, device="cpu") -> GPT:
     return model.to(device).eval()
 
 
-# --lr_groups: which LR group each parameter belongs to (make_optimizer gives each its own param groups).
-
-def lr_groups_kind(cfg) -> str:
-    return cfg.lr_groups or ("layer" if cfg.layer_trust != "none" else "global")
-
-
-# --lr_groups layer: one group per layer. (The tied token embedding is also the output layer: it belongs
-# to "embedding".)
-
-def lr_group_names(cfg) -> list[str]:
-    """The LR groups from the input to the output; ["all"] when one multiplier drives the whole model."""
-    if lr_groups_kind(cfg) != "layer":
-        return ["all"]
-    return ["embedding"] + [f"block{i}" for i in range(cfg.n_layer)] + ["ln_f"]
-
+# --lr_groups layer: which LR group (harness/control.py's lr_group_names) each parameter belongs to.
 
 def lr_group_of(parameter_name: str) -> str:
     """transformer.wte.weight -> embedding, transformer.h.3.mlp.c_fc.weight -> block3, ... -> ln_f."""

@@ -40,11 +40,12 @@ from stable_baselines3.common.vec_env import VecEnv
 import experiment as ex
 import plot
 from harness.cli import dataclass_parser, entry_point
+from harness.control import apply_control_factors, control_action, multi_control
 from harness.observation import OBSERVATION_LIMIT
 from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer, sb3_spaces
 from harness.records import environment_record
 from harness.runtime import format_duration
-from harness.validation import check_fits
+from harness.validation import check_control, check_fits, check_lr_groups
 
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
 
@@ -165,7 +166,7 @@ class LRControlEnv(gym.Env):
         self.actions = ex.agent_actions(cfg)
         self.reward_kind = ex.reward_kind(cfg)
         self.layered = ex.lr_groups_kind(cfg) == "layer"
-        self.multi = ex.multi_control(cfg)
+        self.multi = multi_control(cfg)
         self.inputs = ex.policy_inputs(cfg)
         n_groups, n_features = len(ex.lr_group_names(cfg)), self.inputs.count()
         if self.layered:  # a table; GroupsAsAgents shows stable-baselines3 one row at a time
@@ -199,8 +200,8 @@ class LRControlEnv(gym.Env):
             action = [int(a) for a in np.asarray(action).reshape(-1)]
             run.group_multipliers = [self.clip(m * self.actions[a]) for m, a in zip(run.group_multipliers, action)]
         elif self.multi:
-            action = ex.control_action(cfg, action, len(self.actions))
-            run.multiplier, run.hparam_multipliers = ex.apply_control_factors(
+            action = control_action(cfg, action, len(self.actions))
+            run.multiplier, run.hparam_multipliers = apply_control_factors(
                 cfg, run.multiplier, run.hparam_multipliers, [self.actions[a] for a in action])
         else:
             action = int(action)
@@ -531,8 +532,8 @@ def episode_config(args: Args) -> ex.Config:
     cfg = ex.config_for_dataset(base, overrides, args.profile, args.dataset)
     cfg = dataclasses.replace(cfg, seeds=1, final_eval_tokens=0, inference_samples=0)
     ex.validate(dataclasses.replace(cfg, agent="none"))  # (ppo/dqn need no --agent_init to be trained)
-    ex.check_lr_groups(cfg)
-    ex.check_control(cfg)
+    check_lr_groups(cfg, ex.PER_GROUP_AGENTS)
+    check_control(cfg, ex.CONTROL_AGENTS)
     lr_range = parse_lr_range(args.lr_range) or (1.0, 1.0)
     if cfg.learning_rate * lr_range[1] > cfg.lr_ceiling:
         raise ex.UserError(f"--lr_range {args.lr_range} reaches {cfg.learning_rate * lr_range[1]:g}, above "

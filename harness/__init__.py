@@ -10,7 +10,7 @@ model.py or an entry point, and a module that needs the config takes it as a pla
   records      run.json: provenance, commit, environment, command line; the run folder's guard; resume checks
   run_folder   checkpoint names, the seeds a resume keeps, datasets loaded in torchrun's order, run.json begun
   validation   every config field against its declared bounds; torchrun checks; trained-policy and config
-               warnings; the data fits the context
+               warnings; the data fits the context; the agent and --control/--lr_groups refusals
   cli          one-line-error parsers, config flags, the main() wrappers of the entry points
   distributed  World: the torchrun processes and their collectives
   runtime      Runtime (device, dtype, compile), StopRequest, FaultInjector, Progress
@@ -18,6 +18,10 @@ model.py or an entry point, and a module that needs the config takes it as a pla
   grad_stats   gradient statistics between evaluations, LAMB's per-layer trust
   policy_files policy folders read as data, never code: agent states, train_agent.py manifests, stable-baselines3
                zips loaded without unpickling, the dqn replay buffer as plain arrays
+  control      --control's hyperparameters and bounds, the LR groups, action factors and their decoding,
+               policy_inputs (what the config tells a policy network)
+  agents       Agent (the multipliers, bounds, records and saved state under every agent); the neural agents:
+               ReinforceAgent and SB3Agent (stable-baselines3 ppo/dqn deployed frozen)
   controllers  the reinforce learner (policy network, optimizer, return baseline, the update); tensors as JSON
   stats        mean and stderr, t intervals, paired and Welch differences, Holm: the project's one copy (no torch)
   tensorboard  live curves for --tensorboard (imported with the flag only)

@@ -1,6 +1,6 @@
 """The neural controllers' learners: the policy network, its optimizer and the REINFORCE update.
 
-experiment.ReinforceAgent is the agent (what it observes, when it decides and learns); this is what it
+harness.agents.ReinforceAgent is the agent (what it observes, when it decides and learns); this is what it
 learns with, kept apart because no idea about control needs to touch it. Its state is JSON (tensors as
 nested lists), so a trained policy is read as data.
 """

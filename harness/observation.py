@@ -4,7 +4,7 @@ each evaluation, as train_agent.py's environment and a deployed policy both comp
 PolicyInputs.spec(); a policy trained on another definition is refused at deployment.
 
 Plain data in, numpy out: the observation is read by duck typing (experiment.Observation's attributes), and what
-the config decides arrives as a PolicyInputs (experiment.policy_inputs builds it). Nothing here imports experiment.py.
+the config decides arrives as a PolicyInputs (harness.control.policy_inputs builds it). Nothing here imports experiment.py.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class PolicyInputs:
     def action_sizes(self, n_actions: int) -> list[int]:
         """A policy's action space as a list of choice counts: [n] for one decision (per group row, with
         --lr_groups layer); with --control, one n per controlled hyperparameter, or for dqn, which acts in a
-        Discrete space only, the one product n^k (experiment.control_action decodes it)."""
+        Discrete space only, the one product n^k (harness.control.control_action decodes it)."""
         k = len(self.controls)
         if k == 1:
             return [n_actions]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Optional
 
+from harness.control import CONTROLLABLE, lr_groups_kind, multi_control
 from harness.distributed import World
 from harness.errors import UserError
 
@@ -33,6 +35,54 @@ def check_fields(c) -> None:
     """Every field of the config against its own bounds."""
     for f in dataclasses.fields(c):
         check_bounds(f, getattr(c, f.name))
+
+
+def check_combinations(c, sb3_agents: tuple) -> None:
+    """Settings that contradict each other or miss what they need (sb3_agents: deployed frozen, from a folder)."""
+    if c.n_embd % c.n_head:
+        raise UserError(f"--n_embd {c.n_embd} must be divisible by --n_head {c.n_head}")
+    if c.optimizer == "schedulefree" and c.schedule != "constant":
+        raise UserError("--optimizer schedulefree replaces the schedule (it warms up itself): use --schedule constant")
+    if c.agent_init and not Path(c.agent_init).expanduser().exists():
+        raise UserError(f"--agent_init {c.agent_init} does not exist")
+    if c.agent_freeze and c.agent_learn:
+        raise UserError("--agent_freeze and --agent_learn contradict each other")
+    if c.agent in sb3_agents and not c.agent_init:
+        raise UserError(f"--agent {c.agent} needs --agent_init DIR: a policy trained by train_agent.py --agent {c.agent}")
+    if c.agent in sb3_agents and c.agent_learn:
+        raise UserError(f"--agent {c.agent} is deployed frozen (stable-baselines3 learns in its own loop: "
+                        f"train it further with train_agent.py); drop --agent_learn")
+
+
+def check_lr_groups(c, per_group_agents: tuple) -> None:
+    """--lr_groups and --layer_trust, and an agent that can set a multiplier per group (the first: none)."""
+    if c.layer_trust != "none" and c.lr_groups == "global":
+        raise UserError(f"--layer_trust {c.layer_trust} scales each layer's rate: it needs --lr_groups layer "
+                        f"(the default with it)")
+    if c.layer_trust != "none" and c.optimizer != "adamw":
+        raise UserError(f"--layer_trust {c.layer_trust} reads AdamW's moments: use --optimizer adamw")
+    if lr_groups_kind(c) == "layer" and c.agent not in per_group_agents:
+        raise UserError(f"--agent {c.agent} sets one global multiplier: use --lr_groups global, or a per-layer "
+                        f"agent ({', '.join(per_group_agents[1:])})")
+
+
+def check_control(c, control_agents: tuple) -> None:
+    """--control names known hyperparameters with something to multiply, and an agent that sets them all."""
+    names = [n.strip() for n in c.control.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTROLLABLE]
+    if unknown or not names:
+        raise UserError(f"--control {c.control!r}: choose from {','.join(CONTROLLABLE)} (comma-separated)")
+    if not multi_control(c):
+        return
+    if c.agent not in control_agents:
+        raise UserError(f"--agent {c.agent} sets the learning rate only: use --control lr, or an agent that sets "
+                        f"several ({', '.join(control_agents[1:])})")
+    if lr_groups_kind(c) == "layer":
+        raise UserError("--control with more than lr and --lr_groups layer cannot be combined: choose one")
+    for name, value in (("weight_decay", c.weight_decay), ("grad_clip", c.grad_clip), ("dropout", c.dropout)):
+        if name in names and value <= 0:
+            raise UserError(f"--control {name}: the configured --{name} is 0, so its multiplier would do "
+                            f"nothing; set --{name} above 0 (or leave it out of --control)")
 
 
 def check_world(c, world: World) -> None:

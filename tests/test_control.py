@@ -8,6 +8,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import experiment as ex
+from harness.control import CONTROL_BOUNDS, DROPOUT_MAX, control_action
 from harness.observation import OBSERVATION_FEATURES
 import train_agent as ta
 from conftest import run_cli
@@ -59,7 +60,7 @@ def test_every_evaluation_records_the_values_the_optimizer_used(prepared_data_di
         assert record["hparams"] == used[record["iter"]]
     for name in ("weight_decay", "grad_clip"):
         assert len({s[name] for s in used}) > 1, name  # the agent really moved it
-    wd, clip = ex.CONTROL_BOUNDS["weight_decay"], ex.CONTROL_BOUNDS["grad_clip"]
+    wd, clip = CONTROL_BOUNDS["weight_decay"], CONTROL_BOUNDS["grad_clip"]
     assert all(0.1 * wd[0] <= s["weight_decay"] <= 0.1 * wd[1] and clip[0] <= s["grad_clip"] <= clip[1] for s in used)
 
 
@@ -86,7 +87,7 @@ def test_dropout_control_reaches_every_dropout_of_the_model_within_its_cap(prepa
     assert dropouts() == {0.4}
     run.hparam_multipliers["dropout"] = 4.0  # (beyond the bounds an agent keeps to) 0.8: capped
     run.step(1, 1e-3)
-    assert dropouts() == {ex.DROPOUT_MAX}
+    assert dropouts() == {DROPOUT_MAX}
 
 
 def test_replay_plays_back_every_controlled_hyperparameter(prepared_data_dir, tmp_path, used):
@@ -106,8 +107,8 @@ def test_a_flattened_action_decodes_to_one_factor_per_hyperparameter():
     assert ex.policy_inputs(ex.Config(agent="ppo")).action_sizes(5) == [5]
     for triple in ([0, 0, 0], [4, 4, 4], [1, 3, 2], [2, 0, 4]):
         flat = int(np.ravel_multi_index(triple, (5, 5, 5)))
-        assert ex.control_action(cfg, flat, 5) == triple  # dqn's one index
-        assert ex.control_action(cfg, np.array(triple), 5) == triple  # ppo's vector
+        assert control_action(cfg, flat, 5) == triple  # dqn's one index
+        assert control_action(cfg, np.array(triple), 5) == triple  # ppo's vector
 
 
 def test_the_observation_carries_the_controlled_multipliers():

@@ -109,7 +109,7 @@ def test_our_agents_learn_the_best_action_of_a_synthetic_task(agent_name, episod
 
 
 def test_an_untrained_reinforce_policy_explores_every_action():
-    agent = ex.ReinforceAgent(cfg_for("reinforce"), seed=0)
+    agent = ex.AGENTS["reinforce"](cfg_for("reinforce"), 0)
     rng = np.random.default_rng(0)
     taken = {r["action"] for _ in range(5) for r in play(agent, rng)[:-1]}
     assert taken == set(range(len(ACTIONS)))
@@ -175,7 +175,7 @@ def test_a_saved_policy_of_our_agents_reloads_and_acts_identically(agent_name, t
 
 def test_a_frozen_reinforce_agent_learns_nothing_and_an_unfrozen_one_does():
     for learn in (False, True):
-        agent = ex.ReinforceAgent(cfg_for("reinforce", agent_freeze=not learn), seed=0)
+        agent = ex.AGENTS["reinforce"](cfg_for("reinforce", agent_freeze=not learn), 0)
         before = [p.detach().clone() for p in agent.learner.policy.parameters()]
         rng = np.random.default_rng(0)
         play(agent, rng)  # (the first run sets the return baseline: its advantages are all 0)

@@ -37,8 +37,6 @@ def test_no_function_over_60_lines_and_no_class_over_250_outside_tests():
     assert not too_long
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 is open: experiment.py is 2,005 lines; the neural agents "
-                                       "(ReinforceAgent, SB3Agent) still inherit NoAgent there")
 def test_experiment_py_is_a_file_an_idea_can_hold_in_view():
     assert len((ROOT / "experiment.py").read_text().splitlines()) <= 1800
 
