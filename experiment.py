@@ -57,7 +57,8 @@ from harness.distributed import RANK_SEED_STRIDE, World
 from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_json, read_json
 from harness.grad_stats import GradientStatistics, lamb_trust
-from harness.policy_files import agent_file, read_agent_init, read_agent_state, read_policy_folder
+from harness.policy_files import (agent_file, read_agent_init, read_agent_state, read_policy_folder,
+                                   with_policy_bounds)
 from harness.records import (check_same_data, command_line, data_provenance, now_iso, prepare_run_folder,
                              resume_configs)
 from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_rank, previous_checkpoint_file,
@@ -130,8 +131,10 @@ class Config:
     beta2: float = _opt(0.99, "AdamW beta2", bounds="[0, 1)")
     grad_clip: float = _opt(1.0, "clip gradient norm to this (0 = off)", bounds="[0, inf)")
     # --- learning-rate control (SPEC section 5) ---
-    optimizer: str = _opt("adamw", "adamw, or schedulefree (schedule-free AdamW; use with --schedule constant)",
-                          ("adamw", "schedulefree"))
+    optimizer: str = _opt("adamw", "adamw; schedulefree (schedule-free AdamW; use with --schedule constant); prodigy "
+                                   "or dadapt_adam (estimate the step size: --learning_rate then defaults to 1.0, "
+                                   "their documented lr, min_lr 0.1 and lr_ceiling 10, the schedule on top)",
+                          ("adamw", "schedulefree", "prodigy", "dadapt_adam"))
     schedule: str = _opt("cosine", "base learning-rate schedule", ("cosine", "constant", "step", "wsd"))
     step_gamma: float = _opt(0.1, "step schedule: factor applied every step_interval steps", bounds="(0, 1]")
     step_interval: int = _opt(1000, "step schedule: steps between factors", bounds="[1, inf)")
@@ -146,7 +149,9 @@ class Config:
                                   "0.5,0.8,1,1.25,2 (qlearning, random), 0.1,0.5,1,1.5,2 (reinforce, ppo, dqn)")
     reward: str = _opt("", "reward: -L, L_prev - L, or log L_prev - log L (L: val loss); default neg_val_loss "
                            "(qlearning, learned relative to its usual value at that iteration), improvement "
-                           "(reinforce, ppo, dqn)", ("neg_val_loss", "improvement", "log_improvement"))
+                           "(reinforce, ppo, dqn); vs_reference: L_prev - L minus the same seed's reference run's "
+                           "(train_agent.py runs the references)",
+                       ("neg_val_loss", "improvement", "log_improvement", "vs_reference"))
     epsilon: float = _opt(0.1, "qlearning: exploration probability", bounds="[0, 1]")
     epsilon_decay: float = _opt(1.0, "qlearning: epsilon is multiplied by this after each decision", bounds="[0, 1]")
     epsilon_min: float = _opt(0.01, "qlearning: epsilon never decays below this", bounds="[0, 1]")
@@ -155,12 +160,19 @@ class Config:
     agent_init: str = _opt("", "qlearning: start from this agent file, or pool the tables of every seed of this "
                                "run folder (epsilon continues from it); replay: the run to replay")
     agent_freeze: bool = _opt(False, "qlearning: act greedily from the table (no exploration) and never update it")
+    agent_sample: bool = _opt(False, "a trained policy deployed frozen samples its actions as in training (reinforce, "
+                                     "ppo, dqn); default: the most probable action")
+    oracle_lr: float = _opt(0.0, "oracle: the peak rate it steers --learning_rate x multiplier toward, with the agent's "
+                                 "own actions at each decision (the ceiling of knowing the tuned rate)", bounds="[0, inf)")
     agent_learn: Optional[bool] = _opt(None, "keep learning online (qlearning, reinforce); default: a policy trained "
                                              "by train_agent.py (--agent_init DIR) is deployed frozen, else learn")
     policy_hidden: int = _opt(128, "reinforce: hidden units of the policy network (one hidden layer)",
                               bounds="[1, inf)")
     policy_lr: float = _opt(1e-3, "reinforce: Adam learning rate of the policy network", bounds="(0, inf)")
     policy_gamma: float = _opt(0.99, "reinforce: discount of the return", bounds="[0, 1]")
+    policy_batch: int = _opt(8, "reinforce: episodes (runs) per policy-gradient update; advantages are normalised "
+                                "over the batch", bounds="[1, inf)")
+    policy_entropy: float = _opt(0.01, "reinforce: weight of the entropy bonus in the policy loss", bounds="[0, inf)")
     multiplier_min: float = _opt(0.125, "lower bound of the agent's learning-rate multiplier", bounds="(0, 1]")
     multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier", bounds="[1, inf)")
     lr_groups: str = _opt("", "who gets a multiplier: global (one for the whole model) or layer (the embeddings, "
@@ -271,17 +283,26 @@ def config_for_dataset(base: Config, cli_overrides: dict, profile: str, dataset:
         elif dataset in value:
             values[name] = value[dataset]
     values["profile"] = profile
+    if values.get("optimizer", base.optimizer) in PARAMETER_FREE:  # their lr scales the step size they estimate
+        values.update({k: v for k, v in PARAMETER_FREE_RATES.items() if k not in cli_overrides})
     cfg = dataclasses.replace(base, **values)
+    if cfg.agent_init and cfg.agent != "replay":  # a train_agent.py policy acts within the bounds it learned in
+        cfg = with_policy_bounds(cfg, cli_overrides)
     # The agent's defaults, written into the config so run.json says what was used.
     actions = cfg.agent_actions or DEFAULT_ACTIONS.get(cfg.agent, TABLE_ACTIONS)
     return dataclasses.replace(cfg, agent_actions=actions, reward=reward_kind(cfg), lr_groups=lr_groups_kind(cfg))
+
+
+PARAMETER_FREE = ("prodigy", "dadapt_adam")
+PARAMETER_FREE_RATES = {"learning_rate": 1.0, "min_lr": 0.1, "lr_ceiling": 10.0}  # unless typed
 
 
 POLICY_AGENTS = ("reinforce", "ppo", "dqn")  # act on harness/observation.py's features; train_agent.py trains
 SB3_AGENTS = ("ppo", "dqn")                 # stable-baselines3 policies: deployed frozen
 # Action factors unless --agent_actions says otherwise: the policy networks get a wider set; every other agent
 # (a new one too) the table's.
-DEFAULT_ACTIONS = {"reinforce": "0.1,0.5,1,1.5,2", "ppo": "0.1,0.5,1,1.5,2", "dqn": "0.1,0.5,1,1.5,2"}
+DEFAULT_ACTIONS = {"reinforce": "0.1,0.5,1,1.5,2", "ppo": "0.1,0.5,1,1.5,2", "dqn": "0.1,0.5,1,1.5,2",
+                   "oracle": "0.1,0.5,1,1.5,2"}  # the oracle: the learners' actions, so it shows their ceiling
 TABLE_ACTIONS = "0.5,0.8,1,1.25,2"
 
 
@@ -562,6 +583,8 @@ class Observation:
     # multiplier (its own, in effect until this decision) and lr (its rate now)
     hparams: Optional[dict] = None          # --control: each controlled hyperparameter besides lr -> its
     # multiplier, in effect until this decision
+    reference_gain: Optional[float] = None  # --reward vs_reference: the reference run's val-loss drop over the
+    # interval that just ended (train_agent.py runs the reference; None without one)
 
 
 # The features a policy network sees are harness/observation.py's (train_agent.py's environment observes the
@@ -571,20 +594,26 @@ def agent_actions(cfg: Config) -> list[float]:
     return parse_actions(cfg.agent_actions or DEFAULT_ACTIONS.get(cfg.agent, TABLE_ACTIONS))
 
 
-def reward_for(kind: str, prev_val: Optional[float], val: float) -> Optional[float]:
+def reward_for(kind: str, prev_val: Optional[float], val: float,
+               reference_gain: Optional[float] = None) -> Optional[float]:
     """The reward of the interval that ended with val loss `val` (None: not defined yet, first evaluation).
 
     neg_val_loss:    -L_t                      (lower loss, higher reward)
     improvement:     L_{t-1} - L_t             (how much the interval gained)
     log_improvement: log L_{t-1} - log L_t     (the same, scale-free: comparable across datasets)
+    vs_reference:    L_{t-1} - L_t - (R_{t-1} - R_t), R the same seed's reference run (--agent none) at the
+                     same evaluations (reference_gain): over a run the rewards add up to R_T - L_T, what the
+                     controller gained over the plain schedule, with the luck of the seed and base LR cancelled
     Each is monotone decreasing in L_t, so a higher loss never scores better.
     """
     if kind == "neg_val_loss":
         return -val
-    if prev_val is None:
+    if prev_val is None or (kind == "vs_reference" and reference_gain is None):
         return None
     if kind == "improvement":
         return prev_val - val
+    if kind == "vs_reference":
+        return prev_val - val - reference_gain
     return math.log(prev_val) - math.log(val)
 
 
@@ -668,6 +697,25 @@ class ReplayAgent(NoAgent):
         return self.record(obs, action=None, reward=None, epsilon=None, state=None)
 
 
+class OracleAgent(NoAgent):
+    """The ceiling of knowing the tuned rate: at each decision, the action factor that brings the peak rate
+    (--learning_rate x multiplier) nearest --oracle_lr in log distance, within the bounds. It has the
+    learners' actions and decision points, so it shows what those can reach, not what any schedule can."""
+
+    def __init__(self, cfg: Config, seed: int):
+        super().__init__(cfg, seed)
+        self.actions = agent_actions(cfg)
+        self.target = math.log(cfg.oracle_lr / cfg.learning_rate) if cfg.oracle_lr > 0 else 0.0
+
+    def observe(self, obs: Observation) -> dict:
+        if obs.it >= obs.max_iters:
+            return self.record(obs, action=None, reward=None, epsilon=None, state=None)
+        distance = [abs(math.log(self.clip(self.multiplier * a)) - self.target) for a in self.actions]
+        action = int(np.argmin(distance))  # (ties, at a bound: the first; they give the same multiplier)
+        self.multiplier = self.clip(self.multiplier * self.actions[action])
+        return self.record(obs, action=action, reward=None, epsilon=None, state=None)
+
+
 class QLearningAgent(NoAgent):
     """Tabular Q-learning over a small state space that recurs within and across runs.
 
@@ -706,9 +754,11 @@ class QLearningAgent(NoAgent):
         self.neutral = int(np.argmin([abs(math.log(a)) for a in self.actions]))  # the factor closest to x1
         self.prev_val, self.prev_state, self.prev_action = None, None, None
 
-    def start_run(self) -> None:
-        super().start_run()
+    def start_run(self, seed: Optional[int] = None) -> None:
+        super().start_run(seed)
         self.prev_val, self.prev_state, self.prev_action = None, None, None
+        if seed is not None:  # train_agent.py: each episode its own streams (parallel episodes draw apart)
+            self.explore_rng, self.tie_rng = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
 
     def multiplier_bucket(self, multiplier: float) -> int:
         half = self.MULT_BUCKETS // 2
@@ -757,7 +807,7 @@ class QLearningAgent(NoAgent):
     def observe(self, obs: Observation) -> dict:
         learn = not self.cfg.agent_freeze
         state = self.discretise(obs)
-        reward = reward_for(reward_kind(self.cfg), self.prev_val, obs.val_loss)
+        reward = reward_for(reward_kind(self.cfg), self.prev_val, obs.val_loss, obs.reference_gain)
         advantage = None if reward is None else self.advantage(reward, obs.it, learn)
         terminal = obs.it >= obs.max_iters
         if learn and self.prev_action is not None and advantage is not None:
@@ -785,10 +835,10 @@ class QLearningAgent(NoAgent):
             return
         restored = (self.prev_state[0], self.multiplier_bucket(self.multiplier), self.prev_state[2])
         if not self.cfg.agent_freeze:
-            reward = reward_for(reward_kind(self.cfg), self.prev_val, diverged_loss) + self.cfg.divergence_penalty
+            reward = reward_for(reward_kind(self.cfg), self.prev_val, diverged_loss, 0.0) + self.cfg.divergence_penalty
             # The usual reward there (never updated with divergences); unseen yet: an interval that changed nothing.
             usual = self.baseline[str(it)][0] if str(it) in self.baseline else \
-                reward_for(reward_kind(self.cfg), self.prev_val, self.prev_val)
+                reward_for(reward_kind(self.cfg), self.prev_val, self.prev_val, 0.0)
             self.td_update(reward - usual, restored, terminal=final)
         self.prev_state, self.prev_action = restored, None  # the forced cut is not the agent's action
 
@@ -850,8 +900,8 @@ def reinforce_agent(cfg: Config, seed: int) -> ReinforceAgent:
 
 
 # reinforce and the stable-baselines3 agents (SB3Agent) are harness/agents.py's: they act on a policy network.
-AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "qlearning": QLearningAgent,
-          "reinforce": reinforce_agent}
+AGENTS = {"none": NoAgent, "random": RandomAgent, "replay": ReplayAgent, "oracle": OracleAgent,
+          "qlearning": QLearningAgent, "reinforce": reinforce_agent}
 
 
 def trained_policy(cfg: Config) -> Optional[dict]:
@@ -1072,6 +1122,7 @@ class TrainingRun(Controls, RunCheckpoints):
         self.stats = GradientStatistics(params, [self.group_names.index(group_of.get(id(p), "all")) for p in params],
                                         self.group_names, rt.device)
         self.steps_taken = 0  # optimizer steps this object has run (rollbacks and restores included): compute
+        self.reference: Optional[dict] = None  # --reward vs_reference: iteration -> the reference run's val loss
         self.on_log = on_log or (lambda it, loss, lr: None)
         self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
         optimizer_mode(self.optimizer, training=True)
@@ -1220,7 +1271,16 @@ class TrainingRun(Controls, RunCheckpoints):
             interval["hparams"] = dict(self.hparam_multipliers)
         return Observation(s.last_eval_it, cfg.max_iters, train_loss, val_loss, prev_val_loss=s.prev_val_loss,
                            first_val_loss=s.first_val_loss, multiplier=self.multiplier, lr=self.lr(s.last_eval_it),
-                           base_lr=cfg.learning_rate, vocab_size=self.data.vocab_size, **interval)
+                           base_lr=cfg.learning_rate, vocab_size=self.data.vocab_size,
+                           reference_gain=self.reference_gain(s.last_eval_it), **interval)
+
+    def reference_gain(self, it: int) -> Optional[float]:
+        """--reward vs_reference: the reference run's val-loss drop from the evaluation before `it` to `it`
+        (self.reference: iteration -> its val loss, set by train_agent.py); None without one."""
+        earlier = [i for i in self.reference if i < it] if self.reference else []
+        if not earlier or it not in self.reference:
+            return None
+        return self.reference[max(earlier)] - self.reference[it]
 
     def last_eval_losses(self) -> list:
         """[train, val] of the last evaluation (from the val log for checkpoints older than the field)."""
@@ -1566,6 +1626,9 @@ def resolve_configs(base: Config, cli_overrides: dict, world: World):
     for c in configs.values():
         validate(c)
         check_world(c, world)
+        if c.reward == "vs_reference":
+            raise UserError("--reward vs_reference compares each run with its reference run, which train_agent.py "
+                            "runs and caches: train with it there (a deployed policy needs no reward)")
     return profile, configs, run_record
 
 
@@ -1670,6 +1733,8 @@ def validate(c: Config) -> None:
     if c.agent_init and c.agent != "replay":
         trained_policy(c)  # a folder from train_agent.py must match this run: one line if it does not
     check_rate_bounds(c)
+    if c.agent == "oracle" and c.oracle_lr <= 0:
+        raise UserError("--agent oracle needs --oracle_lr LR: the peak rate it steers toward (e.g. the tuned rate)")
 
 
 def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional[World] = None) -> Config:

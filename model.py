@@ -187,6 +187,12 @@ class GPT(nn.Module):
             import schedulefree
             return schedulefree.AdamWScheduleFree(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                                   warmup_steps=cfg.warmup_iters)
+        if cfg.optimizer == "prodigy":  # Mishchenko & Defazio 2024: estimates the step size; lr 1.0 documented
+            import prodigyopt
+            return prodigyopt.Prodigy(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+        if cfg.optimizer == "dadapt_adam":  # Defazio & Mishchenko 2023; decoupled decay, as AdamW's
+            import dadaptation
+            return dadaptation.DAdaptAdam(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), decouple=True)
         fused = device.type == "cuda"  # one kernel for all parameters; foreach (the default) on CPU
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
+import json
 import math
 import os
 import sys
@@ -61,21 +64,31 @@ class Args:
     episodes: int = _arg(100, "training runs to learn from (a later call with more continues the same folder)")
     profile: str = _arg("tiny", "experiment.py profile of each episode", ("tiny", "smoke", "cpu", "full"))
     out_dir: str = _arg("agents/run", "folder for the policy, manifest and learning curve")
-    lr_range: str = _arg("", "draw each episode's base learning rate (and min_lr) log-uniformly from these factors "
-                             "of the profile's, e.g. 0.1,10, so the controller learns to correct a mis-set rate")
+    lr_center: float = _arg(0.0, "the centre of the episodes' base learning rates (default: the profile's "
+                                 "learning_rate); centre it on the tuned rate, not on a default known to be off")
+    lr_range: str = _arg("", "draw each episode's base learning rate (and min_lr) log-uniformly from LOW x centre "
+                             "to HIGH x centre, e.g. 0.1,10, so the controller learns to correct a mis-set rate; the "
+                             "multiplier bounds widen to reach the centre from both ends (x0.1..x10: [1/16, 16])")
     seed: int = _arg(1_000_000, "episode e trains seed + e (the evaluation seeds are 1337 + index: keep clear)")
     lr_groups: str = _arg("global", "global: one multiplier for the model; layer: one per layer, chosen by a policy "
                                     "shared across layers (reinforce, ppo)", ("global", "layer"))
     control: str = _arg("lr", "hyperparameters the policy sets, from lr,weight_decay,grad_clip,dropout (ppo: one "
                               "factor each, MultiDiscrete; dqn: one index into their product)")
-    reward: str = _arg("", "default improvement (-delta val loss) for reinforce/ppo/dqn, neg_val_loss for qlearning",
-                       ("neg_val_loss", "improvement", "log_improvement"))
+    reward: str = _arg("", "default improvement (-delta val loss) for reinforce/ppo/dqn, neg_val_loss for "
+                           "qlearning; vs_reference: the improvement minus the same seed's reference run's",
+                       ("neg_val_loss", "improvement", "log_improvement", "vs_reference"))
     agent_actions: str = _arg("", "action factors; default 0.1,0.5,1,1.5,2 (qlearning: 0.5,0.8,1,1.25,2)")
     hidden: int = _arg(128, "hidden units of the policy / Q network (one hidden layer)")
     controller_lr: float = _arg(0.0, "the controller's own learning rate; 0 = its default (reinforce 1e-3, "
                                      "ppo 3e-4, dqn 1e-3; qlearning: alpha 0.1)")
     gamma: float = _arg(0.99, "discount (reinforce, ppo, dqn; qlearning keeps --set gamma=...)")
-    episodes_per_update: int = _arg(1, "ppo: episodes collected per update (n_steps = this x decisions)")
+    episodes_per_update: int = _arg(8, "episodes per update: ppo (n_steps = this x decisions, one minibatch, "
+                                       "advantages normalised over it) and reinforce (its batch)")
+    n_envs: int = _arg(1, "episodes run at once, each in its own process (ppo, dqn: stable-baselines3's "
+                          "SubprocVecEnv; reinforce, qlearning: worker processes)")
+    threads_per_env: int = _arg(0, "torch threads of each episode process (0: the cores divided among --n_envs)")
+    reference_dir: str = _arg("", "--reward vs_reference: where the reference runs (--agent none, same seed and "
+                                  "base LR) are cached and shared; default: references/ beside --out_dir")
     set: str = _arg("", "experiment.py settings for every episode, e.g. max_iters=2000,eval_interval=200")
     data_dir: str = _arg("", "as experiment.py --data_dir")
     source_dir: str = _arg("", "as experiment.py --source_dir")
@@ -116,12 +129,41 @@ def episode_run(cfg: ex.Config, data: ex.CharDataset, rt: ex.Runtime, seed: int,
     return ex.TrainingRun(cfg, data, 0, rt, checkpoint=None)
 
 
+# What only the controller reads: a reference run (--agent none) does not depend on these.
+AGENT_FIELDS = ("agent", "agent_actions", "reward", "epsilon", "epsilon_decay", "epsilon_min", "agent_lr", "gamma",
+                "agent_init", "agent_freeze", "agent_sample", "oracle_lr", "agent_learn", "policy_hidden", "policy_lr",
+                "policy_gamma", "policy_batch", "policy_entropy", "control")
+
+
+class References:
+    """--reward vs_reference: each episode's reference run (the same config, seed and base LR, --agent none),
+    as its val loss by iteration. Cached in `folder` under the digest of its whole config (what a controller
+    sets left out), so every episode and every training that needs one runs it once."""
+
+    def __init__(self, cfg: ex.Config, data: ex.CharDataset, rt: ex.Runtime, folder: Path):
+        self.cfg, self.data, self.rt, self.folder = cfg, data, rt, Path(folder)
+
+    def __call__(self, seed: int, lr_factor: float) -> tuple[dict, int]:
+        """(iteration -> val loss of the reference run, optimizer steps spent on it now: 0 when cached)."""
+        run = episode_run(dataclasses.replace(self.cfg, agent="none"), self.data, self.rt, seed, lr_factor)
+        config = {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in AGENT_FIELDS}
+        file = self.folder / f"{hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]}.json"
+        if file.exists() and ex.read_json(file).get("config") == config:
+            return {int(it): loss for it, loss in ex.read_json(file)["val_loss"].items()}, 0
+        ex.drive(run, ex.NoAgent(run.cfg, seed))
+        curve = {r["iter"]: r["val/loss"] for r in run.state.val_log}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ex.atomic_write_json(file, {"config": config, "val_loss": {str(it): v for it, v in curve.items()}})
+        return curve, run.steps_taken
+
+
 def decisions_per_episode(cfg: ex.Config) -> int:
     return math.ceil(cfg.max_iters / cfg.eval_interval)  # every evaluation but the last
 
 
 def episode_record(episode: int, run: ex.TrainingRun, lr_factor: float, decisions: list[dict], ret: float,
-                   status: str, seconds: float) -> dict:
+                   status: str, seconds: float, reference_steps: int = 0) -> dict:
+    """One line of the learning curve; `steps` charges the episode's run and its reference run, if computed."""
     s = run.state
     return {"episode": episode, "seed": run.seed, "lr_factor": lr_factor, "base_lr": run.cfg.learning_rate,
             "return": ret, "final_val_loss": run.last_eval_losses()[1], "best_val_loss": s.best_val_loss,
@@ -131,7 +173,8 @@ def episode_record(episode: int, run: ex.TrainingRun, lr_factor: float, decision
             **({"group_multipliers": [d["multipliers"] for d in decisions],
                 "lr_groups": [d["lr_groups"] for d in decisions]} if run.layered else {}),
             **({"hparams": [d["hparams"] for d in decisions]} if run.hparam_multipliers else {}),
-            "steps": run.steps_taken, "seconds": seconds, "train_seconds": s.elapsed - s.agent_time}
+            "steps": run.steps_taken + reference_steps, "reference_steps": reference_steps, "seconds": seconds,
+            "train_seconds": s.elapsed - s.agent_time}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,9 +203,11 @@ class LRControlEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, cfg: ex.Config, data: ex.CharDataset, rt: ex.Runtime, instance=None, first_episode: int = 0):
-        self.cfg, self.data, self.rt = cfg, data, rt
+    def __init__(self, cfg: ex.Config, data: ex.CharDataset, rt: ex.Runtime, instance=None, first_episode: int = 0,
+                 references: Optional[References] = None, episode_stride: int = 1):
+        self.cfg, self.data, self.rt, self.references = cfg, data, rt, references
         self.instance = instance or (lambda episode: (cfg.seed_base + episode, 1.0))
+        self.episode_stride = episode_stride  # --n_envs N: env k of N plays episodes k, k + N, ...
         self.actions = ex.agent_actions(cfg)
         self.reward_kind = ex.reward_kind(cfg)
         self.layered = ex.lr_groups_kind(cfg) == "layer"
@@ -184,9 +229,12 @@ class LRControlEnv(gym.Env):
         if seed is not None:
             self.next_episode = self.first_episode
         self.episode = self.next_episode
-        self.next_episode += 1
+        self.next_episode += self.episode_stride
         run_seed, self.lr_factor = self.instance(self.episode)
         self.run = episode_run(self.cfg, self.data, self.rt, run_seed, self.lr_factor)
+        self.reference_steps = 0
+        if self.references is not None:
+            self.run.reference, self.reference_steps = self.references(run_seed, self.lr_factor)
         self.t0, self.ret, self.decisions = time.time(), 0.0, []
         result = self.run.advance()  # the first evaluation, before any step
         self.run.save({})  # what a divergence rolls back to
@@ -213,7 +261,7 @@ class LRControlEnv(gym.Env):
         result = run.advance()
         terminated, status = result.done, "finished"
         if result.diverged:
-            reward = (ex.reward_for(self.reward_kind, prev_val, ex.divergence_loss(cfg, run.state.reference_loss))
+            reward = (ex.reward_for(self.reward_kind, prev_val, ex.divergence_loss(cfg, run.state.reference_loss), 0.0)
                       + cfg.divergence_penalty)
             rollbacks = run.state.rollbacks + 1
             failed_multiplier, failed_groups = run.multiplier, list(run.group_multipliers)
@@ -227,13 +275,13 @@ class LRControlEnv(gym.Env):
                 terminated, status = True, "diverged"
                 run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
         else:
-            reward = ex.reward_for(self.reward_kind, prev_val, result.val_loss)
+            reward = ex.reward_for(self.reward_kind, prev_val, result.val_loss, run.reference_gain(result.it))
             run.save({})
         self.ret += reward
         info = self.info(result)
         if terminated:
             info["episode_record"] = episode_record(self.episode, run, self.lr_factor, self.decisions, self.ret,
-                                                    status, time.time() - self.t0)
+                                                    status, time.time() - self.t0, self.reference_steps)
         return self.observe(), float(reward), terminated, False, info
 
     def clip(self, multiplier: float) -> float:
@@ -303,34 +351,161 @@ class GroupsAsAgents(VecEnv):
 
 def own_agent_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") -> None:
     """reinforce / qlearning: one agent object carried from episode to episode, driven by experiment.drive,
-    the CLI's own control loop; its whole state (table or network, optimizer, RNGs) is saved per episode."""
+    the CLI's own control loop; its whole state (table or network, optimizer, RNGs) is saved per episode.
+    --n_envs N: chunks of N episodes run in worker processes from the same agent state (parallel_chunk)."""
     agent = ex.make_agent(cfg, args.seed, args.dataset, 0)
     if log.done:
         agent.load_state_dict(ex.read_agent_state(out / "policy.json"))
+    save = lambda: ex.atomic_write_json(out / "policy.json", agent.state_dict())  # noqa: E731
+    if args.n_envs > 1:
+        with EpisodeWorkers(args, cfg, data) as workers:
+            while log.done < args.episodes:
+                log.episode_done(parallel_chunk(agent, workers, args, log.done), save=save)
+        return
+    references = references_for(args, cfg, data, rt)
     for episode in range(log.done, args.episodes):
-        run_seed, lr_factor = instance(args, episode)
-        run = episode_run(cfg, data, rt, run_seed, lr_factor)
-        agent.start_run()
-        t0 = time.time()
-        status = ex.drive(run, agent)
-        decisions = [r for r in run.state.val_log if r.get("action") is not None]
-        ret = sum(r["reward"] for r in run.state.val_log if r.get("reward") is not None)
-        record = episode_record(episode, run, lr_factor, decisions, ret, status, time.time() - t0)
-        log.episode_done([record], save=lambda: ex.atomic_write_json(out / "policy.json", agent.state_dict()))
+        log.episode_done([play_episode(agent, args, cfg, data, rt, episode, references)], save=save)
 
 
-def sb3_controller(args: Args, env):
+def play_episode(agent, args: Args, cfg: ex.Config, data, rt, episode: int, references) -> dict:
+    """One episode of an agent of ours, learning as it goes: its learning-curve record."""
+    run_seed, lr_factor = instance(args, episode)
+    run = episode_run(cfg, data, rt, run_seed, lr_factor)
+    reference_steps = 0
+    if references is not None:
+        run.reference, reference_steps = references(run_seed, lr_factor)
+    agent.start_run(seed=run_seed)
+    t0 = time.time()
+    status = ex.drive(run, agent)
+    decisions = [r for r in run.state.val_log if r.get("action") is not None]
+    ret = sum(r["reward"] for r in run.state.val_log if r.get("reward") is not None)
+    return episode_record(episode, run, lr_factor, decisions, ret, status, time.time() - t0, reference_steps)
+
+
+class EpisodeWorkers:
+    """--n_envs N worker processes for reinforce and qlearning, each with the data loaded once and its own
+    torch threads; `map(agent_state, episodes)` plays each episode from that state in a worker and returns
+    (record, what the episode taught: reinforce's scored steps, qlearning's table afterwards) in order."""
+
+    def __init__(self, args: Args, cfg: ex.Config, data):
+        self.args, self.cfg, self.data = args, cfg, data
+
+    def __enter__(self):
+        import concurrent.futures
+        import multiprocessing
+        threads = self.args.threads_per_env or max(1, (os.cpu_count() or 1) // self.args.n_envs)
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            self.args.n_envs, mp_context=multiprocessing.get_context("forkserver"), initializer=start_worker,
+            initargs=(self.args, self.cfg, self.data, threads))
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(cancel_futures=True)
+
+    def map(self, agent_state: dict, episodes: list[int]) -> list:
+        return list(self.pool.map(worker_episode, [agent_state] * len(episodes), episodes))
+
+
+_worker: dict = {}  # a worker process's own (args, cfg, data, rt, references), set once by start_worker
+
+
+def start_worker(args: Args, cfg: ex.Config, data, threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    rt = ex.Runtime.choose(cfg)
+    _worker.update(args=args, cfg=cfg, data=data, rt=rt, references=references_for(args, cfg, data, rt))
+
+
+def worker_episode(agent_state: dict, episode: int) -> tuple[dict, object]:
+    """In a worker: one episode from the main process's agent state. reinforce does not update here (the
+    main process does, over the batch, in episode order); qlearning learns online in its copy of the table."""
+    w = _worker
+    agent = ex.make_agent(w["cfg"], w["args"].seed, w["args"].dataset, 0)
+    agent.load_state_dict({**agent_state, "pending": []} if "pending" in agent_state else agent_state)
+    if hasattr(agent, "learner"):
+        agent.learner.batch = math.inf
+    record = play_episode(agent, w["args"], w["cfg"], w["data"], w["rt"], episode, w["references"])
+    return record, (agent.learner.pending[-1] if agent.learner.pending else []) \
+        if hasattr(agent, "learner") else agent.state_dict()
+
+
+def parallel_chunk(agent, workers: EpisodeWorkers, args: Args, first: int) -> list[dict]:
+    """The next episodes, run at once from the agent's state; then what they taught goes into the agent.
+    reinforce: a chunk never crosses an update, so the result equals running the episodes one by one.
+    qlearning: each worker's change to the table is added to it (as if applied to the same table)."""
+    size = min(args.n_envs, args.episodes - first)
+    if hasattr(agent, "learner"):
+        size = min(size, agent.learner.batch - len(agent.learner.pending))
+    base = agent.state_dict()
+    results = workers.map(base, list(range(first, first + size)))
+    if hasattr(agent, "learner"):
+        for _, steps in results:
+            agent.learner.add_episode(steps)
+    else:
+        merge_tables(agent, base, [state for _, state in results])
+    return [record for record, _ in results]
+
+
+def merge_tables(agent, base: dict, states: list[dict]) -> None:
+    """qlearning after parallel episodes: each one's change to Q, visits, reward baseline and epsilon, added up."""
+    q0, v0 = np.asarray(base["q"]), np.asarray(base["visits"])
+    agent.q = q0 + sum(np.asarray(s["q"]) - q0 for s in states)
+    agent.visits = v0 + sum(np.asarray(s["visits"]) - v0 for s in states)
+    baseline = {k: list(v) for k, v in base["baseline"].items()}
+    for state in states:
+        for it, (mean, count) in state["baseline"].items():
+            old_mean, old_count = base["baseline"].get(it, (mean, 0))
+            merged = baseline.setdefault(it, [old_mean, old_count])
+            merged[0] += mean - old_mean
+            merged[1] += count - old_count
+    agent.baseline = baseline
+    agent.epsilon = max(agent.cfg.epsilon_min,
+                        base["epsilon"] * math.prod(s["epsilon"] / max(base["epsilon"], 1e-12) for s in states))
+
+
+def references_for(args: Args, cfg: ex.Config, data, rt) -> Optional[References]:
+    """The reference runs of --reward vs_reference (None for every other reward)."""
+    if cfg.reward != "vs_reference":
+        return None
+    return References(cfg, data, rt, Path(args.reference_dir or Path(args.out_dir).parent / "references"))
+
+
+def episode_env(args: Args, cfg: ex.Config, data, rt, first_episode: int, stride: int = 1,
+                threads: int = 0) -> LRControlEnv:
+    """The environment of one stream of episodes: first_episode, first_episode + stride, ... (rt None: chosen
+    here, in the env's own process; threads: torch threads of that process)."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    rt = rt or ex.Runtime.choose(cfg)
+    return LRControlEnv(cfg, data, rt, instance=lambda e: instance(args, e), first_episode=first_episode,
+                        references=references_for(args, cfg, data, rt), episode_stride=stride)
+
+
+def training_env(args: Args, cfg: ex.Config, data, rt, first_episode: int):
+    """What stable-baselines3 learns from: one LRControlEnv (per-layer: GroupsAsAgents over it), or with
+    --n_envs N a SubprocVecEnv of N, env k playing episodes first + k, first + k + N, ..."""
+    threads = args.threads_per_env or max(1, (os.cpu_count() or 1) // args.n_envs)
+    if args.n_envs == 1:
+        env = episode_env(args, cfg, data, rt, first_episode)
+        return GroupsAsAgents(env) if env.layered else env
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+    return SubprocVecEnv([functools.partial(episode_env, args, cfg, data, None, first_episode + k, args.n_envs,
+                                            threads) for k in range(args.n_envs)])
+
+
+def sb3_controller(args: Args, env, cfg: Optional[ex.Config] = None):
     """A stable-baselines3 PPO or DQN sized in evaluations, not in its defaults' Atari-scale steps:
     PPO collects n_steps (2048 by default) per environment before its first update, so n_steps =
     episodes_per_update x decisions (x the groups of GroupsAsAgents in a minibatch); DQN counts
     learning_starts and target_update_interval (10,000 by default) in env steps."""
     from stable_baselines3 import DQN, PPO
-    decisions = decisions_per_episode(env.cfg if hasattr(env, "cfg") else env.env.cfg)
+    decisions = decisions_per_episode(cfg or (env.cfg if hasattr(env, "cfg") else env.env.cfg))
     policy_kwargs = {"net_arch": [args.hidden]}
-    if args.agent == "ppo":
-        n_steps = args.episodes_per_update * decisions
+    if args.agent == "ppo":  # one minibatch of the whole rollout: SB3 normalises advantages over all of it
         n_envs = env.num_envs if isinstance(env, VecEnv) else 1
-        return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=decisions * n_envs, n_epochs=10, gamma=args.gamma,
+        n_steps = args.episodes_per_update // args.n_envs * decisions  # per env (GroupsAsAgents: n_envs 1)
+        return PPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps * n_envs, n_epochs=10, gamma=args.gamma,
                    learning_rate=args.controller_lr or 3e-4, ent_coef=0.01, policy_kwargs=policy_kwargs,
                    seed=args.seed, device="cpu", verbose=0)
     return DQN("MlpPolicy", env, learning_rate=args.controller_lr or 1e-3, buffer_size=100_000,
@@ -345,9 +520,7 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
     updates every step: at once), so a resumed training lacks at most the episodes since that update."""
     from stable_baselines3.common.callbacks import BaseCallback
 
-    env = LRControlEnv(cfg, data, rt, instance=lambda e: instance(args, e), first_episode=log.done)
-    if env.layered:
-        env = GroupsAsAgents(env)
+    env = training_env(args, cfg, data, rt, log.done)
     policy, buffer = out / "policy.zip", out / REPLAY_BUFFER
     if log.done:  # continue: read as data (harness.policy_files), the spaces and width from this training
         model = load_sb3_policy(policy, args.agent, env.observation_space, env.action_space, args.hidden, env=env)
@@ -355,7 +528,7 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
         if args.agent == "dqn" and buffer.exists():
             load_replay_buffer(model.replay_buffer, buffer)
     else:
-        model = sb3_controller(args, env)
+        model = sb3_controller(args, env, cfg)
 
     def save():
         tmp = out / ".policy.zip.tmp.zip"
@@ -390,7 +563,7 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
     callback = EpisodeLog()
     decisions = decisions_per_episode(cfg)
     while log.done < args.episodes:  # each pass budgets the remaining episodes; rollbacks may need another
-        per_decision = model.n_envs  # GroupsAsAgents: one timestep per group and decision
+        per_decision = model.n_envs if isinstance(env, GroupsAsAgents) else 1  # (there a step per group)
         steps = max(decisions, args.episodes * decisions - model.num_timesteps // per_decision) * per_decision
         model.learn(total_timesteps=steps, callback=callback, reset_num_timesteps=False, progress_bar=False)
         callback.flush()
@@ -403,7 +576,7 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
 REPLAY_BUFFER = "replay_buffer.npz"  # dqn: plain arrays (harness.policy_files), never a pickle
 
 # What must match for a second call to continue a folder (episodes may grow).
-RESUME_KEYS = ("agent", "dataset", "profile", "lr_range", "seed", "reward", "actions", "observation", "controller",
+RESUME_KEYS = ("agent", "dataset", "profile", "lr_center", "lr_range", "multiplier_min", "multiplier_max", "seed", "reward", "actions", "observation", "controller",
                "config")
 
 
@@ -412,7 +585,8 @@ def manifest_for(args: Args, cfg: ex.Config, rt: ex.Runtime, argv: list[str]) ->
     controller = {k: getattr(args, k) for k in ("hidden", "controller_lr", "gamma", "episodes_per_update")}
     lr_range = parse_lr_range(args.lr_range)
     return {"agent": args.agent, "dataset": args.dataset, "profile": cfg.profile,
-            "lr_range": list(lr_range) if lr_range else None,
+            "lr_center": cfg.learning_rate, "lr_range": list(lr_range) if lr_range else None,
+            "multiplier_min": cfg.multiplier_min, "multiplier_max": cfg.multiplier_max, "n_envs": args.n_envs,
             "seed": args.seed, "reward": ex.reward_kind(cfg), "actions": ex.agent_actions(cfg),
             "observation": ex.policy_inputs(cfg).spec(), "controller": controller, "config": dataclasses.asdict(cfg),
             "policy_file": policy_file, "episodes": args.episodes, "episodes_done": 0, "seeds": [],
@@ -503,10 +677,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> Args:
     args = Args(**vars(build_parser().parse_args(argv)))
-    if args.episodes < 1 or args.hidden < 1 or args.episodes_per_update < 1:
-        raise ex.UserError("--episodes, --hidden and --episodes_per_update must be at least 1")
-    if args.controller_lr < 0 or not 0 <= args.gamma <= 1 or args.seed < 0:
-        raise ex.UserError("--controller_lr must be >= 0, --gamma in [0, 1], --seed >= 0")
+    if min(args.episodes, args.hidden, args.episodes_per_update, args.n_envs) < 1:
+        raise ex.UserError("--episodes, --hidden, --episodes_per_update and --n_envs must be at least 1")
+    if args.controller_lr < 0 or not 0 <= args.gamma <= 1 or args.seed < 0 or args.lr_center < 0:
+        raise ex.UserError("--controller_lr and --lr_center must be >= 0, --gamma in [0, 1], --seed >= 0")
+    if args.threads_per_env < 0:
+        raise ex.UserError("--threads_per_env must be >= 0 (0: the cores divided among --n_envs)")
+    if args.agent == "ppo" and args.episodes_per_update % args.n_envs:
+        raise ex.UserError(f"--episodes_per_update {args.episodes_per_update} must be a multiple of --n_envs "
+                           f"{args.n_envs}: each ppo update takes the same number of episodes from every env")
+    if args.agent == "ppo" and args.episodes % args.episodes_per_update:
+        raise ex.UserError(f"--episodes {args.episodes}: ppo learns from whole rollouts of --episodes_per_update "
+                           f"{args.episodes_per_update}; ask for a multiple of it")
+    if args.n_envs > 1 and args.lr_groups == "layer":
+        raise ex.UserError("--n_envs with --lr_groups layer: the groups already act as parallel agents; use --n_envs 1")
     parse_lr_range(args.lr_range)
     return args
 
@@ -526,11 +710,12 @@ def episode_config(args: Args) -> ex.Config:
                      agent_actions=args.agent_actions, reward=args.reward, agent_learn=True, lr_groups=args.lr_groups,
                      control=args.control,
                      policy_hidden=args.hidden, policy_lr=args.controller_lr or 1e-3, policy_gamma=args.gamma,
+                     policy_batch=args.episodes_per_update,
                      final_eval_tokens=0, inference_samples=0, seeds=1)
     if args.agent == "qlearning" and args.controller_lr:
         base = dataclasses.replace(base, agent_lr=args.controller_lr)
     cfg = ex.config_for_dataset(base, overrides, args.profile, args.dataset)
-    cfg = dataclasses.replace(cfg, seeds=1, final_eval_tokens=0, inference_samples=0)
+    cfg = centred(dataclasses.replace(cfg, seeds=1, final_eval_tokens=0, inference_samples=0), args, overrides)
     ex.validate(dataclasses.replace(cfg, agent="none"))  # (ppo/dqn need no --agent_init to be trained)
     check_lr_groups(cfg, ex.PER_GROUP_AGENTS)
     check_control(cfg, ex.CONTROL_AGENTS)
@@ -544,8 +729,28 @@ def episode_config(args: Args) -> ex.Config:
     return cfg
 
 
+def centred(cfg: ex.Config, args: Args, typed: dict) -> ex.Config:
+    """The episodes' centre and bounds: learning_rate at --lr_center (min_lr in the profile's proportion) and,
+    unless --set gives them, multiplier bounds that reach the centre from both ends of --lr_range (powers of
+    two; never narrower than the profile's): x0.1..x10 -> [1/16, 16]."""
+    if args.lr_center > 0 and "learning_rate" in typed:
+        raise ex.UserError("--lr_center and --set learning_rate=... name the same rate: give one")
+    if args.lr_center > 0:
+        cfg = dataclasses.replace(cfg, learning_rate=args.lr_center,
+                                  min_lr=cfg.min_lr * args.lr_center / cfg.learning_rate)
+    low, high = parse_lr_range(args.lr_range) or (1.0, 1.0)
+    if "multiplier_min" not in typed:
+        cfg = dataclasses.replace(cfg, multiplier_min=min(cfg.multiplier_min, 2.0 ** -math.ceil(math.log2(high))))
+    if "multiplier_max" not in typed:
+        cfg = dataclasses.replace(cfg, multiplier_max=max(cfg.multiplier_max, 2.0 ** math.ceil(-math.log2(low))))
+    return cfg
+
+
 def train(args: Args, argv: list[str]) -> list[dict]:
     cfg = episode_config(args)
+    if args.threads_per_env and args.n_envs == 1:  # (parallel episodes set it in each of their processes)
+        import torch
+        torch.set_num_threads(args.threads_per_env)
     rt = ex.Runtime.choose(cfg)
     ex.ensure_prepared(cfg, args.dataset)
     data = ex.load_dataset(cfg, args.dataset)

@@ -34,7 +34,9 @@ def lr_flags(lr: float) -> list:
 
 def controller_flags(agent: str, profile: str) -> list:
     """train_agent.py flags of a controller: base LR drawn from x0.1..x10 of the profile's, to learn to correct it."""
-    return ["--agent", agent, "--profile", profile, "--lr_range", "0.1,10"]
+    # As this study was measured: one episode per update, centred on the profile's default rate. That setup
+    # gave the learners no fair chance (docs/lr_leaderboard.md); bench/lr_leaderboard.py is the fair study.
+    return ["--agent", agent, "--profile", profile, "--lr_range", "0.1,10", "--episodes_per_update", 1]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

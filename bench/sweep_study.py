@@ -80,7 +80,7 @@ def main(argv: list[str]) -> None:
     study.check_disjoint(training=seeds("training", args.runs), search=[SEARCH_SEED], held_out=held_out)
     searched, chosen = search_arms(s, args, held_out)
     agent, training = s.train_controller("ppo_control", args.runs, "--agent", "ppo", "--control", CONTROL,
-                                         "--profile", args.profile)
+                                         "--profile", args.profile, "--episodes_per_update", 1)  # (as measured)
     arms = s.run_all([Arm("cosine", [], held_out), *searched,
                       Arm("ppo_control", ["--agent", "ppo", "--control", CONTROL, "--agent_init", agent], held_out,
                           extra_steps=training),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from harness.control import (apply_control_factors, control_action, controlled, extra_controlled, lr_group_names,
                              lr_groups_kind, multi_control, policy_inputs)
@@ -57,8 +58,10 @@ class Agent:
         self.multiplier, self.hparam_multipliers = apply_control_factors(self.cfg, self.multiplier,
                                                                          self.hparam_multipliers, factors)
 
-    def start_run(self) -> None:
-        """A new run begins with this agent (train_agent.py): the multipliers start at 1 again."""
+    def start_run(self, seed: Optional[int] = None) -> None:
+        """A new run begins with this agent (train_agent.py): the multipliers start at 1 again. seed: the
+        run's, to reseed what the agent draws from (a learner's exploration), so an episode's draws depend
+        on the episode, not on how many ran before it in this process."""
         self.multiplier, self.trajectory = 1.0, []
         self.group_multipliers = [1.0] * self.n_groups if self.n_groups else None
         self.hparam_multipliers = {n: 1.0 for n in extra_controlled(self.cfg)} if self.controls else None
@@ -102,36 +105,41 @@ class ReinforceAgent(Agent):
     """REINFORCE (Williams 1992), the policy-gradient agent of "Dynamic learning-rate adjustment using RL".
 
     At each evaluation the policy network maps policy_inputs(cfg).features() to a softmax over the action
-    factors and one is sampled; when the run ends, harness.controllers.ReinforceLearner takes one policy-gradient
-    step over the run's decisions (advantage = return-to-go minus the usual return at that iteration).
-    Frozen (a trained policy deployed): the most probable action, no update. A diverged interval scores
-    as a val loss at the divergence threshold plus --divergence_penalty. --lr_groups layer: the same
-    network picks one action per group row, and all rows share the run's reward.
+    factors and one is sampled; when the run ends its decisions go to harness.controllers.ReinforceLearner,
+    which updates every --policy_batch runs (advantages: return-to-go minus a learned value of the same
+    observation, normalised over the batch; an entropy bonus). Frozen (a trained policy deployed): the most
+    probable action (--agent_sample: sampled as in training), no update. A diverged interval scores as a
+    val loss at the divergence threshold plus --divergence_penalty; the interval the loop then re-runs with
+    the cut multiplier is a step without an action, whose reward still counts in the return of the decisions
+    before it. --lr_groups layer: the same network picks one action per group row, and all rows share the
+    run's reward.
 
-    actions: the factors (experiment.agent_actions); reward(prev_val, val): an interval's reward
-    (experiment.reward_for of the run's --reward), None before there is one.
+    actions: the factors (experiment.agent_actions); reward(prev_val, val, reference_gain): an interval's
+    reward (experiment.reward_for of the run's --reward), None before there is one.
     """
 
     PER_GROUP = True
 
-    def __init__(self, cfg, seed: int, actions: list[float], reward: Callable[[Optional[float], float], Optional[float]]):
+    def __init__(self, cfg, seed: int, actions: list[float], reward: Callable[..., Optional[float]]):
         super().__init__(cfg, seed)
         self.actions, self.reward = actions, reward
         self.learner = ReinforceLearner(policy_inputs(cfg).count(), len(self.actions), cfg.policy_hidden,
-                                        cfg.policy_lr, cfg.policy_gamma, seed)
+                                        cfg.policy_lr, cfg.policy_gamma, seed, cfg.policy_batch, cfg.policy_entropy)
         self.start_run()
 
-    def start_run(self) -> None:
-        super().start_run()
+    def start_run(self, seed: Optional[int] = None) -> None:
+        super().start_run(seed)
         self.prev_val = None
         self.steps: list[dict] = []  # {"iter", "features", "action", "reward"} of this run's decisions
+        if seed is not None:
+            self.learner.generator.manual_seed(seed)
 
     @property
     def learning(self) -> bool:
         return not self.cfg.agent_freeze
 
     def observe(self, obs) -> dict:
-        reward = self.reward(self.prev_val, obs.val_loss)
+        reward = self.reward(self.prev_val, obs.val_loss, obs.reference_gain)
         if self.steps and self.steps[-1]["reward"] is None:
             self.steps[-1]["reward"] = reward
         self.prev_val = obs.val_loss
@@ -139,7 +147,7 @@ class ReinforceAgent(Agent):
             self.end_run()
             return self.record(obs, action=None, reward=reward, epsilon=None, state=None)
         features = policy_inputs(self.cfg).features(obs)
-        action, probs = self.learner.act(features, sample=self.learning)
+        action, probs = self.learner.act(features, sample=self.learning or self.cfg.agent_sample)
         if self.group_multipliers is not None:
             self.apply([self.actions[a] for a in action])
         else:
@@ -150,17 +158,19 @@ class ReinforceAgent(Agent):
 
     def on_rollback(self, diverged_loss: float, it: int, final: bool = False) -> None:
         super().on_rollback(diverged_loss, it, final)
-        if self.steps and self.steps[-1]["reward"] is None:
-            self.steps[-1]["reward"] = self.reward(self.prev_val, diverged_loss) + self.cfg.divergence_penalty
+        if self.steps and self.steps[-1]["reward"] is None:  # (vs_reference: no reference gain for it)
+            self.steps[-1]["reward"] = self.reward(self.prev_val, diverged_loss, 0.0) + self.cfg.divergence_penalty
         if final:
             self.end_run()
+        elif self.steps:  # the re-run interval: its reward lands here at the next evaluation
+            self.steps.append({"iter": self.steps[-1]["iter"], "features": None, "action": None, "reward": None})
 
     def end_run(self) -> None:
-        """Learn from this run's scored decisions (once per run; nothing when frozen)."""
+        """Hand this run's scored steps to the learner (nothing when frozen)."""
         steps = [s for s in self.steps if s["reward"] is not None]
         self.steps = []
         if self.learning and steps:
-            self.learner.learn(steps)
+            self.learner.add_episode(steps)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "actions": self.actions, "observation": policy_inputs(self.cfg).spec(),
@@ -173,7 +183,7 @@ class ReinforceAgent(Agent):
         self.prev_val, self.steps = state["prev_val"], state["steps"]
 
     def load_policy(self, state: dict) -> None:
-        """What a later run takes from a trained one: the network, its optimizer and the return baseline."""
+        """What a later run takes from a trained one: the networks and their optimizers."""
         self.check_policy(state)
         self.learner.load_policy(state)
 
@@ -204,11 +214,18 @@ class SB3Agent(Agent):
         spaces = sb3_spaces(inputs.count(), inputs.action_sizes(len(self.actions)), OBSERVATION_LIMIT)
         hidden = (policy["manifest"].get("controller") or {}).get("hidden", cfg.policy_hidden)
         self.model = load_sb3_policy(Path(policy["file"]), cfg.agent, *spaces, hidden=hidden)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.rng_state = torch.get_rng_state()
 
     def observe(self, obs) -> dict:
         if obs.it >= obs.max_iters:
             return self.record(obs, action=None, reward=None, epsilon=None, state=None)
-        action, _ = self.model.predict(policy_inputs(self.cfg).features(obs), deterministic=True)
+        with torch.random.fork_rng(devices=[]):  # --agent_sample draws from the agent's own stream
+            torch.set_rng_state(self.rng_state)
+            action, _ = self.model.predict(policy_inputs(self.cfg).features(obs),
+                                           deterministic=not self.cfg.agent_sample)
+            self.rng_state = torch.get_rng_state()
         if self.controls is not None:  # one factor per controlled hyperparameter
             action = control_action(self.cfg, action, len(self.actions))
             self.apply_controls([self.actions[a] for a in action])
@@ -219,3 +236,11 @@ class SB3Agent(Agent):
             action = int(action)
             self.multiplier = self.clip(self.multiplier * self.actions[action])
         return self.record(obs, action=action, reward=None, epsilon=None, state=None)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rng": self.rng_state.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "rng" in state:
+            self.rng_state = torch.tensor(state["rng"], dtype=torch.uint8)

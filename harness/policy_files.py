@@ -11,6 +11,7 @@ stable-baselines3, gymnasium and torch are imported inside the functions: import
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zipfile
@@ -92,6 +93,32 @@ def read_policy_folder(agent_init: str, agent: str, observation: dict, actions: 
         raise UserError(f"--agent_init {folder}: its policy file {manifest['policy_file']} is missing")
     return {"dir": str(folder.resolve()), "file": str(policy_file.resolve()), "sha256": sha256_file(policy_file),
             "manifest": manifest}
+
+
+def policy_bounds(agent_init: str) -> Optional[tuple[float, float]]:
+    """(multiplier_min, multiplier_max) a train_agent.py policy was trained with; None for any other folder
+    or a manifest from before they were recorded."""
+    manifest = Path(agent_init).expanduser() / POLICY_MANIFEST
+    if not manifest.is_file():
+        return None
+    recorded = read_json(manifest)
+    if not isinstance(recorded, dict) or recorded.get("multiplier_min") is None:
+        return None
+    return float(recorded["multiplier_min"]), float(recorded["multiplier_max"])
+
+
+def with_policy_bounds(cfg, typed: dict):
+    """The config with the multiplier bounds its train_agent.py policy (--agent_init) was trained with, unless
+    the command typed others: then they must agree, or the run is refused (a policy used beyond its bounds is
+    untested). typed: the fields the user typed."""
+    bounds = policy_bounds(cfg.agent_init)
+    if bounds is None:
+        return cfg
+    for name, trained in zip(("multiplier_min", "multiplier_max"), bounds):
+        if name in typed and typed[name] != trained:
+            raise UserError(f"--{name} {typed[name]:g}: the policy in {cfg.agent_init} was trained with "
+                            f"{name} {trained:g}; drop the flag to use its bounds")
+    return dataclasses.replace(cfg, multiplier_min=bounds[0], multiplier_max=bounds[1])
 
 
 def refuse(path, why: str) -> UserError:

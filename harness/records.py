@@ -48,8 +48,8 @@ def git_commit() -> Optional[str]:
 def environment_record(rt: Runtime) -> dict:
     import importlib.metadata as md
     versions = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm", "schedulefree", "scipy",
-                "gymnasium", "stable-baselines3"):
+    for pkg in ("torch", "numpy", "tiktoken", "matplotlib", "requests", "tqdm", "schedulefree", "prodigyopt",
+                "dadaptation", "scipy", "gymnasium", "stable-baselines3"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

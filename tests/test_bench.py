@@ -34,3 +34,13 @@ def test_quick_ddp_benchmark_compares_one_process_with_two(prepared_data_dir, tm
     # the same global batch either way: 2 micro-batches in one process, one on each of two
     assert one["runs"][0]["global_batch_tokens"] == two["runs"][0]["global_batch_tokens"]
     assert (one["runs"][0]["micro_steps_per_rank"], two["runs"][0]["micro_steps_per_rank"]) == (2, 1)
+
+
+def test_quick_episodes_per_hour_compares_one_env_with_several(prepared_data_dir, tmp_path):
+    out = tmp_path / "eph.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "episodes_per_hour.py"), "--quick", "--json", str(out),
+                           "--data_dir", str(prepared_data_dir)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    arms = json.loads(out.read_text())["arms"]
+    assert len(arms) == 2 and all(a["episodes_per_hour"] > 0 for a in arms.values())
+    assert list(arms.values())[0]["ratio_to_first"] == 1.0

@@ -138,6 +138,82 @@ def test_ppo_is_sized_in_evaluations_not_in_its_atari_defaults():
     assert dqn.target_update_interval == 2 * DECISIONS and dqn.learning_starts == 2 * DECISIONS
 
 
+# --- each learner learns a rule that depends on its observation ------------------------------------
+# At every decision the rate is found x4 too low or x4 too high (drawn afresh, shown in the multiplier the
+# agent observes); an interval gains most when the action brings the multiplier nearest x1. So the best
+# action is x2 when too low and x0.5 when too high: a policy that ignores its observation is right half the time.
+
+DRIFTED = (0.25, 4.0)
+
+
+def best_for(multiplier: float) -> int:
+    return int(np.argmin([abs(np.log2(multiplier * a)) for a in ACTIONS]))
+
+
+def drifted_gain(multiplier_after: float, rng) -> float:
+    return 0.06 - 0.03 * abs(np.log2(multiplier_after)) + rng.normal(0, 0.005)
+
+
+def play_drifted(agent, rng, start_loss=2.5):
+    """One synthetic run; returns whether each decision picked the best action for its state."""
+    agent.start_run()
+    loss, prev, correct = start_loss, None, []
+    for k in range(DECISIONS + 1):
+        agent.multiplier = m = float(rng.choice(DRIFTED))  # the rate drifted: the agent finds it there
+        record = agent.observe(observation(k, loss, prev, start_loss, m))
+        if record["action"] is None:
+            break
+        correct.append(record["action"] == best_for(m))
+        prev, loss = loss, loss - drifted_gain(m * ACTIONS[record["action"]], rng)
+    return correct
+
+
+class DriftedEnv(SyntheticEnv):
+    def obs(self):
+        self.multiplier = float(self.rng.choice(DRIFTED))
+        return observation_features(observation(self.k, self.loss, self.prev, 2.5, self.multiplier))
+
+    def step(self, action):
+        self.prev, self.k = self.loss, self.k + 1
+        self.loss -= drifted_gain(self.multiplier * ACTIONS[int(action)], self.rng)
+        return self.obs(), ex.reward_for("improvement", self.prev, self.loss), self.k >= DECISIONS, False, {}
+
+
+def deployed_greedy(agent):
+    """The trained agent as experiment.make_agent deploys it: frozen (qlearning pools its table, epsilon 0)."""
+    greedy = ex.AGENTS[agent.cfg.agent](ex.dataclasses.replace(agent.cfg, agent_freeze=True), seed=99)
+    greedy.inherit([agent.state_dict()]) if agent.cfg.agent == "qlearning" else greedy.load_state_dict(agent.state_dict())
+    return greedy
+
+
+@pytest.mark.parametrize("agent_name,episodes", [("reinforce", 400), ("qlearning", 600)])
+def test_our_agents_learn_a_rule_that_depends_on_the_observation(agent_name, episodes):
+    """Budget: 400 runs of 10 decisions (reinforce: 50 updates of 8 runs), 600 (qlearning)."""
+    agent = ex.AGENTS[agent_name](cfg_for(agent_name, reward="improvement"), 0)
+    rng = np.random.default_rng(0)
+    for _ in range(episodes):
+        play_drifted(agent, rng)
+    greedy = deployed_greedy(agent)
+    correct = [c for k in range(20) for c in play_drifted(greedy, np.random.default_rng(100 + k))]
+    assert np.mean(correct) >= 0.9, np.mean(correct)
+
+
+@pytest.mark.parametrize("agent_name", ["ppo", "dqn"])
+def test_stable_baselines3_controllers_learn_a_rule_that_depends_on_the_observation(agent_name):
+    """Budget: 6,000 decisions (600 runs; ppo: 75 updates of 8 runs), sized by train_agent.sb3_controller."""
+    env = DriftedEnv()
+    model = ta.sb3_controller(ta.Args(agent=agent_name, seed=0), env)
+    model.learn(total_timesteps=6000)
+    correct = []
+    for _ in range(20):
+        obs, _ = env.reset()
+        for _ in range(DECISIONS):
+            action, _ = model.predict(obs, deterministic=True)
+            correct.append(int(action) == best_for(env.multiplier))
+            obs, *_ = env.step(action)
+    assert np.mean(correct) >= 0.9, np.mean(correct)
+
+
 # --- a saved policy reloads and acts identically -------------------------------------------------
 
 def probe_observations(n=40, seed=3):
@@ -173,15 +249,17 @@ def test_a_saved_policy_of_our_agents_reloads_and_acts_identically(agent_name, t
             assert torch.equal(a, b)
 
 
-def test_a_frozen_reinforce_agent_learns_nothing_and_an_unfrozen_one_does():
+def test_a_frozen_reinforce_agent_learns_nothing_and_an_unfrozen_one_updates_once_per_batch_of_runs():
     for learn in (False, True):
-        agent = ex.AGENTS["reinforce"](cfg_for("reinforce", agent_freeze=not learn), 0)
+        agent = ex.AGENTS["reinforce"](cfg_for("reinforce", agent_freeze=not learn, policy_batch=3), 0)
         before = [p.detach().clone() for p in agent.learner.policy.parameters()]
         rng = np.random.default_rng(0)
-        play(agent, rng)  # (the first run sets the return baseline: its advantages are all 0)
+        for _ in range(2):
+            play(agent, rng)
+        assert agent.learner.updates == 0  # two runs of a batch of three: nothing yet
         play(agent, rng)
         changed = any(not torch.equal(a, b) for a, b in zip(before, agent.learner.policy.parameters()))
-        assert changed == learn and agent.learner.updates == 2 * int(learn)
+        assert changed == learn and agent.learner.updates == int(learn)
 
 
 def test_observation_features_are_finite_bounded_and_named():

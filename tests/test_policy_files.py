@@ -117,7 +117,7 @@ def test_the_untouched_folders_still_deploy(prepared_data_dir, trained, tmp_path
 
 def continue_training(folder, data_dir, agent, episodes):
     return train_cli(["--agent", agent, "--episodes", episodes, "--profile", "smoke", "--out_dir", folder,
-                      "--data_dir", data_dir])
+                      "--data_dir", data_dir, "--episodes_per_update", 1])  # (as smoke_training started it)
 
 
 def snapshot(folder):

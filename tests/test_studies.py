@@ -77,3 +77,18 @@ def test_a_study_refuses_bad_input_and_overlapping_seeds_in_one_line(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_lr_leaderboard_smoke_names_every_arm_and_corrects_over_the_table(prepared_data_dir, tmp_path):
+    run_study("lr_leaderboard.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    arms = set(summary["arms"])
+    for factor in ("x0.1", "x1", "x10"):
+        assert {f"{a}_{factor}" for a in ("cosine", "schedulefree", "oracle", "random", "replay", "ppo",
+                                          "reinforce", "qlearning")} <= arms
+    assert {"tuned", "prodigy", "dadapt_adam", "anchored_ppo_x1", "enwik8_tuned", "enwik8_ppo_x10"} <= arms
+    assert all(r["p_holm"] is None or r["p_holm"] >= r["p"] for r in summary["comparisons"])
+    assert summary["arms"]["ppo_x1"]["extra_steps"] == summary["training_steps"]["ppo"] > 0
+    assert set(summary["rules"]) == {f"{rule}_{f}" for rule in ("narrow_100", "wide_100", "wide_50")
+                                     for f in ("x0.1", "x10")}
+    assert "p (Holm)" in (tmp_path / "summary.md").read_text() and (tmp_path / "leaderboard.png").exists()

@@ -33,9 +33,11 @@ def one_line_error(proc):
 
 
 def smoke_training(tmp_path, data_dir, agent, episodes=2, *extra):
+    """A few smoke episodes; one update per episode unless asked otherwise (so even two episodes learn)."""
     out = tmp_path / f"agent_{agent}"
+    per_update = [] if "--episodes_per_update" in map(str, extra) else ["--episodes_per_update", 1]
     proc = train_cli(["--agent", agent, "--episodes", episodes, "--profile", "smoke", "--out_dir", out,
-                      "--data_dir", data_dir, *extra])
+                      "--data_dir", data_dir, *per_update, *extra])
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -161,7 +163,7 @@ def test_a_stable_baselines3_training_continues_from_its_last_saved_episode(prep
     out = smoke_training(tmp_path, prepared_data_dir, "ppo", 2)
     first = json.loads((out / "learning_curve.json").read_text())
     more = train_cli(["--agent", "ppo", "--episodes", 4, "--profile", "smoke", "--out_dir", out,
-                      "--data_dir", prepared_data_dir])
+                      "--data_dir", prepared_data_dir, "--episodes_per_update", 1])  # (as smoke_training started it)
     assert more.returncode == 0, more.stderr
     curve = json.loads((out / "learning_curve.json").read_text())
     assert curve[:2] == first and [r["episode"] for r in curve] == [0, 1, 2, 3]

@@ -1,0 +1,231 @@
+"""
+The learning-rate control leaderboard: does a learned controller, given a fair chance, train a GPT better than
+the best simple alternative?
+
+    python bench/lr_leaderboard.py --out L                   # hours on a 2-core CPU; resumable, cached
+    python bench/lr_leaderboard.py --out L --smoke           # about two minutes: every step, tiny sizes
+    python bench/lr_leaderboard.py --profile smoke --seeds 2 --episodes 2 --out L
+
+1. Tune: cosine at 6 rates x2 apart on 3 search seeds (2000-2002): the tuned rate T.
+2. Rules: the oracle (--agent oracle --oracle_lr T) from x0.1 and x10 of T under each candidate action set and
+   decision interval (RULES), on the search seeds: how far a controller that knows T can recover under them.
+   The controllers act under DESIGN, chosen from these figures (docs/lr_leaderboard.md says why).
+3. Train ppo, reinforce and qlearning with train_agent.py, base LR drawn from x0.1..x10 of T (--lr_center T),
+   bounds [1/16, 16]; and the anchored ppo (--reward vs_reference) at x1 with bounds [0.5, 2].
+4. Held-out seeds (1337...) at x0.1, x1 and x10 of T: cosine, schedule-free, the oracle, random, replay (ppo's
+   actions of another seed, open loop), ppo, reinforce, qlearning; once: Prodigy, D-Adaptation, anchored ppo,
+   tuned cosine. Paired differences against tuned cosine, Holm over the table, each arm's compute charged.
+5. Transfer: the shakespeare_char ppo, frozen, on enwik8 and text8 at x0.1/x1/x10 of each one's tuned rate,
+   beside cosine and Prodigy there.
+Writes summary.json, summary.md and leaderboard.png in --out; every run is cached by bench/study.py.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import study
+from study import Arm, Study, seeds
+
+QUESTION = "Does a learned LR controller, given a fair chance, beat tuned cosine and the parameter-free optimizers?"
+SWEEP = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]
+FACTORS = {"x0.1": 0.1, "x1": 1.0, "x10": 10.0}
+# Candidate rules for what a controller may do: (action factors, steps between decisions at the tiny profile).
+RULES = {"narrow_100": ("0.5,0.8,1,1.25,2", 100), "wide_100": ("0.25,0.5,0.8,1,1.25,2,4", 100),
+         "wide_50": ("0.25,0.5,0.8,1,1.25,2,4", 50)}
+DESIGN = "wide_50"
+BOUNDS = ["--multiplier_min", 0.0625, "--multiplier_max", 16]  # train_agent.py's for --lr_range 0.1,10
+LEARNERS = ("ppo", "reinforce", "qlearning")
+TRANSFER = ("enwik8", "text8")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = study.argument_parser(QUESTION, "lr_leaderboard")
+    parser.add_argument("--profile", default="tiny", choices=("tiny", "smoke"))
+    parser.add_argument("--seeds", type=int, default=10, help="held-out seeds per arm (transfer: half)")
+    parser.add_argument("--episodes", type=int, default=304, help="controller training episodes each (ppo: a "
+                        "multiple of its 8 episodes per update)")
+    parser.add_argument("--n_envs", type=int, default=1, help="train_agent.py --n_envs for ppo")
+    args = parser.parse_args(argv)
+    args.search_seeds, args.sweep, args.transfer = 3, SWEEP, TRANSFER
+    if args.smoke:
+        args.profile, args.seeds, args.episodes, args.search_seeds = "smoke", 2, 2, 1
+    if args.profile == "smoke":
+        args.sweep, args.transfer = SWEEP[:2], TRANSFER[:1]
+    return args
+
+
+def rate_flags(lr: float) -> list:
+    return ["--learning_rate", lr, "--min_lr", lr / 10]
+
+
+def rule_flags(rule: str, profile: str) -> list:
+    """The action set and decision interval of a rule (at the smoke profile: every 10 steps, as its evaluations)."""
+    actions, interval = RULES[rule]
+    return ["--agent_actions", actions, "--eval_interval", interval if profile == "tiny" else 10]
+
+
+def tune(s: Study, rates: list, search: list) -> tuple[float, int, dict]:
+    """(the best rate of cosine on the search seeds, the sweep's optimizer steps, mean loss by rate)."""
+    sweep = s.run_all([Arm(f"sweep_{lr:g}", rate_flags(lr), search) for lr in rates])
+    mean = {lr: sum(a.values.values()) / len(a.values) for lr, a in zip(rates, sweep.values())}
+    return min(mean, key=mean.get), sum(a.run_steps for a in sweep.values()), mean
+
+
+def oracle_rules(s: Study, args, tuned: float, search: list) -> dict:
+    """The oracle's final loss minus tuned cosine's, from x0.1 and x10 of the tuned rate, under each rule."""
+    reference = s.run(Arm("tuned_search", rate_flags(tuned), search))
+    figures = {}
+    for rule in RULES:
+        for name in ("x0.1", "x10"):
+            start = rate_flags(tuned * FACTORS[name])
+            oracle = s.run(Arm(f"oracle_{rule}_{name}", [*start, *BOUNDS, "--agent", "oracle", "--oracle_lr", tuned,
+                                                         *rule_flags(rule, args.profile)], search))
+            cosine = s.run(Arm(f"cosine_{name}_search", start, search))
+            figures[f"{rule}_{name}"] = {
+                "oracle_minus_tuned": mean_gap(oracle, reference), "cosine_minus_tuned": mean_gap(cosine, reference)}
+    return figures
+
+
+def mean_gap(a: Arm, b: Arm) -> float:
+    return sum(a.values[k] - b.values[k] for k in a.values) / len(a.values)
+
+
+def train_controllers(s: Study, args, tuned: float) -> dict:
+    """name -> (policy folder, optimizer steps of its training): the learners on the centred task (bounds
+    [1/16, 16], train_agent.py's for x0.1..x10), and the anchored ppo (vs_reference reward, residual bounds
+    [0.5, 2], base LR at the tuned rate; its reference runs charged to it)."""
+    actions, interval = rule_flags(DESIGN, args.profile)[1::2]
+    common = ["--profile", args.profile, "--lr_center", tuned, "--agent_actions", actions,
+              "--episodes_per_update", math.gcd(args.episodes, 8)]  # batches of 8 (smoke: of what there is)
+    trained = {agent: s.train_controller(agent, args.episodes, "--agent", agent, *common, "--lr_range", "0.1,10",
+                                         "--set", f"eval_interval={interval}",
+                                         *(["--n_envs", args.n_envs] if agent == "ppo" else []))
+               for agent in LEARNERS}
+    trained["anchored_ppo"] = s.train_controller(
+        "anchored_ppo", args.episodes, "--agent", "ppo", *common, "--reward", "vs_reference",
+        "--set", f"eval_interval={interval},multiplier_min=0.5,multiplier_max=2")
+    return trained
+
+
+def held_out_arms(s: Study, args, held_out: list, tuned: float, tuning: int, trained: dict) -> dict:
+    """Every arm of the table on the held-out seeds (see the module's docstring, step 4). Every controller acts
+    within the learners' bounds [1/16, 16]."""
+    rules = rule_flags(DESIGN, args.profile)
+    arms = {"tuned": s.run(Arm("tuned", [*rate_flags(tuned), *rules], held_out, extra_steps=tuning))}
+    for name, factor in FACTORS.items():
+        base = [*rate_flags(tuned * factor), *rules]
+        control = [*base, *BOUNDS]
+        rows = [Arm(f"cosine_{name}", base, held_out),
+                Arm(f"schedulefree_{name}", [*base, "--optimizer", "schedulefree", "--schedule", "constant"], held_out),
+                Arm(f"oracle_{name}", [*control, "--agent", "oracle", "--oracle_lr", tuned], held_out,
+                    extra_steps=tuning),
+                Arm(f"random_{name}", [*control, "--agent", "random"], held_out)]
+        rows += [Arm(f"{agent}_{name}", [*control, "--agent", agent, "--agent_init", trained[agent][0]], held_out,
+                     extra_steps=trained[agent][1]) for agent in LEARNERS]
+        arms.update({arm.name: s.run(arm) for arm in rows})
+        arms[f"replay_{name}"] = replay_arm(s, arms[f"ppo_{name}"], held_out)
+    for optimizer in ("prodigy", "dadapt_adam"):
+        arms[optimizer] = s.run(Arm(optimizer, ["--optimizer", optimizer, *rules], held_out))
+    arms["anchored_ppo_x1"] = s.run(Arm("anchored_ppo_x1", [*rate_flags(tuned), *rules, "--agent", "ppo",
+                                                            "--agent_init", trained["anchored_ppo"][0]], held_out,
+                                        extra_steps=trained["anchored_ppo"][1] + tuning))
+    return arms
+
+
+def replay_arm(s: Study, ppo: Arm, held_out: list) -> Arm:
+    """The replay control: on each seed, the multipliers ppo's run on the next seed used, open loop."""
+    arm = Arm(ppo.name.replace("ppo", "replay"), [], held_out, extra_steps=ppo.extra_steps)
+    for seed, other in zip(held_out, held_out[1:] + held_out[:1]):
+        recorded, _ = s.run_seed(ppo.flags, other)
+        folder, key = s.run_seed([*ppo.flags[:-4], "--agent", "replay", "--agent_init", recorded], seed)
+        arm.values[seed] = study.ex.read_json(folder / "final_info.json")[s.dataset]["final_info_dict"][s.metric][0]
+        arm.run_steps += key["config"]["max_iters"]
+    return arm
+
+
+def transfer_arms(args, held_out: list, ppo_folder: Path) -> dict:
+    """The shakespeare_char ppo, frozen, on each other dataset at x0.1/x1/x10 of its own tuned rate."""
+    arms = {}
+    for dataset in args.transfer:
+        s = Study(args.out, ["--profile", args.profile], dataset=dataset, data_dir=args.data_dir)
+        tuned, tuning, _ = tune(s, args.sweep, seeds("search", args.search_seeds))
+        rules = rule_flags(DESIGN, args.profile)
+        arms[f"{dataset}_tuned"] = s.run(Arm(f"{dataset}_tuned", [*rate_flags(tuned), *rules], held_out,
+                                             extra_steps=tuning))
+        arms[f"{dataset}_prodigy"] = s.run(Arm(f"{dataset}_prodigy", ["--optimizer", "prodigy", *rules], held_out))
+        for name, factor in FACTORS.items():
+            base = [*rate_flags(tuned * factor), *rules]
+            arms[f"{dataset}_cosine_{name}"] = s.run(Arm(f"{dataset}_cosine_{name}", base, held_out))
+            arms[f"{dataset}_ppo_{name}"] = s.run(Arm(f"{dataset}_ppo_{name}",
+                                                      [*base, "--agent", "ppo", "--agent_init", ppo_folder], held_out))
+    return arms
+
+
+def comparisons(arms: dict, prefix: str = "") -> list:
+    """Every arm against tuned cosine on its dataset; each learner against the random control and its rivals."""
+    tuned = arms[f"{prefix}tuned"]
+    pairs = [(arm, tuned) for name, arm in arms.items() if name != f"{prefix}tuned" and name.startswith(prefix)]
+    if not prefix:
+        for factor in FACTORS:
+            pairs += [(arms[f"{agent}_{factor}"], arms[f"random_{factor}"]) for agent in LEARNERS]
+            pairs += [(arms[f"ppo_{factor}"], arms["prodigy"]), (arms[f"ppo_{factor}"], arms[f"cosine_{factor}"])]
+    return pairs
+
+
+def draw(arms: dict, out: Path) -> None:
+    """Final loss by arm and base-LR factor: one marker per arm, its mean and 95% interval over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from harness import stats
+    groups = sorted({name.rsplit("_", 1)[0] for name in arms if name.endswith(tuple(FACTORS))})
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for k, factor in enumerate(FACTORS):
+        for j, group in enumerate(groups):
+            arm = arms.get(f"{group}_{factor}")
+            if arm is None or not arm.values:
+                continue
+            values = list(arm.values.values())
+            mean, interval = stats.mean_and_stderr(values)[0], stats.mean_interval(values)
+            half = (interval[1] - interval[0]) / 2 if interval else 0.0
+            ax.errorbar(k + 0.08 * (j - len(groups) / 2), mean, yerr=half, fmt="o", color=f"C{j % 10}",
+                        label=group if k == 0 else None, capsize=2)
+    for j, name in enumerate(("tuned", "prodigy", "dadapt_adam")):
+        if name in arms and arms[name].values:
+            ax.axhline(sum(arms[name].values.values()) / len(arms[name].values), ls="--", color=f"C{j + 7}", label=name)
+    ax.set_xticks(range(len(FACTORS)), [f"base LR {f} of tuned" for f in FACTORS])
+    ax.set_ylabel("full_val_loss (held-out seeds)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out / "leaderboard.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir)
+    held_out, search = seeds("held_out", args.seeds), seeds("search", args.search_seeds)
+    study.check_disjoint(training=seeds("training", args.episodes), search=search, held_out=held_out)
+    tuned, tuning, sweep = tune(s, args.sweep, search)
+    rules = oracle_rules(s, args, tuned, search)
+    trained = train_controllers(s, args, tuned)
+    arms = held_out_arms(s, args, held_out, tuned, tuning, trained)
+    transfer = transfer_arms(args, held_out[:max(2, args.seeds // 2)], trained["ppo"][0])
+    rows = study.table(comparisons(arms) + [p for d in args.transfer for p in comparisons(transfer, f"{d}_")])
+    draw(arms, s.root)
+    print(study.write_summary(s.root, QUESTION, [*arms.values(), *transfer.values()], rows, notes=[
+        f"Tuned rate {tuned:g} (cosine on search seeds {search[0]}-{search[-1]}; mean by rate: "
+        + ", ".join(f"{lr:g} {loss:.4f}" for lr, loss in sweep.items()) + f"); {tuning:,} steps charged to tuned "
+        "and the oracle.", f"Controllers act under {DESIGN}: actions {RULES[DESIGN][0]}, a decision every "
+        f"{RULES[DESIGN][1]} steps (tiny). Oracle minus tuned on the search seeds, by rule: "
+        + "; ".join(f"{k} {v['oracle_minus_tuned']:+.4f} (cosine {v['cosine_minus_tuned']:+.4f})"
+                    for k, v in rules.items()), "![final loss by arm](leaderboard.png)"],
+        extra={"tuned_lr": tuned, "sweep": {f"{lr:g}": v for lr, v in sweep.items()}, "sweep_steps": tuning,
+               "rules": rules, "design": DESIGN, "training_steps": {k: v[1] for k, v in trained.items()}}))
+
+
+if __name__ == "__main__":
+    sys.exit(study.main_of(main))
