@@ -807,6 +807,9 @@ class Pruning:
     scorer: RewardScorer
     out: Path
     record: dict
+    targets: list
+    methods: list
+    scratch: list          # the targets whose architectures are also trained from scratch
     results: dict = field(default_factory=dict)
 
 
@@ -1006,7 +1009,7 @@ def notes_lines(final_infos: dict, record: dict) -> list[str]:
 
 def prepare(args: Args, argv: list[str]) -> Pruning:
     """Every check, then the folder opened: bad input touches nothing. The model read, rankings computed."""
-    targets, methods = parse_targets(args.flops_target), parse_methods(args.method)
+    targets, methods, scratch = parse_targets(args.flops_target), parse_methods(args.method), parse_scratch(args)
     out = Path(args.out_dir)
     if out.resolve() == Path(args.run).resolve():
         raise ex.UserError("--out_dir must not be the --run folder (its results would be replaced)")
@@ -1027,12 +1030,11 @@ def prepare(args: Args, argv: list[str]) -> Pruning:
           f"importance {args.importance} | device {source.rt.device.type} | out_dir {out}", flush=True)
     importances = importance_scores(source, args, methods, train[:-args.reward_tokens])
     scorer = RewardScorer(source, importances["scores"][args.importance], train[-args.reward_tokens:])
-    return Pruning(args, source, space, ft_cfg, importances, scorer, out, record)
+    return Pruning(args, source, space, ft_cfg, importances, scorer, out, record, targets, methods, scratch)
 
 
 def prune(args: Args, argv: list[str]) -> dict:
     p = prepare(args, argv)
-    targets, methods, scratch = parse_targets(args.flops_target), parse_methods(args.method), parse_scratch(args)
     save_key(p, "unpruned", unpruned_result(p.source, p.ft_cfg, args))
     # The like-for-like reference: the pruned models train --finetune_iters steps more than the source model did,
     # so the source model, nothing removed, is fine-tuned the same way (a model still improving gains from it too).
@@ -1041,19 +1043,19 @@ def prune(args: Args, argv: list[str]) -> dict:
                   "search": {}, "importance": "none", "heads": [list(range(h)) for h in space.heads],
                   "neurons": [list(range(m)) for m in space.neurons]}
     save_key(p, UNPRUNED_FINETUNED, pruned_result(p, UNPRUNED_FINETUNED, 1.0, everything), everything)
-    for target in targets:
+    for target in p.targets:
         chosen = {}
-        for method in methods:
+        for method in p.methods:
             key = key_of(method, target, args.importance)
             chosen[key] = choose(p, method, target)
             save_key(p, key, pruned_result(p, method, target, chosen[key]), chosen[key])
-        if target in scratch:
+        if target in p.scratch:
             train_from_scratch(p, target, chosen)
     final_infos = write_results(p.out, p.results)
     atomic_write_json(p.out / "final_info.json", final_infos)  # last: its presence means the folder is complete
     p.record.update(status="finished", finished=ex.now_iso())
     atomic_write_json(p.out / "run.json", p.record)
-    report(p.out, final_infos, p.record, targets, args)
+    report(p.out, final_infos, p.record, p.targets, args)
     return final_infos
 
 
