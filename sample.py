@@ -7,8 +7,9 @@ Sample from a run folder's kept model, nanoGPT's sample.py convention.
     python sample.py --run prune_0 --key rl_0.5               # a prune folder's model (prune.py's output)
 
 The model is experiment.py's model_<dataset>_<seed>.pt (defaults: the run's first dataset, seed 0), or a prune
-folder's model_<key>_0.pt (--key unpruned: the run's model it pruned). Tokens are decoded with the vocabulary of the
-data the run trained on (its meta.json, found where run.json says the data was; checked against the run's sha256).
+folder's model_<key>_0.pt (--key unpruned: the model it pruned, a run's or, pruned twice, another prune folder's).
+Tokens are decoded with the vocabulary of the data the run trained on (its meta.json, found where run.json says the
+data was; checked against the run's sha256).
 Samples go to stdout, each followed by a line of dashes as nanoGPT prints them; the same --sample_seed gives the
 same samples on the same device and dtype (the tokens are drawn from a seeded CPU generator).
 """
@@ -100,7 +101,8 @@ def run_model(run_dir: Path, record: dict, args: Args) -> Kept:
 
 
 def pruned_model(run_dir: Path, record: dict, args: Args) -> Kept:
-    """prune.py's folder: model_<key>_0.pt, or with --key unpruned the run's model it pruned."""
+    """prune.py's folder: model_<key>_0.pt, or with --key unpruned the model it pruned (a run's or, for a model
+    pruned twice, another prune folder's: run.json names its file)."""
     source = record["source"]
     dataset = source.get("dataset", "")
     if args.dataset and args.dataset != dataset:

@@ -1,45 +1,64 @@
 """
-The measured Pareto result of the README: rl against magnitude against random structured pruning of the
-cpu-profile shakespeare_char model at 0.75, 0.5 and 0.3 of its FLOPs.
+Does the RL allocation (AMC) beat random search at equal evaluations, one global ranking and the uniform split,
+once every method spends its budget, the search's compute is charged and fine-tuning is long enough to decide?
+rl, random_search, global, uniform and random structured pruning of the cpu-profile shakespeare_char model at
+0.75, 0.5 and 0.3 of its FLOPs, fine-tuned for 200 and 1,000 steps, with and without distillation at 0.5, and
+the same architectures trained from scratch (Liu et al. 2019's control).
 
-    python bench/prune_study.py --out prune_study                  # trains the models first; ~40 min on 2 cores
-    python bench/prune_study.py --out prune_study --run run_0      # prunes an existing cpu-profile run's seeds
-    python bench/prune_study.py --out smoke --smoke                # a minute or two: smoke model, 2 episodes
+    python bench/prune_study.py --out prune_study                  # trains 5 models first: hours on 2 cores
+    python bench/prune_study.py --out prune_study --run run_0 --seeds 3    # an existing cpu-profile run's seeds
+    python bench/prune_study.py --out smoke --smoke                # smoke models, 2 episodes: minutes
 
-1. The models: one cpu-profile run on shakespeare_char per held-out seed (1337, 1338, ...; cached by
+1. Source models: one cpu-profile run on shakespeare_char per held-out seed (1337, 1338, ...; cached by
    bench/study.py), or the first --seeds seeds of an existing run (--run).
-2. Each seed's model pruned by prune.py at every target by every method (one prune folder per seed, the
-   same --episodes, fine-tuning and search seed for all), each pruned model fine-tuned and measured.
-3. Per target and method, mean and standard error over the seeds of full_val_loss before and after
-   fine-tuning, flops_ratio, params, tokens/s and search time; paired differences on full_val_loss
-   (same source model), 95% t intervals, Holm over the table: summary.json, summary.md.
-A finished folder is kept on a re-run; a prune folder is keyed by its whole command.
+2. Per source model and search seed (0 .. --search_seeds - 1): prune.py at every target by every method, once per
+   --finetune_iters (the longest also trains each architecture at --distill_target from scratch, --scratch), and
+   every method at --distill_target again with --distill. One prune folder per command (cached: a re-run reuses
+   every finished folder).
+3. A source model's number for a key is its mean over the search seeds: the source model is what the comparisons
+   pair on (n = source models), since its search seeds share it. Compute per arm: its own training steps
+   (fine-tuning, or the whole from-scratch run) plus its search_steps (the reward's forward passes and the Taylor
+   scores, in training steps of the source model), summed over every folder.
+4. Paired differences on full_val_loss (same source model), 95% t intervals, Holm over every test in the table:
+   summary.json, summary.md; figures/pareto_<iters>.png (loss against FLOPs, means over everything).
 """
 import json
+import math
 import sys
 from pathlib import Path
 
 import study
 from study import Arm, Study, seeds, stats
 
-QUESTION = "Which structured pruning loses least at 0.75, 0.5 and 0.3 of the FLOPs: rl, magnitude or random?"
-DATASET, TARGETS, METHODS = "shakespeare_char", (0.75, 0.5, 0.3), ("rl", "magnitude", "random")
-SHOWN = ("full_val_loss_before", "full_val_loss", "flops_ratio", "params", "tokens_per_second", "search_time")
+QUESTION = ("Which structured pruning loses least at 0.75, 0.5 and 0.3 of the FLOPs: rl, random search at equal "
+            "evaluations, a global ranking, uniform or random, with budgets spent and search compute charged?")
+DATASET, TARGETS = "shakespeare_char", (0.75, 0.5, 0.3)
+METHODS = ("rl", "random_search", "global", "uniform", "random")
+PAIRS = (("rl", "random_search"), ("rl", "global"), ("rl", "uniform"), ("global", "uniform"), ("uniform", "random"))
 BEFORE = " before fine-tuning"  # the arm of a key's full_val_loss_before
 
 
 def parse(argv: list[str]):
     parser = study.argument_parser(QUESTION, "prune_study")
     parser.add_argument("--run", default="", help="an existing cpu-profile run folder (default: train one per seed)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--episodes", type=int, default=100)
-    parser.add_argument("--finetune_iters", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=5, help="source models")
+    parser.add_argument("--search_seeds", type=int, default=2, help="prune.py --search_seed 0 .. N-1 per model")
+    parser.add_argument("--episodes", type=int, default=100, help="rl episodes (random_search: as many evaluations)")
+    parser.add_argument("--finetune_iters", default="200,1000", help="fine-tuning lengths, comma-separated")
+    parser.add_argument("--distill", type=float, default=0.5, help="prune.py --distill ALPHA of the distilled arms")
+    parser.add_argument("--distill_target", type=float, default=0.5, choices=TARGETS,
+                        help="the target of the distilled and from-scratch arms")
     args = parser.parse_args(argv)
-    if args.seeds < 2:
-        parser.error("--seeds must be at least 2: the paired intervals need two source models")
     args.profile = "cpu"
-    if args.smoke:  # smoke-profile source models, 2 of them, 2 rl episodes, 5 fine-tuning steps
-        args.profile, args.seeds, args.episodes, args.finetune_iters = "smoke", 2, 2, 5
+    if args.smoke:  # smoke-profile source models, 2 of them, 2 search seeds, 2 rl episodes, a few fine-tuning steps
+        args.profile, args.seeds, args.search_seeds, args.episodes, args.finetune_iters = "smoke", 2, 2, 2, "4,8"
+    try:
+        args.lengths = sorted({int(n) for n in args.finetune_iters.split(",")})
+    except ValueError:
+        parser.error(f"argument --finetune_iters: not whole numbers: {args.finetune_iters!r}")
+    if args.seeds < 2 or args.search_seeds < 1 or min(args.lengths) < 1:
+        parser.error("--seeds must be at least 2 (the paired intervals need two source models), --search_seeds "
+                     "and --finetune_iters at least 1")
     return args
 
 
@@ -52,63 +71,137 @@ def sources(s: Study, args) -> dict:
     return {seed: (s.run_seed([], seed)[0], 0) for seed in seeds("held_out", args.seeds)}
 
 
+def folders(args) -> dict:
+    """Each prune folder a source model and search seed get, by name: its prune.py flags."""
+    longest, target = max(args.lengths), f"{args.distill_target:g}"
+    plan = {}
+    for iters in args.lengths:
+        scratch = ["--scratch", target] if iters == longest else []
+        plan[f"plain_{iters}"] = ["--flops_target", ",".join(map(str, TARGETS)), "--finetune_iters", iters, *scratch]
+        plan[f"distilled_{iters}"] = ["--flops_target", target, "--finetune_iters", iters, "--distill", args.distill]
+    return plan
+
+
 def prune_all(s: Study, args, models: dict) -> dict:
-    """seed -> the final_info.json of prune.py's folder for that source model."""
+    """(folder name, source seed, search seed) -> the final_info.json of that prune folder."""
     found = {}
-    for seed, (run, index) in models.items():
-        folder = s.run_script(f"prune_{seed}", "prune.py", "--run", run, "--dataset", DATASET, "--seed", index,
-                              "--flops_target", ",".join(map(str, TARGETS)), "--method", ",".join(METHODS),
-                              "--episodes", args.episodes, "--finetune_iters", args.finetune_iters,
-                              "--notes", "off", done="final_info.json", again=["--overwrite"])
-        found[seed] = json.loads((folder / "final_info.json").read_text())
+    for name, flags in folders(args).items():
+        for seed, (run, index) in models.items():
+            for search_seed in range(args.search_seeds):
+                folder = s.run_script(f"prune_{seed}_{search_seed}_{name}", "prune.py", "--run", run, "--dataset",
+                                      DATASET, "--seed", index, "--method", ",".join(METHODS), "--episodes",
+                                      args.episodes, "--search_seed", search_seed, *flags, "--notes", "off",
+                                      done="final_info.json", again=["--overwrite"])
+                found[name, seed, search_seed] = json.loads((folder / "final_info.json").read_text())
     return found
 
 
-def keys() -> list[str]:
-    return ["unpruned", "unpruned_finetuned"] + [f"{m}_{t:g}" for t in TARGETS for m in METHODS]
+def number(entry: dict, metric: str):
+    values = entry["final_info_dict"].get(metric)
+    return values[0] if values else None
 
 
-def arms_of(pruned: dict, finetune_iters: int) -> dict:
-    """An arm per key after fine-tuning (charged its fine-tuning steps) and, for the pruned, before it."""
-    def values(key, metric):
-        return {seed: f[key]["final_info_dict"][metric][0] for seed, f in pruned.items()
-                if metric in f[key]["final_info_dict"]}
-    arms = {}
-    for key in keys():
-        steps = 0 if key == "unpruned" else finetune_iters * len(pruned)
-        arms[key] = Arm(key, seeds=list(pruned), values=values(key, "full_val_loss"), run_steps=steps)
-        if not key.startswith("unpruned") and values(key, "full_val_loss_before"):  # the pruned, as pruned
-            arms[key + BEFORE] = Arm(key + BEFORE, seeds=list(pruned), values=values(key, "full_val_loss_before"))
+def arm(name: str, pruned: dict, folder: str, key: str, metric: str = "full_val_loss", charged: bool = True) -> Arm:
+    """One key of one kind of folder: per source model the mean over its search seeds; charged: its own
+    training steps (fine-tuning, or a from-scratch run) and its search steps, summed over every folder."""
+    per_model: dict = {}
+    run_steps = extra_steps = 0
+    for (name_, seed, _), final in pruned.items():
+        if name_ == folder and key in final and number(final[key], metric) is not None:
+            per_model.setdefault(seed, []).append(number(final[key], metric))
+            trained = number(final[key], "steps_trained") or 0  # a pruned model's include its source's
+            run_steps += trained if key.endswith("_scratch") else trained - number(final["unpruned"], "steps_trained")
+            extra_steps += math.ceil(number(final[key], "search_steps") or 0)
+    values = {seed: sum(v) / len(v) for seed, v in per_model.items()}
+    return Arm(name, seeds=sorted(values), values=values, run_steps=run_steps if charged else 0,
+               extra_steps=extra_steps if charged else 0)
+
+
+def arms_of(pruned: dict, args) -> dict:
+    """Every arm of the table: each key of each fine-tuning length, distilled, from scratch, before fine-tuning."""
+    first, longest, t = min(args.lengths), max(args.lengths), f"{args.distill_target:g}"
+    arms = {"unpruned": arm("unpruned", pruned, f"plain_{first}", "unpruned")}
+    for iters in args.lengths:
+        arms[f"unpruned_finetuned @{iters}"] = arm(f"unpruned_finetuned @{iters}", pruned, f"plain_{iters}",
+                                                   "unpruned_finetuned")
+        for key in (f"{m}_{target:g}" for target in TARGETS for m in METHODS):
+            arms[f"{key} @{iters}"] = arm(f"{key} @{iters}", pruned, f"plain_{iters}", key)
+        for m in METHODS:
+            name = f"{m}_{t} distilled @{iters}"
+            arms[name] = arm(name, pruned, f"distilled_{iters}", f"{m}_{t}")
+    for m in METHODS[:4]:  # (random's architecture is uniform's: trained from scratch once)
+        arms[f"{m}_{t}_scratch"] = arm(f"{m}_{t}_scratch", pruned, f"plain_{longest}", f"{m}_{t}_scratch")
+    for key in (f"{m}_{target:g}" for target in TARGETS for m in METHODS):  # the allocation as chosen
+        arms[key + BEFORE] = arm(key + BEFORE, pruned, f"plain_{first}", key, "full_val_loss_before", charged=False)
     return arms
 
 
-def comparisons(arms: dict) -> list[tuple[Arm, Arm]]:
+def comparisons(arms: dict, args) -> list[tuple[Arm, Arm]]:
+    t, longest = f"{args.distill_target:g}", max(args.lengths)
     pairs = []
-    for t in TARGETS:
-        for a, b in (("rl", "magnitude"), ("magnitude", "random"), ("rl", "random")):
-            pairs += [(arms[f"{a}_{t:g}{when}"], arms[f"{b}_{t:g}{when}"]) for when in ("", BEFORE)]
-        # what pruning costs, against the source model fine-tuned the same way
-        pairs += [(arms[f"{m}_{t:g}"], arms["unpruned_finetuned"]) for m in METHODS]
+    for iters in args.lengths:
+        pairs += [(arms[f"{a}_{target:g} @{iters}"], arms[f"{b}_{target:g} @{iters}"])
+                  for target in TARGETS for a, b in PAIRS]
+    pairs += [(arms[f"{a}_{target:g}{BEFORE}"], arms[f"{b}_{target:g}{BEFORE}"])
+              for target in TARGETS for a, b in PAIRS[:1] + PAIRS[2:3]]
+    pairs += [(arms[f"{m}_{t} distilled @{iters}"], arms[f"{m}_{t} @{iters}"])
+              for iters in args.lengths for m in METHODS]
+    # Liu et al. 2019: the pruned and fine-tuned model against its architecture trained as long from scratch
+    pairs += [(arms[f"{m}_{t} @{longest}"], arms[f"{m}_{t}_scratch"]) for m in METHODS[:4]]
     return pairs
 
 
-def metric_lines(pruned: dict, args) -> list[str]:
-    """The Pareto table: each key's metrics, mean ± stderr over the source models."""
-    lines = [f"Structured pruning of the {args.profile}-profile {DATASET} model, {len(pruned)} source models (seeds "
-             f"{min(pruned)}-{max(pruned)}), rl {args.episodes} episodes, {args.finetune_iters} fine-tuning steps",
-             "", "| key | full_val_loss before fine-tuning | after | FLOPs ratio | params | tokens/s | search s |",
-             "|---|---|---|---|---|---|---|"]
-    for key in keys():
-        def cell(metric, digits=4):
-            values = [f[key]["final_info_dict"][metric][0] for f in pruned.values()
-                      if metric in f[key]["final_info_dict"]]
-            if not values:
-                return "–"
-            mean, se = stats.mean_and_stderr(values)
-            return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
-        lines.append(f"| {key} | {cell('full_val_loss_before')} | {cell('full_val_loss')} | {cell('flops_ratio', 3)} | "
-                     f"{cell('params', 0)} | {cell('tokens_per_second', 0)} | {cell('search_time', 1)} |")
+SHOWN = (("full_val_loss_before", 4), ("full_val_loss", 4), ("flops_ratio", 3), ("params", 0),
+         ("tokens_per_second", 0), ("search_evaluations", 0), ("search_steps", 1))
+
+
+def present(entries: list, metric: str) -> list:
+    return [number(e, metric) for e in entries if number(e, metric) is not None]
+
+
+def cell(entries: list, metric: str, digits: int) -> str:
+    values = present(entries, metric)
+    if not values:
+        return "–"
+    mean, se = stats.mean_and_stderr(values)
+    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def metric_lines(pruned: dict, models: dict, args) -> list[str]:
+    """The Pareto tables, one per kind of folder: each key's metrics, mean ± stderr over every source model and
+    search seed."""
+    lines = [f"Structured pruning of the {args.profile}-profile {DATASET} model: {len(models)} source models (seeds "
+             f"{min(models)}-{max(models)}) x {args.search_seeds} search seeds, rl {args.episodes} episodes and "
+             f"random_search as many evaluations; distilled: prune.py --distill {args.distill}. Comparisons pair on "
+             f"the source model (its search seeds averaged). search steps: the search's FLOPs in training steps of "
+             f"the source model."]
+    for name in folders(args):
+        finals = [f for (name_, _, _), f in pruned.items() if name_ == name]
+        lines += ["", f"**{name}**", "", "| key | full_val_loss before fine-tuning | after | FLOPs ratio | params | "
+                  "tokens/s | search evaluations | search steps |", "|---|---|---|---|---|---|---|---|"]
+        for key in finals[0]:
+            entries = [f[key] for f in finals if key in f]
+            lines.append(f"| {key} | " + " | ".join(cell(entries, m, d) for m, d in SHOWN) + " |")
     return lines
+
+
+def pareto_figures(root: Path, pruned: dict, args) -> list[str]:
+    """figures/pareto_<iters>.png: each key's mean loss against its mean FLOPs ratio, every model and seed."""
+    import plot
+    written = []
+    for iters in args.lengths:
+        finals = [f for (name, _, _), f in pruned.items() if name == f"plain_{iters}"]
+        means = {}
+        for key, entry in finals[0].items():
+            entries = [f[key] for f in finals if key in f]
+            values = {m: present(entries, m) for m in ("flops_ratio", "full_val_loss", "full_val_loss_before")}
+            means[key] = {"method": entry["method"],
+                          "means": {f"{m}_mean": sum(v) / len(v) for m, v in values.items() if v}}
+        path = root / "figures" / f"pareto_{iters}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot.plot_pareto(means, path, f"{args.profile} model, {iters} fine-tuning steps, mean of {len(finals)}")
+        written.append(str(path))
+    return written
 
 
 def main(argv: list[str]) -> None:
@@ -116,11 +209,14 @@ def main(argv: list[str]) -> None:
     s = Study(args.out, ["--profile", args.profile], DATASET, data_dir=args.data_dir)
     models = sources(s, args)
     pruned = prune_all(s, args, models)
-    arms = arms_of(pruned, args.finetune_iters)
-    rows = study.table(comparisons(arms))
-    print(study.write_summary(s.root, QUESTION, list(arms.values()), rows, notes=metric_lines(pruned, args),
+    arms = arms_of(pruned, args)
+    rows = study.table(comparisons(arms, args))
+    figures = pareto_figures(s.root, pruned, args)
+    print(study.write_summary(s.root, QUESTION, list(arms.values()), rows, notes=metric_lines(pruned, models, args),
                               extra={"models": {seed: f"{run}#{i}" for seed, (run, i) in models.items()},
-                                     "episodes": args.episodes, "finetune_iters": args.finetune_iters}))
+                                     "search_seeds": list(range(args.search_seeds)), "episodes": args.episodes,
+                                     "finetune_iters": args.lengths, "distill": args.distill,
+                                     "distill_target": args.distill_target, "figures": figures}))
 
 
 if __name__ == "__main__":

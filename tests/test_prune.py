@@ -1,20 +1,24 @@
 """Structured pruning (prune.py): a pruned GPT computes what the masked one does, FLOPs are counted right, every
 method meets its budget, PPO finds a known best allocation, and the CLI writes a contract folder or refuses in one line."""
 import copy
+import dataclasses
 import itertools
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import experiment as ex
 import plot
 import prune
+import sample
 from conftest import ROOT, run_cli
 from model import load_model
 
@@ -120,6 +124,21 @@ def test_a_pruned_model_trains():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_distillation_trains_on_cross_entropy_and_the_teachers_soft_targets_and_evaluates_plainly():
+    teacher = tiny_gpt(seed=1)
+    plain = prune.prune_model(teacher, *KEEP_CASES["some heads and neurons"])
+    student = prune.with_teacher(plain, teacher, alpha=0.3, temperature=2.0).train()
+    x, y = (torch.randint(13, (2, 16), generator=torch.Generator().manual_seed(s)) for s in (5, 6))
+    logits, loss = student(x, y)
+    cross_entropy = F.cross_entropy(logits.reshape(-1, 13), y.reshape(-1))
+    soft = F.softmax(teacher(x, y)[0] / 2.0, dim=-1)
+    kl = (soft * (soft.log() - F.log_softmax(logits / 2.0, dim=-1))).sum(-1).mean()
+    assert loss.item() == pytest.approx((0.7 * cross_entropy + 0.3 * 2.0 ** 2 * kl).item(), rel=1e-5)
+    assert student.eval()(x, y)[1].item() == pytest.approx(plain.eval()(x, y)[1].item(), rel=1e-6)
+    assert student.state_dict().keys() == plain.state_dict().keys()  # the teacher is neither trained nor saved
+    assert prune.with_teacher(plain, teacher, alpha=0.0, temperature=2.0) is plain  # no distillation: untouched
+
+
 def test_the_taylor_score_is_the_squared_loss_change_of_gating_a_unit_off_to_first_order():
     model = tiny_gpt(seed=5).double()
     x = torch.randint(13, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -168,28 +187,107 @@ def test_analytic_flops_agree_with_flop_counter_mode_on_the_matmuls(layer_heads,
 
 
 CPU_MODEL = ex.GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
+SMOKE_MODEL = ex.GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=False)
 TARGETS = (0.95, 0.75, 0.5, 0.3, 0.15, 0.06)
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_every_method_meets_the_budget_at_every_target(target):
-    space = prune.PruneSpace.of(CPU_MODEL, mlp_steps=16)
-    budget = target * space.full_flops
-    uniform = prune.uniform_allocation(space, target)
-    assert space.flops(uniform) <= budget
-    assert len({a for a in uniform}) == 1  # the same in every layer (they are alike in size)
-    assert budget - space.flops(uniform) < space.n_layer * space.neuron_flops  # ...spending the budget
+def random_importance(space, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    return [(torch.rand(h, generator=rng), torch.rand(m, generator=rng)) for h, m in zip(space.heads, space.neurons)]
+
+
+def episodes_of(space, target, plans):
+    """The allocations PruneEnv ends on for these action plans (one action per layer each)."""
     env = prune.PruneEnv(space, target, score=lambda allocation: 0.0)
-    rng = np.random.default_rng(0)
-    plans = [[env.action_space.nvec - 1] * 4, [np.zeros(2, int)] * 4] + \
-        [[rng.integers(env.action_space.nvec) for _ in range(4)] for _ in range(50)]
-    for plan in plans:  # asking for everything, nothing, and at random: clipping keeps every episode in budget
+    for plan in plans:
         env.reset()
         for action in plan:
             _, _, done, _, info = env.step(action)
-        assert done and space.flops(info["allocation"]) <= budget * (1 + 1e-12)
-    greedy = env.history[0][0]  # asking for everything spends the budget, to within one unit of the last layer
-    assert budget - space.flops(greedy) < space.head_flops + space.neuron_flops * 128 / 16
+        assert done
+    return [allocation for allocation, _ in env.history]
+
+
+@pytest.mark.parametrize("model", [CPU_MODEL, SMOKE_MODEL], ids=["cpu", "smoke"])
+@pytest.mark.parametrize("round_to", [1, 8])
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_method_spends_its_budget_to_within_a_hundredth_and_never_more(model, round_to, target):
+    space = prune.PruneSpace.of(model, mlp_steps=16, round_to=round_to)
+    budget, unit = target * space.full_flops, round_to * space.neuron_flops
+    rng = np.random.default_rng(0)
+    nvec = np.array([max(space.heads) + 1, 17])
+    plans = [[nvec - 1] * space.n_layer, [np.zeros(2, int)] * space.n_layer, [[0, 16]] * space.n_layer,
+             [[4, 0]] * space.n_layer] + [[rng.integers(nvec) for _ in range(space.n_layer)] for _ in range(40)]
+    searched = prune.random_search(space, target, lambda a: float(rng.random()), 20, seed=1)
+    allocations = {"uniform": prune.uniform_allocation(space, target),
+                   "global": prune.global_allocation(space, random_importance(space), target),
+                   "random_search": searched["allocation"],
+                   **{f"episode {i}": a for i, a in enumerate(episodes_of(space, target, plans))}}
+    for name, allocation in allocations.items():
+        spent = space.flops(allocation)
+        assert spent <= budget * (1 + 1e-12), name
+        assert budget - spent < unit, name  # within one group of neurons: under a hundredth of the FLOPs here
+        assert budget - spent < 0.01 * space.full_flops, name
+        widths = [m for _, m in allocation]
+        assert all(m % round_to == 0 or m == full for m, full in zip(widths, space.neurons)), (name, widths)
+
+
+def test_uniform_keeps_the_same_share_in_every_layer_and_the_last_takes_the_rounding():
+    space = prune.PruneSpace.of(CPU_MODEL, mlp_steps=16)
+    allocation = prune.uniform_allocation(space, 0.5)
+    assert len(set(allocation[:-1])) == 1 and allocation[-1][0] == allocation[0][0]
+    assert 0 <= allocation[-1][1] - allocation[0][1] <= space.n_layer
+
+
+def test_the_budget_fill_buys_a_head_with_neurons_where_every_neuron_is_kept():
+    space = prune.PruneSpace(heads=[2, 2], neurons=[8, 8], head_flops=3.0, neuron_flops=1.0, fixed_flops=0.0)
+    # everything but one head of the last layer, and 2.5 FLOPs to spare: the head costs 3, so one neuron goes
+    filled = prune.fill_budget(space, [(2, 8), (1, 8)], budget=2 * 6 + 16 - 3 + 2.5)
+    assert filled == [(2, 8), (2, 7)]
+    assert prune.fill_budget(space, [(0, 0), (0, 0)], budget=10.0) == [(0, 2), (0, 8)]  # last layer first
+
+
+def test_global_keeps_the_most_important_units_per_flop_across_layers():
+    space = prune.PruneSpace(heads=[2, 2], neurons=[4, 4], head_flops=4.0, neuron_flops=1.0, fixed_flops=0.0)
+    importance = [(torch.tensor([9.0, 1.0]), torch.tensor([0.5, 0.5, 0.5, 0.5])),   # a head worth 9/4 per FLOP
+                  (torch.tensor([0.1, 0.2]), torch.tensor([3.0, 2.0, 0.1, 0.1]))]  # neurons worth 3 and 2
+    # budget 7 of 24, best per FLOP first: a neuron of layer 1 (3), the good head (2.25), the other good neuron
+    # (2), then one of layer 0's neurons (0.5) with the last FLOP; the heads of layer 1 are worth too little
+    assert prune.global_allocation(space, importance, 7 / 24) == [(1, 1), (0, 2)]
+
+
+def test_a_budget_a_rounding_error_below_zero_is_clipped_to_nothing_instead_of_failing():
+    space = prune.PruneSpace.of(CPU_MODEL)
+    assert prune.clip_to_budget(space, 3, 4, 16, -1e-9) == (0, 0)
+
+
+def test_head_actions_spread_evenly_over_a_smaller_layers_head_counts():
+    space = prune.PruneSpace(heads=[4, 2, 1, 0], neurons=[8] * 4, head_flops=1.0, neuron_flops=1.0, fixed_flops=0.0)
+    assert [space.heads_at(0, a) for a in range(5)] == [0, 1, 2, 3, 4]  # the largest layer: as asked
+    for layer in (1, 2, 3):
+        counts = np.bincount([space.heads_at(layer, a) for a in range(5)], minlength=space.heads[layer] + 1)
+        assert len(counts) == space.heads[layer] + 1 and counts.max() - counts.min() <= 1, (layer, counts)
+
+
+def test_random_search_scores_as_many_allocations_as_rl_and_leaves_the_random_state_alone():
+    space = prune.PruneSpace.of(SMOKE_MODEL, mlp_steps=4)
+    np.random.seed(3)
+    expected = np.random.rand(2)
+    np.random.seed(3)
+    rl = prune.ppo_search(space, 0.5, lambda a: float(space.flops(a)), episodes=6, seed=0, episodes_per_update=2)
+    searched = prune.random_search(space, 0.5, lambda a: float(space.flops(a)), rl["evaluations"], seed=0)
+    assert rl["evaluations"] == 7 == searched["evaluations"] == len(searched["scores"])  # 6 episodes + greedy
+    assert np.array_equal(np.random.rand(2), expected)
+    assert searched["score"] == min(searched["scores"]) and searched["distinct_allocations"] <= 7
+    assert searched["scored_flops_per_token"] >= searched["distinct_allocations"] * space.fixed_flops
+
+
+def test_a_key_names_the_ranking_it_used_and_magnitude_is_uniforms_old_name():
+    assert prune.parse_methods("magnitude,rl,uniform") == ["uniform", "rl"]
+    assert prune.key_of("uniform", 0.5) == "uniform_0.5"
+    assert prune.key_of("uniform", 0.5, "taylor") == "uniform_taylor_0.5"  # not magnitude_0.5
+    assert prune.key_of("random_search", 0.75, "taylor") == "random_search_taylor_0.75"
+    assert prune.key_of("global", 0.3, "taylor") == prune.key_of("global", 0.3) == "global_0.3"  # always taylor
+    assert prune.key_of("random", 0.3, "taylor") == "random_0.3"
 
 
 def test_a_target_below_what_pruning_can_remove_is_refused():
@@ -211,9 +309,11 @@ def test_ppo_finds_the_known_best_allocation_of_a_synthetic_pruning_environment(
     def loss(allocation):
         return sum(wh * (1 - h / 2) + wm * (1 - m / 4) for (wh, wm), (h, m) in zip(weights, allocation))
     target = 0.5
+    budget = target * space.full_flops
     options = [[(h, space.neurons_at(layer, s)) for h in range(3) for s in range(3)] for layer in range(2)]
-    feasible = sorted((a for a in itertools.product(*options) if space.flops(a) <= target * space.full_flops),
-                      key=loss)
+    # every allocation an episode can end on: the choices that fit, their leftover spent as the env spends it
+    feasible = sorted({tuple(prune.fill_budget(space, a, budget)) for a in itertools.product(*options)
+                       if space.flops(a) <= budget}, key=loss)
     best = list(feasible[0])
     assert loss(feasible[1]) - loss(best) > 0.3  # a unique best, by a clear margin
     assert loss(prune.uniform_allocation(space, target)) > loss(best) + 0.3
@@ -318,20 +418,123 @@ def test_a_prune_folder_holding_results_is_not_overwritten(pruned_folder, smoke_
     assert {p.name: p.read_bytes() for p in pruned_folder.iterdir()} == before
 
 
+def reward_loss_of(run, final_info_file) -> float:
+    """The reward (no fine-tuning, the last 16384 train tokens) of the source model pruned to a key's units."""
+    cfg = ex.Config(**json.loads((run / "run.json").read_text())["configs"]["shakespeare_char"])
+    data = ex.load_dataset(cfg, "shakespeare_char")
+    tokens = data.splits["train"][-16384:]
+    source = types.SimpleNamespace(cfg=cfg, model=load_model(run / "model_shakespeare_char_0.pt"),
+                                   rt=ex.Runtime.choose(dataclasses.replace(cfg, device="cpu")))
+    chosen = json.loads(final_info_file.read_text())
+    return prune.RewardScorer(source, None, tokens).units_loss(chosen["heads"], chosen["neurons"])
+
+
 def test_several_targets_and_methods_give_one_entry_each_and_the_pareto_figure(smoke_run, tmp_path):
     out = tmp_path / "several"
     proc = run_prune(["--run", smoke_run, "--flops_target", "0.75,0.4", "--method", "magnitude,random",
                       "--finetune_iters", "4", "--notes", "off", "--out_dir", out])
     assert proc.returncode == 0, proc.stderr
     final = json.loads((out / "final_info.json").read_text())
-    assert set(final) == {"unpruned", "unpruned_finetuned", "magnitude_0.75", "random_0.75", "magnitude_0.4",
-                          "random_0.4"}
+    assert set(final) == {"unpruned", "unpruned_finetuned", "uniform_0.75", "random_0.75", "uniform_0.4",
+                          "random_0.4"}  # magnitude: uniform's old name
     for target in (0.75, 0.4):
-        same = [json.loads((out / f"final_info_{m}_{target:g}_0.json").read_text()) for m in ("magnitude", "random")]
-        assert same[0]["allocation"] == same[1]["allocation"]  # random: magnitude's allocation, other units
+        files = [out / f"final_info_{m}_{target:g}_0.json" for m in ("uniform", "random")]
+        same = [json.loads(f.read_text()) for f in files]
+        assert same[0]["allocation"] == same[1]["allocation"]  # random: uniform's allocation, other units
         assert same[0]["neurons"] != same[1]["neurons"]
-        assert same[0]["flops_ratio"] <= target
+        assert target - 0.01 <= same[0]["flops_ratio"] <= target
+        assert [s["importance"] for s in same] == ["magnitude", "random"]
+        # each reports the reward of its own units (random's used to be uniform's)
+        assert same[1]["reward_loss"] != same[0]["reward_loss"]
+        assert same[1]["reward_loss"] == pytest.approx(reward_loss_of(smoke_run, files[1]), abs=1e-9)
     assert (out / "pareto.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def every_method(smoke_run):
+    """Every method at half the FLOPs with the from-scratch control, a few episodes and steps."""
+    out = smoke_run.parent / "every"
+    proc = run_prune(["--run", smoke_run, "--flops_target", "0.5", "--method", ",".join(prune.METHODS),
+                      "--episodes", "3", "--finetune_iters", "4", "--scratch", "0.5", "--notes", "off",
+                      "--out_dir", out])
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_every_method_lands_on_the_target_and_is_charged_its_search(every_method):
+    final = json.loads((every_method / "final_info.json").read_text())
+    info = {m: json.loads((every_method / f"final_info_{m}_0.5_0.json").read_text()) for m in prune.METHODS}
+    for method, entry in info.items():
+        assert 0.49 <= entry["flops_ratio"] <= 0.5, method
+        assert final[f"{method}_0.5"]["means"]["flops_ratio_mean"] == entry["flops_ratio"]
+    assert info["rl"]["search_evaluations"] == info["random_search"]["search_evaluations"] == 4  # 3 + greedy
+    assert info["global"]["importance"] == "taylor" and info["global"]["search_evaluations"] == 0
+    for method in ("rl", "random_search", "global"):  # reward forward passes; global: the Taylor scores'
+        assert info[method]["search_flops"] > 0 and info[method]["search_steps"] > 0, method
+    assert info["uniform"]["search_flops"] == info["random"]["search_flops"] == 0
+    # its pick among them, scored on the reward slice's whole windows (block_size 32)
+    assert info["rl"]["search_flops"] >= info["rl"]["flops_per_token"] * (16384 - 32)
+    record = json.loads((every_method / "run.json").read_text())
+    assert record["search"]["random_search_0.5"]["evaluations"] == 4
+
+
+def test_the_scratch_control_trains_each_chosen_architecture_from_scratch_for_the_same_steps(every_method,
+                                                                                              smoke_run):
+    final = json.loads((every_method / "final_info.json").read_text())
+    source_steps = json.loads((smoke_run / "run.json").read_text())["configs"]["shakespeare_char"]["max_iters"]
+    # random's architecture is uniform's: trained once
+    assert {k for k in final if k.endswith("_scratch")} == {f"{m}_0.5_scratch" for m in prune.METHODS[:4]}
+    for method in prune.METHODS[:4]:
+        pruned = json.loads((every_method / f"final_info_{method}_0.5_0.json").read_text())
+        scratch = json.loads((every_method / f"final_info_{method}_0.5_scratch_0.json").read_text())
+        assert scratch["allocation"] == pruned["allocation"] and "full_val_loss_before" not in scratch
+        assert scratch["steps_trained"] == pruned["steps_trained"] == source_steps + 4
+        assert scratch["flops_per_token"] == pruned["flops_per_token"]
+        model = load_model(every_method / f"model_{method}_0.5_scratch_0.pt")
+        assert model.config.layer_heads == [h for h, _ in pruned["allocation"]]
+        assert scratch["full_val_loss"] != pruned["full_val_loss"]
+
+
+def test_a_pruned_model_is_pruned_again_by_its_key_and_sampled(every_method, tmp_path):
+    out = tmp_path / "again"
+    proc = run_prune(["--run", every_method, "--key", "rl_0.5", "--flops_target", "0.5", "--method", "uniform",
+                      "--finetune_iters", "2", "--notes", "off", "--out_dir", out])
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((every_method / "final_info_rl_0.5_0.json").read_text())
+    final = json.loads((out / "final_info.json").read_text())
+    unpruned = final["unpruned"]["means"]
+    assert unpruned["params_mean"] == first["params"]  # what it pruned: the rl model, re-measured alike
+    assert unpruned["full_val_loss_mean"] == pytest.approx(first["full_val_loss"], abs=1e-6)
+    again = json.loads((out / "final_info_uniform_0.5_0.json").read_text())
+    assert 0.49 <= again["flops_per_token"] / first["flops_per_token"] <= 0.5  # of the model it pruned
+    assert again["steps_trained"] == first["steps_trained"] + 2
+    record = json.loads((out / "run.json").read_text())
+    assert record["source"]["key"] == "rl_0.5" and record["source"]["model"].endswith("model_rl_0.5_0.pt")
+    assert sample.main(["--run", str(out), "--key", "uniform_0.5", "--num_samples", "1", "--max_new_tokens", "5"]) == 0
+
+
+def test_distillation_changes_the_fine_tuning_and_nothing_before_it(every_method, smoke_run, tmp_path):
+    out = tmp_path / "distilled"
+    proc = run_prune(["--run", smoke_run, "--flops_target", "0.5", "--method", "uniform", "--distill", "0.5",
+                      "--finetune_iters", "4", "--notes", "off", "--out_dir", out])
+    assert proc.returncode == 0, proc.stderr
+    plain, distilled = (json.loads((folder / "final_info_uniform_0.5_0.json").read_text())
+                        for folder in (every_method, out))
+    assert distilled["distill"] == 0.5 and plain["distill"] == 0.0
+    assert distilled["neurons"] == plain["neurons"] and distilled["full_val_loss_before"] == plain["full_val_loss_before"]
+    assert distilled["full_val_loss"] != plain["full_val_loss"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "is a prune folder: choose the model to prune with --key (global_0.5, global_0.5_scratch, random_0.5"),
+    (["--key", "rl_0.3"], "choose the model to prune with --key"),
+    (["--dataset", "enwik8", "--key", "rl_0.5"], "pruned a shakespeare_char model, not enwik8"),
+])
+def test_a_prune_folder_without_a_model_key_it_holds_is_refused(every_method, tmp_path, args, fragment):
+    proc = run_prune(["--run", every_method, *args, "--out_dir", tmp_path / "p"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -341,6 +544,11 @@ def test_several_targets_and_methods_give_one_entry_each_and_the_pareto_figure(s
     (["--flops_target", "half"], "--flops_target must be numbers"),
     (["--method", "rl,greedy"], "unknown --method greedy"),
     (["--episodes", "0"], "--episodes must be at least 1"),
+    (["--round_to", "0"], "--round_to must be at least 1"),
+    (["--distill", "1.5"], "--distill must be in [0, 1]"),
+    (["--distill_temperature", "0"], "--distill_temperature must be a finite number above 0"),
+    (["--flops_target", "0.5,0.3", "--scratch", "0.75"], "--scratch 0.75 is not one of --flops_target"),
+    (["--key", "rl_0.5"], "--key names a prune folder's model"),
     (["--run", "nowhere"], "not a run folder"),
     (["--seed", "3"], "model_shakespeare_char_3.pt does not exist"),
     (["--dataset", "enwik8"], "has no enwik8"),

@@ -29,7 +29,7 @@ def run_0(prepared_data_dir, tmp_path_factory):
 def prune_0(run_0):
     """prune.py at its smallest: one method, one target, two fine-tuning steps."""
     proc = subprocess.run([sys.executable, str(ROOT / "prune.py"), "--run", run_0, "--flops_target", "0.5",
-                           "--method", "magnitude", "--finetune_iters", "2", "--notes", "off",
+                           "--method", "uniform", "--finetune_iters", "2", "--notes", "off",
                            "--out_dir", run_0.parent / "prune_0"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return run_0.parent / "prune_0"
@@ -87,13 +87,28 @@ def test_the_prompt_can_come_from_a_file(run_0, prepared_data_dir, tmp_path, cap
 
 def test_a_prune_folders_models_by_key(run_0, prune_0, prepared_data_dir, capsys):
     args = ["--num_samples", "1", "--max_new_tokens", "25", "--start", "KING"]
-    pruned = samples_of(["--run", prune_0, "--key", "magnitude_0.5", *args], capsys)
-    assert pruned == expected(prune_0 / "model_magnitude_0.5_0.pt", prepared_data_dir / "shakespeare_char",
+    pruned = samples_of(["--run", prune_0, "--key", "uniform_0.5", *args], capsys)
+    assert pruned == expected(prune_0 / "model_uniform_0.5_0.pt", prepared_data_dir / "shakespeare_char",
                               "KING", 1, 25)
-    assert load_model(prune_0 / "model_magnitude_0.5_0.pt").num_params() < \
+    assert load_model(prune_0 / "model_uniform_0.5_0.pt").num_params() < \
         load_model(run_0 / "model_shakespeare_char_0.pt").num_params()
     unpruned = samples_of(["--run", prune_0, "--key", "unpruned", *args], capsys)  # the model prune.py started from
     assert unpruned == samples_of(["--run", run_0, "--dataset", "shakespeare_char", *args], capsys)
+
+
+def test_a_model_pruned_twice_samples_by_its_key_and_its_unpruned_is_the_model_pruned(prune_0, capsys):
+    again = prune_0.parent / "prune_again"
+    proc = subprocess.run([sys.executable, str(ROOT / "prune.py"), "--run", prune_0, "--key", "uniform_0.5",
+                           "--flops_target", "0.5", "--method", "uniform", "--finetune_iters", "2", "--notes", "off",
+                           "--out_dir", again], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    args = ["--num_samples", "1", "--max_new_tokens", "25", "--start", "KING"]
+    assert samples_of(["--run", again, "--key", "unpruned", *args], capsys) == \
+        samples_of(["--run", prune_0, "--key", "uniform_0.5", *args], capsys)
+    twice = samples_of(["--run", again, "--key", "uniform_0.5", *args], capsys)
+    assert len(twice) == 1 and twice[0].startswith("KING") and len(twice[0]) == 29
+    assert load_model(again / "model_uniform_0.5_0.pt").num_params() < \
+        load_model(prune_0 / "model_uniform_0.5_0.pt").num_params()
 
 
 @pytest.mark.parametrize("case, args, fragment", [
@@ -105,7 +120,7 @@ def test_a_prune_folders_models_by_key(run_0, prune_0, prepared_data_dir, capsys
     ("dataset not trained", ["--run", "{run}", "--dataset", "enwik8"], "has no enwik8 (it trained text8, "),
     ("key on a run folder", ["--run", "{run}", "--key", "rl_0.5"], "--key names a prune folder's model"),
     ("unknown key", ["--run", "{prune}", "--key", "rl_0.5"], "model_rl_0.5_0.pt does not exist"),
-    ("no key", ["--run", "{prune}"], "is a prune folder: choose its model with --key (unpruned, magnitude_0.5"),
+    ("no key", ["--run", "{prune}"], "is a prune folder: choose its model with --key (unpruned, uniform_0.5"),
     ("prompt out of vocabulary", ["--run", "{run}", "--start", "Romeo"], "not in the text8 vocabulary: ['R']"),
     ("prompt file missing", ["--run", "{run}", "--start", "FILE:{tmp}/none.txt"], "cannot read it"),
     ("no samples", ["--run", "{run}", "--num_samples", "0"], "--num_samples must be at least 1"),

@@ -58,8 +58,22 @@ def test_layer_study_smoke_shares_the_controller_studys_runs(controller_study, p
 def test_prune_study_smoke_compares_the_methods_on_each_source_model(prepared_data_dir, tmp_path):
     run_study("prune_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["arms"]["rl_0.5"]["n"] == 2 and len(summary["comparisons"]) == 27
+    arms, rows = summary["arms"], summary["comparisons"]
+    assert summary["search_seeds"] == [0, 1] and summary["finetune_iters"] == [4, 8]
+    assert arms["rl_0.5 @8"]["n"] == 2 and len(rows) == 50  # 2 lengths x 3 targets x 5, 6 before, 10 distilled, 4
+    assert {"rl_0.5 @8 - random_search_0.5 @8", "rl_0.5 distilled @4 - rl_0.5 @4", "uniform_0.5 @8 - "
+            "uniform_0.5_scratch"} <= {r["comparison"] for r in rows}
+    assert all(r["p_holm"] >= r["p"] for r in rows if r["p"] is not None)  # Holm over the whole table
+    # search compute charged: the reward's forward passes (rl, random_search), the Taylor scores (global)
+    assert all(arms[f"{m}_0.5 @8"]["extra_steps"] > 0 for m in ("rl", "random_search", "global"))
+    assert arms["uniform_0.5 @8"]["extra_steps"] == 0 and arms["uniform_0.5 @8"]["run_steps"] == 8 * 4
+    # a source model's number is its mean over the search seeds
+    finals = [json.loads((f / "final_info.json").read_text()) for f in tmp_path.glob("prune_1337_*_plain_8_*")]
+    assert len(finals) == 2
+    mean = sum(f["rl_0.5"]["final_info_dict"]["full_val_loss"][0] for f in finals) / 2
+    assert arms["rl_0.5 @8"]["values"]["1337"] == pytest.approx(mean)
     assert "FLOPs ratio" in (tmp_path / "summary.md").read_text()
+    assert all((tmp_path / "figures" / f"pareto_{n}.png").stat().st_size > 0 for n in (4, 8))
 
 
 def test_sweep_study_smoke_charges_each_search_its_steps(prepared_data_dir, tmp_path):
