@@ -617,6 +617,15 @@ def reward_for(kind: str, prev_val: Optional[float], val: float,
     return math.log(prev_val) - math.log(val)
 
 
+def reference_gain(reference: Optional[dict], it: int) -> Optional[float]:
+    """--reward vs_reference: the reference run's val-loss drop from the evaluation before `it` to `it`
+    (reference: iteration -> its val loss, TrainingRun.reference, set by train_agent.py); None without one."""
+    earlier = [i for i in reference if i < it] if reference else []
+    if not earlier or it not in reference:
+        return None
+    return reference[max(earlier)] - reference[it]
+
+
 def divergence_loss(cfg: Config, reference: Optional[float]) -> float:
     """The val loss a diverged interval counts as: the divergence threshold, which every interval that did
     not diverge stays below. Without a threshold (--divergence_factor 0), twice the first train loss: then
@@ -1272,15 +1281,7 @@ class TrainingRun(Controls, RunCheckpoints):
         return Observation(s.last_eval_it, cfg.max_iters, train_loss, val_loss, prev_val_loss=s.prev_val_loss,
                            first_val_loss=s.first_val_loss, multiplier=self.multiplier, lr=self.lr(s.last_eval_it),
                            base_lr=cfg.learning_rate, vocab_size=self.data.vocab_size,
-                           reference_gain=self.reference_gain(s.last_eval_it), **interval)
-
-    def reference_gain(self, it: int) -> Optional[float]:
-        """--reward vs_reference: the reference run's val-loss drop from the evaluation before `it` to `it`
-        (self.reference: iteration -> its val loss, set by train_agent.py); None without one."""
-        earlier = [i for i in self.reference if i < it] if self.reference else []
-        if not earlier or it not in self.reference:
-            return None
-        return self.reference[max(earlier)] - self.reference[it]
+                           reference_gain=reference_gain(self.reference, s.last_eval_it), **interval)
 
     def last_eval_losses(self) -> list:
         """[train, val] of the last evaluation (from the val log for checkpoints older than the field)."""

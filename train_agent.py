@@ -275,7 +275,7 @@ class LRControlEnv(gym.Env):
                 terminated, status = True, "diverged"
                 run.state.rollbacks = min(rollbacks, cfg.max_rollbacks)
         else:
-            reward = ex.reward_for(self.reward_kind, prev_val, result.val_loss, run.reference_gain(result.it))
+            reward = ex.reward_for(self.reward_kind, prev_val, result.val_loss, ex.reference_gain(run.reference, result.it))
             run.save({})
         self.ret += reward
         info = self.info(result)
