@@ -234,7 +234,7 @@ BAD_INPUTS = [
     (["--eval_interval", "0"], None, "--eval_interval must be in [1, inf), got 0"),
     (["--n_embd", "30", "--n_head", "4"], None, "divisible"),
     (["--datasets", "wikitext"], None, "unknown dataset"),
-    (["--agent", "oracle"], None, "invalid choice"),
+    (["--agent", "clairvoyant"], None, "invalid choice"),
     (["--schedule", "linear"], None, "invalid choice"),
     (["--agent", "qlearning", "--agent_init", "/nonexistent/agent.json"], None, "--agent_init"),
     ([], "truncated_bin", "val.bin has 1001 bytes"),

@@ -205,7 +205,7 @@ def test_a_trained_ppo_policy_is_deployed_frozen_and_recorded_by_hash(prepared_d
 
 def test_a_reinforce_policy_deploys_frozen_or_learning(prepared_data_dir, tmp_path):
     policy_dir = smoke_training(tmp_path, prepared_data_dir, "reinforce", 2)
-    for name, extra in (("frozen", []), ("learning", ["--agent_learn"])):
+    for name, extra in (("frozen", []), ("learning", ["--agent_learn", "--policy_batch", "1"])):
         proc = deploy(tmp_path, prepared_data_dir, "reinforce", policy_dir, name, *extra)
         assert proc.returncode == 0, proc.stderr
     trained = json.loads((policy_dir / "policy.json").read_text())["updates"]
