@@ -148,8 +148,9 @@ class References:
         run = episode_run(dataclasses.replace(self.cfg, agent="none"), self.data, self.rt, seed, lr_factor)
         config = {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in AGENT_FIELDS}
         file = self.folder / f"{hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:20]}.json"
-        if file.exists() and ex.read_json(file).get("config") == config:
-            return {int(it): loss for it, loss in ex.read_json(file)["val_loss"].items()}, 0
+        cached = ex.read_json(file) if file.exists() else {}
+        if cached.get("config") == config:
+            return {int(it): loss for it, loss in cached["val_loss"].items()}, 0
         ex.drive(run, ex.NoAgent(run.cfg, seed))
         curve = {r["iter"]: r["val/loss"] for r in run.state.val_log}
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -232,9 +233,7 @@ class LRControlEnv(gym.Env):
         self.next_episode += self.episode_stride
         run_seed, self.lr_factor = self.instance(self.episode)
         self.run = episode_run(self.cfg, self.data, self.rt, run_seed, self.lr_factor)
-        self.reference_steps = 0
-        if self.references is not None:
-            self.run.reference, self.reference_steps = self.references(run_seed, self.lr_factor)
+        self.reference_steps = attach_reference(self.run, self.references, run_seed, self.lr_factor)
         self.t0, self.ret, self.decisions = time.time(), 0.0, []
         result = self.run.advance()  # the first evaluation, before any step
         self.run.save({})  # what a divergence rolls back to
@@ -371,9 +370,7 @@ def play_episode(agent, args: Args, cfg: ex.Config, data, rt, episode: int, refe
     """One episode of an agent of ours, learning as it goes: its learning-curve record."""
     run_seed, lr_factor = instance(args, episode)
     run = episode_run(cfg, data, rt, run_seed, lr_factor)
-    reference_steps = 0
-    if references is not None:
-        run.reference, reference_steps = references(run_seed, lr_factor)
+    reference_steps = attach_reference(run, references, run_seed, lr_factor)
     agent.start_run(seed=run_seed)
     t0 = time.time()
     status = ex.drive(run, agent)
@@ -393,10 +390,9 @@ class EpisodeWorkers:
     def __enter__(self):
         import concurrent.futures
         import multiprocessing
-        threads = self.args.threads_per_env or max(1, (os.cpu_count() or 1) // self.args.n_envs)
         self.pool = concurrent.futures.ProcessPoolExecutor(
             self.args.n_envs, mp_context=multiprocessing.get_context("forkserver"), initializer=start_worker,
-            initargs=(self.args, self.cfg, self.data, threads))
+            initargs=(self.args, self.cfg, self.data, threads_per_env(self.args)))
         return self
 
     def __exit__(self, *exc):
@@ -425,8 +421,9 @@ def worker_episode(agent_state: dict, episode: int) -> tuple[dict, object]:
     if hasattr(agent, "learner"):
         agent.learner.batch = math.inf
     record = play_episode(agent, w["args"], w["cfg"], w["data"], w["rt"], episode, w["references"])
-    return record, (agent.learner.pending[-1] if agent.learner.pending else []) \
-        if hasattr(agent, "learner") else agent.state_dict()
+    if not hasattr(agent, "learner"):
+        return record, agent.state_dict()
+    return record, agent.learner.pending[-1] if agent.learner.pending else []
 
 
 def parallel_chunk(agent, workers: EpisodeWorkers, args: Args, first: int) -> list[dict]:
@@ -463,6 +460,15 @@ def merge_tables(agent, base: dict, states: list[dict]) -> None:
                         base["epsilon"] * math.prod(s["epsilon"] / max(base["epsilon"], 1e-12) for s in states))
 
 
+def attach_reference(run: ex.TrainingRun, references: Optional[References], seed: int, lr_factor: float) -> int:
+    """Give the run its reference curve (--reward vs_reference); the optimizer steps that took here (0 when
+    cached or without references)."""
+    if references is None:
+        return 0
+    run.reference, steps = references(seed, lr_factor)
+    return steps
+
+
 def references_for(args: Args, cfg: ex.Config, data, rt) -> Optional[References]:
     """The reference runs of --reward vs_reference (None for every other reward)."""
     if cfg.reward != "vs_reference":
@@ -485,13 +491,17 @@ def episode_env(args: Args, cfg: ex.Config, data, rt, first_episode: int, stride
 def training_env(args: Args, cfg: ex.Config, data, rt, first_episode: int):
     """What stable-baselines3 learns from: one LRControlEnv (per-layer: GroupsAsAgents over it), or with
     --n_envs N a SubprocVecEnv of N, env k playing episodes first + k, first + k + N, ..."""
-    threads = args.threads_per_env or max(1, (os.cpu_count() or 1) // args.n_envs)
     if args.n_envs == 1:
         env = episode_env(args, cfg, data, rt, first_episode)
         return GroupsAsAgents(env) if env.layered else env
     from stable_baselines3.common.vec_env import SubprocVecEnv
     return SubprocVecEnv([functools.partial(episode_env, args, cfg, data, None, first_episode + k, args.n_envs,
-                                            threads) for k in range(args.n_envs)])
+                                            threads_per_env(args)) for k in range(args.n_envs)])
+
+
+def threads_per_env(args: Args) -> int:
+    """Torch threads of each parallel episode's process: --threads_per_env, else the cores shared out."""
+    return args.threads_per_env or max(1, (os.cpu_count() or 1) // args.n_envs)
 
 
 def sb3_controller(args: Args, env, cfg: Optional[ex.Config] = None):
