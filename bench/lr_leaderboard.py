@@ -47,7 +47,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=10, help="held-out seeds per arm (transfer: half)")
     parser.add_argument("--episodes", type=int, default=304, help="controller training episodes each (ppo: a "
                         "multiple of its 8 episodes per update)")
-    parser.add_argument("--n_envs", type=int, default=1, help="train_agent.py --n_envs for ppo")
+    parser.add_argument("--n_envs", type=int, default=1, help="train_agent.py --n_envs for every controller "
+                        "training (reinforce: the same policy as one env; qlearning: its workers' table changes "
+                        "added up, docs/controllers.md)")
     args = parser.parse_args(argv)
     args.search_seeds, args.sweep, args.transfer = 3, SWEEP, TRANSFER
     if args.smoke:
@@ -99,10 +101,10 @@ def train_controllers(s: Study, args, tuned: float) -> dict:
     [0.5, 2], base LR at the tuned rate; its reference runs charged to it)."""
     actions, interval = rule_flags(DESIGN, args.profile)[1::2]
     common = ["--profile", args.profile, "--lr_center", tuned, "--agent_actions", actions,
-              "--episodes_per_update", math.gcd(args.episodes, 8)]  # batches of 8 (smoke: of what there is)
+              "--episodes_per_update", math.gcd(args.episodes, 8),  # batches of 8 (smoke: of what there is)
+              "--n_envs", args.n_envs]
     trained = {agent: s.train_controller(agent, args.episodes, "--agent", agent, *common, "--lr_range", "0.1,10",
-                                         "--set", f"eval_interval={interval}",
-                                         *(["--n_envs", args.n_envs] if agent == "ppo" else []))
+                                         "--set", f"eval_interval={interval}")
                for agent in LEARNERS}
     trained["anchored_ppo"] = s.train_controller(
         "anchored_ppo", args.episodes, "--agent", "ppo", *common, "--reward", "vs_reference",
