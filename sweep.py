@@ -268,8 +268,6 @@ def pbt_scheduler(tune, plan: Plan):
             return super().on_trial_result(tune_controller, trial, result)
 
     mutations = {"hp": {n: tune_domain(tune, s) for n, s in plan.space.items() if n in PBT_MUTATED}}
-    if not mutations["hp"]:
-        raise ex.UserError(f"--method pbt perturbs {', '.join(PBT_MUTATED)}: the space holds none of them")
     # Synchronous PBT copies a donor's latest checkpoint while every member waits: the last two are plenty.
     warnings.filterwarnings("ignore", message=r"Using .CheckpointConfig.num_to_keep <= 2. with PBT")
     return PBTWithoutFinalExploit(
@@ -434,6 +432,8 @@ def check_args(args: SweepArgs) -> Plan:
         plan = Plan(cfg, overrides, space, math.prod(len(v) for v in axes.values()), axes)
         candidates = grid_configs(axes)
     else:
+        if args.method == "pbt" and not set(space) & set(PBT_MUTATED):
+            raise ex.UserError(f"--method pbt perturbs {', '.join(PBT_MUTATED)}: the space holds none of them")
         if args.trials < (2 if args.method == "pbt" else 1):
             raise ex.UserError(f"--method {args.method}: give --trials (at least {2 if args.method == 'pbt' else 1})")
         plan = Plan(cfg, overrides, space, args.trials)
