@@ -550,7 +550,8 @@ def run_sweep(args: SweepArgs, argv: list[str]) -> dict:
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=args.address or None, include_dashboard=False, log_to_driver=args.debug,
+        # "local": a Ray of its own, never another sweep's or study's instance that happens to run here
+        ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=args.debug,
                  configure_logging=False, **({} if args.address else {"num_cpus": os.cpu_count()}))
     random.seed(args.seed)  # PBT's perturbations draw from Python's random, its resampling from numpy's
     np.random.seed(args.seed)
