@@ -144,6 +144,25 @@ def test_pbt_never_acts_on_a_result_at_or_after_the_last_iteration():
         scheduler.on_trial_result(None, object(), {"iter": 15, "val_loss": 1.0})
 
 
+def test_an_exploited_copy_draws_its_own_batches_not_its_donors(tmp_path):
+    """reseed_batches replaces only the copied checkpoint's training-batch stream, with the one its trial
+    number and exploit count give: another trial, or the same trial's next exploit, draws other batches."""
+    import torch
+    donor_stream = torch.Generator().manual_seed(2000).get_state()
+    checkpoint = tmp_path / "ckpt_shakespeare_char_0.pt"
+    torch.save({"sampler_rng": donor_stream, "meta": "{}", "model": {"w": torch.ones(2)}}, checkpoint)
+    cfg = ex.Config(seed_base=2000)
+    seed = sweep.exploit_batch_seed(cfg, "trial_00003", 1)
+    sweep.reseed_batches(checkpoint, seed)
+    payload = torch.load(checkpoint, weights_only=True)
+    assert torch.equal(payload["sampler_rng"], torch.Generator().manual_seed(seed).get_state())
+    assert not torch.equal(payload["sampler_rng"], donor_stream)
+    assert payload["meta"] == "{}" and torch.equal(payload["model"]["w"], torch.ones(2))  # the rest as copied
+    others = {sweep.exploit_batch_seed(cfg, "trial_00004", 1), sweep.exploit_batch_seed(cfg, "trial_00003", 2)}
+    assert seed not in others and len(others) == 2
+    assert sweep.exploit_batch_seed(cfg, "trial_00003", 1) == seed  # recorded, and reproducible
+
+
 def test_a_lineage_follows_every_exploit_back_to_its_root():
     """c copied b at 10, b had copied a at 5: c's weights trained with a's settings to 5, b's to 10, then c's.
     What c did before its exploit, and what b did after c copied it, are not c's lineage."""
