@@ -296,6 +296,24 @@ def test_an_interrupted_sweep_continues_with_the_same_command(prepared_data_dir,
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before  # kept, not run again
 
 
+def test_a_sweep_folder_is_continued_only_by_the_same_sweep(tmp_path):
+    """A re-run continues the sweep it finds only with the settings it was started with; trials without Ray's
+    state, or a finished sweep, are never run over."""
+    folder = tmp_path / "random"
+    args = sweep.SweepArgs(method="random", trials=4, out_dir=str(tmp_path))
+    sweep.claim_folder(args, folder, restorable=False)
+    assert json.loads((folder / sweep.SWEEP_FILE).read_text())["trials"] == 4
+    sweep.claim_folder(args, folder, restorable=True)  # the same command: continued
+    with pytest.raises(ex.UserError, match="started with --trials 4: re-run that command"):
+        sweep.claim_folder(sweep.SweepArgs(method="random", trials=5, out_dir=str(tmp_path)), folder, True)
+    (folder / "trial_00000").mkdir()
+    with pytest.raises(ex.UserError, match="no state to continue"):
+        sweep.claim_folder(args, folder, restorable=False)
+    (folder / "results.json").write_text("{}")
+    with pytest.raises(ex.UserError, match="already holds a finished random sweep"):
+        sweep.claim_folder(args, folder, restorable=True)
+
+
 @pytest.mark.parametrize("bad", [
     ["--space", "momentum=0.1:0.9"],
     ["--space", "learning_rate=1e-2:1e-4"],
