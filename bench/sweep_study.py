@@ -1,75 +1,125 @@
 """
-Search baselines against the multi-hyperparameter agent at equal compute (README: "Search baselines on Ray
-Tune"). Every method gets the same number of training steps on shakespeare_char at the tiny profile:
+Search baselines against the multi-hyperparameter agent at equal compute, at two budgets (issue 26). Every arm
+of a budget gets the same number of training steps on shakespeare_char at the tiny profile:
 
-    python bench/sweep_study.py --out sweep_study            # ~20 min on a 2-core CPU; resumable
-    python bench/sweep_study.py --out sweep_study --runs 16  # a larger budget: 16 runs' worth of steps each
-    python bench/sweep_study.py --out smoke --smoke          # a minute or two: every step, smoke sizes
+    python bench/sweep_study.py --out sweep_study            # budgets of 8 and 27 runs; resumable
+    python bench/sweep_study.py --out smoke --smoke          # a few minutes: every step, smoke sizes
 
-1. grid (2 values of each of learning_rate, weight_decay, grad_clip: 8 runs; 3 values from --runs 27),
-   random (--runs draws) and PBT (a population of --runs) with sweep.py over the same log-scaled space, every
-   trial on search seed 2000;
-2. ppo with --control lr,weight_decay,grad_clip trained by train_agent.py for --runs episodes (the same steps:
-   its training is charged to its arm), training seeds 1,000,000+;
-3. the best configuration of each search (PBT: the settings its best member ended with) and the frozen policy
-   re-run on the 5 held-out seeds 1337-1341, beside cosine at the profile's settings and the random control
-   with the same action set; paired differences in full_val_loss, 95% t intervals, Holm over the table and
-   each arm's compute (its search or training charged to it): summary.json/.md.
+At each budget of R runs' worth of steps (R = 8, 27):
+1. grid (sweep.py --trials R: 2x2x2 / 3x3x3 values of learning_rate, weight_decay, grad_clip), random search
+   (R draws) and PBT (a population of R) over the same log-scaled space, every trial on search seed 2000;
+   tuned cosine: the profile's schedule at R learning rates (sweep.py grid over learning_rate alone);
+2. ppo with --control lr,weight_decay,grad_clip trained by train_agent.py for R episodes with its current
+   learner, about 8 episodes per update dividing R (8: one update of 8; 27: three of 9), training seeds
+   1,000,000+, its training charged to its arm;
+3. on the 10 held-out seeds 1337-1346: each search's best configuration re-run (charged its search), PBT's
+   best lineage replayed (--agent replay on S/pbt/best_lineage: PBT's product is a schedule), the frozen
+   policy, and cosine at the profile's settings. Paired differences in full_val_loss with 95% t intervals,
+   Holm over the whole table (both budgets), each arm's compute: summary.json/.md; the best-so-far curves
+   of the three searches per budget: figures/best_so_far_<R>.png.
+
+Each budget's searches share one sweep folder: an interrupted sweep is continued by running the study again
+(sweep.py continues it), one started with other settings is refused; a partial sweep is never summarised.
 """
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import study
-from study import Arm, Study, seeds
+from study import Arm, Study, digest, seeds
 
-QUESTION = "Do grid, random and PBT search beat a learned multi-hyperparameter controller at equal compute?"
+QUESTION = ("Do grid, random and PBT search beat a learned multi-hyperparameter controller and tuned cosine at "
+            "equal compute?")
 SPACE = "learning_rate=1e-4:1e-2:log,weight_decay=0.01:1:log,grad_clip=0.25:4:log"
+LR_SPACE = "learning_rate=1e-4:1e-2:log"
 CONTROL = "lr,weight_decay,grad_clip"
-METHODS = ("grid", "random", "pbt")
-SEARCH_SEED = study.SEED_BASES["search"]  # sweep.py trains every trial on this seed
+SEARCHES = ("grid", "random", "pbt")
+BUDGETS = (8, 27)
+PPO_EPISODES_PER_UPDATE = 8  # train_agent.py's default
 
 
 def parse(argv: list[str]):
     parser = study.argument_parser(QUESTION, "sweep_study")
-    parser.add_argument("--runs", type=int, default=8, help="the budget: this many tiny runs' steps per method")
-    parser.add_argument("--seeds", type=int, default=5, help="held-out seeds per arm")
+    parser.add_argument("--seeds", type=int, default=10, help="held-out seeds per arm")
     args = parser.parse_args(argv)
-    args.profile = "tiny"
-    if args.smoke:  # smoke profile, a budget of 2 runs, 2 held-out seeds
-        args.profile, args.runs, args.seeds = "smoke", 2, 2
+    args.profile, args.budgets = "tiny", BUDGETS
+    if args.smoke:  # smoke profile, one budget of 2 runs, 2 held-out seeds
+        args.profile, args.budgets, args.seeds = "smoke", (2,), 2
     return args
 
 
+def sweep(s: Study, folder: Path, method: str, runs: int, space: str, profile: str) -> Path:
+    """sweep.py's folder of one search (S/<method>), run, or continued, until it is summarised."""
+    if not (folder / method / "results.json").exists():
+        s.sh("sweep.py", "--method", method, "--trials", runs, "--profile", profile, "--datasets", s.dataset,
+             "--space", space, "--seed", 0, *s.data, "--out_dir", folder)
+    return folder / method
+
+
 def best_flags(search: Path) -> tuple[list, dict]:
-    """experiment.py flags of a search's best configuration, and its best.json."""
+    """experiment.py flags of a search's best configuration (PBT: its best lineage replayed), its best.json."""
     best = json.loads((search / "best.json").read_text())
+    if (search / "best_lineage").is_dir():
+        lineage = json.loads((search / "best_lineage" / "lineage.json").read_text())
+        return [*lineage["flags"], "--agent", "replay", "--agent_init", search / "best_lineage", "--control",
+                lineage["control"]], best
     flags = [item for name, value in best["hp"].items() for item in (f"--{name}", value)]
-    if "learning_rate" in best["hp"]:  # as sweep.py ran it: min_lr at the profile's ratio (1/10 at tiny)
+    if "learning_rate" in best["hp"]:  # as sweep.py ran it: min_lr at the profile's ratio (1/10 here)
         flags += ["--min_lr", best["hp"]["learning_rate"] / 10]
     return flags, best
 
 
-def search_arms(s: Study, args, held_out: list) -> tuple[list[Arm], dict]:
-    """Each search run by sweep.py at the budget, its best configuration as an arm charged the search's steps."""
-    grid_points = max(2, round(args.runs ** (1 / 3)))  # 3 settings: grid_points^3 runs, about --runs
+def episodes_per_update(runs: int) -> int:
+    """ppo's rollout at a budget of `runs` episodes: about train_agent.py's 8 (its learner since the controllers
+    issue), dividing the budget so that ppo spends all of it: 8 -> 8, 27 -> 9 (three updates), 2 -> 2."""
+    updates = max(1, round(runs / PPO_EPISODES_PER_UPDATE))
+    while runs % updates:
+        updates -= 1
+    return runs // updates
+
+
+def budget_arms(s: Study, args, runs: int, held_out: list) -> tuple[list[Arm], dict]:
+    """The arms of one budget: each search's choice charged its search, tuned cosine, the trained ppo."""
+    folder = s.root / f"searches_{runs}_{digest(args.profile, SPACE, *s.data)}"
     arms, chosen = [], {}
-    for method, extra in zip(METHODS, (["--grid_points", grid_points], ["--trials", args.runs],
-                                       ["--trials", args.runs])):
-        folder = s.run_script(f"search_{method}", "sweep.py", "--method", method, "--profile", args.profile,
-                              "--datasets", s.dataset, "--space", SPACE, "--seed", 0, *extra,
-                              done=f"{method}/results.json") / method
-        flags, chosen[method] = best_flags(folder)
-        steps = json.loads((folder / "results.json").read_text())["steps"]
-        arms.append(Arm(method, flags, held_out, extra_steps=steps))
+    for method in SEARCHES:
+        search = sweep(s, folder, method, runs, SPACE, args.profile)
+        flags, chosen[f"{method}_{runs}"] = best_flags(search)
+        steps = json.loads((search / "results.json").read_text())["steps"]
+        arms.append(Arm(f"{method}_{runs}", flags, held_out, extra_steps=steps))
+    tuning = sweep(s, s.root / f"tuned_cosine_{runs}_{digest(args.profile, LR_SPACE, *s.data)}", "grid", runs,
+                   LR_SPACE, args.profile)
+    flags, chosen[f"tuned_cosine_{runs}"] = best_flags(tuning)
+    arms.append(Arm(f"tuned_cosine_{runs}", flags, held_out,
+                    extra_steps=json.loads((tuning / "results.json").read_text())["steps"]))
+    agent, training = s.train_controller(f"ppo_control_{runs}", runs, "--agent", "ppo", "--control", CONTROL,
+                                         "--profile", args.profile, "--episodes_per_update",
+                                         episodes_per_update(runs))
+    arms.append(Arm(f"ppo_{runs}", ["--agent", "ppo", "--control", CONTROL, "--agent_init", agent], held_out,
+                    extra_steps=training))
+    figures = s.root / "figures"
+    figures.mkdir(exist_ok=True)
+    shutil.copyfile(folder / "best_so_far.png", figures / f"best_so_far_{runs}.png")
     return arms, chosen
 
 
+def pairs_of(runs: int) -> list[tuple[str, str]]:
+    """One budget's comparisons: every arm against cosine, ppo against every search, PBT against random."""
+    named = [f"{m}_{runs}" for m in (*SEARCHES, "tuned_cosine")]
+    ppo = f"ppo_{runs}"
+    return [(a, "cosine") for a in (*named, ppo)] + [(ppo, a) for a in named] + \
+        [(f"pbt_{runs}", f"random_{runs}"), (f"random_{runs}", f"grid_{runs}"),
+         (f"random_{runs}", f"tuned_cosine_{runs}")]
+
+
 def chosen_lines(chosen: dict) -> list[str]:
-    lines = ["| chosen | configuration |", "|---|---|"]
-    for method, best in chosen.items():
-        lines.append(f"| {method} | {best['trial']}: " + ", ".join(f"{k}={v:.4g}" for k, v in best["hp"].items())
-                     + f" (its search loss {best['full_val_loss']:.4f}) |")
+    lines = ["| chosen | configuration (its search loss on seed 2000) |", "|---|---|"]
+    for name, best in chosen.items():
+        what = ", ".join(f"{k}={v:.4g}" for k, v in best["hp"].items())
+        if name.startswith("pbt"):
+            what = f"best lineage ending with {what}"
+        lines.append(f"| {name} | {best['trial']}: {what} ({best['full_val_loss']:.4f}) |")
     return lines
 
 
@@ -77,20 +127,19 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir)
     held_out = seeds("held_out", args.seeds)
-    study.check_disjoint(training=seeds("training", args.runs), search=[SEARCH_SEED], held_out=held_out)
-    searched, chosen = search_arms(s, args, held_out)
-    agent, training = s.train_controller("ppo_control", args.runs, "--agent", "ppo", "--control", CONTROL,
-                                         "--profile", args.profile, "--episodes_per_update", 1)  # (as measured)
-    arms = s.run_all([Arm("cosine", [], held_out), *searched,
-                      Arm("ppo_control", ["--agent", "ppo", "--control", CONTROL, "--agent_init", agent], held_out,
-                          extra_steps=training),
-                      Arm("random_control", ["--agent", "random", "--control", CONTROL, "--agent_actions",
-                                             "0.1,0.5,1,1.5,2"], held_out)])
-    pairs = [(a, "cosine") for a in (*METHODS, "ppo_control", "random_control")]
-    pairs += [("ppo_control", b) for b in (*METHODS, "random_control")] + [("pbt", "random"), ("random", "grid")]
-    rows = study.table([(arms[a], arms[b]) for a, b in pairs])
-    print(study.write_summary(s.root, QUESTION, list(arms.values()), rows, notes=chosen_lines(chosen),
-                              extra={"chosen": chosen}))
+    study.check_disjoint(training=seeds("training", max(args.budgets)), search=[study.SEED_BASES["search"]],
+                         held_out=held_out)
+    arms, chosen, pairs = [Arm("cosine", [], held_out)], {}, []
+    for runs in args.budgets:
+        budget, picked = budget_arms(s, args, runs, held_out)
+        arms += budget
+        chosen.update(picked)
+        pairs += pairs_of(runs)
+    ran = s.run_all(arms)
+    rows = study.table([(ran[a], ran[b]) for a, b in pairs])
+    notes = [*chosen_lines(chosen), "", "Best-so-far curves of the searches: figures/best_so_far_<R>.png."]
+    print(study.write_summary(s.root, QUESTION, list(ran.values()), rows, notes=notes,
+                              extra={"chosen": chosen, "budgets": list(args.budgets)}))
 
 
 if __name__ == "__main__":

@@ -26,4 +26,5 @@ model.py or an entry point, and a module that needs the config takes it as a pla
   stats        mean and stderr, t intervals, paired and Welch differences, Holm: the project's one copy (no torch)
   tensorboard  live curves for --tensorboard (imported with the flag only)
   observation  the neural controllers' observation vector; PolicyInputs, what the config decides of it
+  pbt_lineage  a PBT member's lineage through every exploit, written as a schedule --agent replay plays
 """

@@ -44,14 +44,15 @@ def dataclass_parser(fields_of, description: str) -> argparse.ArgumentParser:
 
 def entry_point(work, argv: list[str], interrupted: str = "interrupted") -> int:
     """The main() of train_agent.py, sweep.py and prune.py: work(argv), then 0; a UserError or RunFailed is one
-    `error:` line and its exit code (--debug: the traceback instead); Ctrl-C prints `interrupted` and gives 130."""
+    `error:` line and its exit code (--debug: the traceback instead); an Interrupted (a sweep stopped before
+    its end) is one `interrupted:` line saying how to continue, 130; Ctrl-C prints `interrupted` and gives 130."""
     try:
         work(argv)
         return 0
-    except (UserError, RunFailed) as e:
+    except (UserError, RunFailed, Interrupted) as e:
         if "--debug" in argv:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

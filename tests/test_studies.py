@@ -76,12 +76,21 @@ def test_prune_study_smoke_compares_the_methods_on_each_source_model(prepared_da
     assert all((tmp_path / "figures" / f"pareto_{n}.png").stat().st_size > 0 for n in (4, 8))
 
 
-def test_sweep_study_smoke_charges_each_search_its_steps(prepared_data_dir, tmp_path):
+def test_sweep_study_smoke_charges_each_search_its_steps_and_replays_pbts_lineage(prepared_data_dir, tmp_path):
     pytest.importorskip("ray")
     run_study("sweep_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
-    arms = json.loads((tmp_path / "summary.json").read_text())["arms"]
-    assert set(arms) == {"cosine", "grid", "random", "pbt", "ppo_control", "random_control"}
-    assert all(arms[m]["extra_steps"] > 0 for m in ("grid", "random", "pbt", "ppo_control"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    arms = summary["arms"]
+    assert set(arms) == {"cosine", "grid_2", "random_2", "pbt_2", "tuned_cosine_2", "ppo_2"}
+    assert all(arms[m]["extra_steps"] > 0 for m in ("grid_2", "random_2", "pbt_2", "tuned_cosine_2", "ppo_2"))
+    pbt = arms["pbt_2"]["flags"]  # PBT's product, its best member's lineage, replayed on the held-out seeds
+    assert pbt[-6:-3] == ["--agent", "replay", "--agent_init"] and pbt[-3].endswith("pbt/best_lineage")
+    assert pbt[-2:] == ["--control", "lr,weight_decay,grad_clip"]
+    assert all(r["p_holm"] is None or r["p_holm"] >= r["p"] for r in summary["comparisons"])
+    assert (tmp_path / "figures" / "best_so_far_2.png").stat().st_size > 0
+    assert started(tmp_path, "sweep.py") == 4  # grid, random, pbt, tuned cosine: once each
+    run_study("sweep_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
+    assert started(tmp_path, "sweep.py") == 4  # finished sweeps are reused, never run again
 
 
 def test_a_study_refuses_bad_input_and_overlapping_seeds_in_one_line(tmp_path):
