@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -62,7 +61,7 @@ from harness.policy_files import (agent_file, read_agent_init, read_agent_state,
 from harness.records import (check_same_data, command_line, data_provenance, now_iso, prepare_run_folder,
                              resume_configs)
 from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_rank, previous_checkpoint_file,
-                                remove_checkpoints, run_to_resume, start_run_record)
+                                record_in_notebook, remove_checkpoints, run_to_resume, start_run_record)
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 from harness.stats import mean_and_stderr
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
@@ -118,6 +117,8 @@ class Config:
     # --- optimisation ---
     batch_size: int = _opt(64, "sequences per micro-batch", bounds="[1, inf)")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step", bounds="[1, inf)")
+    batch_grows_with_world: bool = _opt(False, "under torchrun every process takes all the micro-batches: the "
+                                               "global batch grows with the processes (else they share them)")
     max_iters: int = _opt(5000, "optimizer steps", bounds="[1, inf)")
     learning_rate: float = _opt(1e-3, "peak learning rate of the base schedule", bounds="(0, inf)")
     min_lr: float = _opt(1e-4, "final learning rate of the cosine/wsd decay (refused above learning_rate)",
@@ -1111,7 +1112,7 @@ class TrainingRun(Controls, RunCheckpoints):
             self.step_model = torch.compile(self.model)
             self.compile_time = time.time() - t  # the lazy compile itself lands in the first steps' time
         self.eval_model = self.step_model  # evaluation runs outside DDP: no gradient hooks, no collectives
-        self.micro_steps = self.world.micro_steps(cfg.gradient_accumulation_steps)
+        self.micro_steps = self.world.micro_steps(cfg)
         if self.world.distributed:  # nanoGPT's order: compile, then wrap (DDP also sends rank 0's weights out)
             from torch.nn.parallel import DistributedDataParallel
             self.step_model = DistributedDataParallel(
@@ -1133,7 +1134,7 @@ class TrainingRun(Controls, RunCheckpoints):
         self.steps_taken = 0  # optimizer steps this object has run (rollbacks and restores included): compute
         self.reference: Optional[dict] = None  # --reward vs_reference: iteration -> the reference run's val loss
         self.on_log = on_log or (lambda it, loss, lr: None)
-        self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
+        self.faults = FaultInjector.from_environment(self.world.rank)
         optimizer_mode(self.optimizer, training=True)
 
     @contextmanager
@@ -1208,6 +1209,7 @@ class TrainingRun(Controls, RunCheckpoints):
         """One optimizer step at rate lr (each group at its own, when layered); returns the last micro-batch's
         loss (on the device, not synced)."""
         cfg = self.cfg
+        self.faults.raise_if_due(it)
         self.apply_controls(it, lr)
         loss = self.accumulate_gradients(it)
         if self.layered:  # clipped by the global norm, each group's norm kept too
@@ -1583,29 +1585,6 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
     return final_infos
 
 
-def record_in_notebook(cfg: Config, out_dir: Path) -> None:
-    """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
-
-    Both come after final_info.json: a failure here is reported and costs nothing already written.
-    """
-    spec = importlib.util.spec_from_file_location("plot", PROJECT_ROOT / "plot.py")
-    plot = importlib.util.module_from_spec(spec)
-    sys.modules["plot"] = plot
-    spec.loader.exec_module(plot)
-    runs_folder = out_dir.resolve().parent
-    if cfg.notes != "off":
-        notes = Path(cfg.notes) if cfg.notes else runs_folder / "notes.txt"
-        try:
-            plot.update_notes(notes, out_dir)
-            print(f"notes: {notes} updated", flush=True)
-        except Exception as e:  # noqa: BLE001 -- the run's results are safe; say what went wrong
-            print(f"warning: could not update {notes}: {e}", file=sys.stderr, flush=True)
-    if cfg.plot:
-        code = plot.main([str(runs_folder), "--out_dir", str(runs_folder)])
-        if code != 0:
-            print("warning: plot.py could not draw the runs (see above)", file=sys.stderr, flush=True)
-
-
 def resolve_configs(base: Config, cli_overrides: dict, world: World):
     """(profile, configs, run_record) of the run to start or resume, validated; run_record None for a new run;
     configs None when a resumed run has finished already. Rank 0's work: it alone reads the run folder."""
@@ -1684,7 +1663,8 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
     stop = StopRequest(repeat_grace_s=2.0 if world.distributed else 0.0)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        final_infos = train_all(configs, loaded, rt, out_dir, sys.stderr.isatty(), stop, base.resume)
+        with world.failures_shared():  # run.json names the rank that failed, not this rank's broken collective
+            final_infos = train_all(configs, loaded, rt, out_dir, sys.stderr.isatty(), stop, base.resume)
     except BaseException as e:  # record how the run ended; finished seeds and checkpoints stay
         if world.is_main:
             interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
@@ -1743,7 +1723,7 @@ def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional
     if c.step_epochs <= 0:
         return c
     world = world or World()
-    tokens_per_step = c.batch_size * c.block_size * world.micro_steps(c.gradient_accumulation_steps) * world.size
+    tokens_per_step = c.batch_size * c.block_size * world.micro_steps(c) * world.size
     return dataclasses.replace(c, step_interval=max(1, round(c.step_epochs * len(data.splits["train"]) / tokens_per_step)))
 
 

@@ -5,6 +5,7 @@ what only experiment.py knows (how one dataset is prepared and loaded) arrives a
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,7 +13,7 @@ from typing import Callable, Optional
 from harness.distributed import World
 from harness.errors import UserError
 from harness.files import atomic_write_json, read_json
-from harness.records import new_run_record, now_iso, policy_record
+from harness.records import PROJECT_ROOT, new_run_record, now_iso, policy_record, settings_of_run
 
 
 def checkpoint_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
@@ -56,6 +57,15 @@ def run_to_resume(out_dir: Path, overwrite: bool, world: World) -> Optional[dict
     for stale in out_dir.glob(".*.tmp"):  # half-written by a killed process; the real files are intact
         stale.unlink()
     return run_record
+
+
+def recorded_settings(base) -> dict:
+    """--resume under torchrun, on rank 0 before the process group exists: {"device", "backend"} of the run in
+    base.out_dir, from its run.json; a --device or --backend typed now that asks for others is refused."""
+    out_dir = Path(base.out_dir)
+    if not (out_dir / "run.json").exists():
+        raise UserError(f"--resume: {out_dir} holds no run to resume (no run.json)")
+    return settings_of_run(out_dir, read_json(out_dir / "run.json"), base.device, base.backend)
 
 
 def load_on_every_rank(configs: dict, world: World, load_one: Callable) -> dict:
@@ -105,3 +115,26 @@ def start_run_record(base, configs: dict, loaded: dict, rt, profile: str, polici
     run_record.update(status="running", error=None)
     atomic_write_json(out_dir / "run.json", run_record)
     return run_record
+
+
+def record_in_notebook(cfg, out_dir: Path) -> None:
+    """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
+
+    Both come after final_info.json: a failure here is reported and costs nothing already written.
+    """
+    spec = importlib.util.spec_from_file_location("plot", PROJECT_ROOT / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    sys.modules["plot"] = plot
+    spec.loader.exec_module(plot)
+    runs_folder = out_dir.resolve().parent
+    if cfg.notes != "off":
+        notes = Path(cfg.notes) if cfg.notes else runs_folder / "notes.txt"
+        try:
+            plot.update_notes(notes, out_dir)
+            print(f"notes: {notes} updated", flush=True)
+        except Exception as e:  # noqa: BLE001 -- the run's results are safe; say what went wrong
+            print(f"warning: could not update {notes}: {e}", file=sys.stderr, flush=True)
+    if cfg.plot:
+        code = plot.main([str(runs_folder), "--out_dir", str(runs_folder)])
+        if code != 0:
+            print("warning: plot.py could not draw the runs (see above)", file=sys.stderr, flush=True)
