@@ -52,7 +52,7 @@ from harness.cli import OneLineArgumentParser, add_config_flags, job_main, parse
 from harness.agents import Agent, ReinforceAgent, SB3Agent
 from harness.control import (DROPOUT_MAX, controlled, extra_controlled, lr_group_names, lr_groups_kind, parse_actions,
                              policy_inputs)
-from harness.distributed import RANK_SEED_STRIDE, World
+from harness.distributed import RANK_SEED_STRIDE, EvaluationStopped, World
 from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_json, read_json
 from harness.grad_stats import GradientStatistics, lamb_trust
@@ -969,15 +969,16 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
 # losses and takes the same rollbacks; a stop request is agreed at logged steps. Rank 0 alone writes files.
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime) -> dict:
+def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime, stop=None) -> dict:
     """Mean loss over the run's fixed evaluation batches, per split (one host sync per split). Under torchrun
-    rank r evaluates batches r, r + size, ... and the sums are added up: every rank gets the same means."""
+    rank r evaluates batches r, r + size, ... and the sums are added up: every rank gets the same means.
+    stop(), asked between batches, ends it with EvaluationStopped (a SIGTERM cannot wait for a long one)."""
     world = rt.world
     model.eval()
     out = {}
     for split, starts_list in eval_starts.items():
         total = torch.zeros((), device=rt.device)
-        for starts in starts_list[world.rank::world.size]:
+        for starts in world.shard(starts_list, stop):
             x, y = samplers[split].batch_at(starts)
             with rt.autocast:
                 _, loss = model(x, y)
@@ -993,18 +994,18 @@ def final_eval_windows(n_tokens: int, cfg: Config) -> int:
 
 
 @torch.no_grad()
-def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime) -> float:
+def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime, stop=None) -> float:
     """Mean loss over the first windows of a split, read in consecutive block_size windows.
 
     The quantity estimate_loss samples (every window position counts equally), read once instead of
     sampled: no noise from which batches were drawn, so runs compare on the same text. Tokens that do
-    not fill a last window are left out.
+    not fill a last window are left out. stop(): as in estimate_loss.
     """
     model.eval()
     world = rt.world  # under torchrun each rank reads every size-th batch of windows; the sums are added up
     n_windows, block = final_eval_windows(len(tokens), cfg), cfg.block_size
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for first in range(world.rank * cfg.batch_size, n_windows, world.size * cfg.batch_size):
+    for first in world.shard(range(0, n_windows, cfg.batch_size), stop):
         starts = np.arange(first, min(first + cfg.batch_size, n_windows)) * block
         x, y = windows_at(tokens, starts, block, rt.device)
         with rt.autocast:
@@ -1014,16 +1015,16 @@ def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime) -
     return (world.sum_(total) / n_windows).item()
 
 
-def final_evaluation(model: nn.Module, data: CharDataset, cfg: Config, rt: Runtime) -> dict:
+def final_evaluation(model: nn.Module, data: CharDataset, cfg: Config, rt: Runtime, stop=None) -> dict:
     """full_val_loss (and test_loss where the dataset has a test split) of the final model; {} when off."""
     val_windows = final_eval_windows(len(data.splits["val"]), cfg)
     if val_windows == 0:  # final_eval_tokens 0 (off) or shorter than one window
         return {}
     t = time.time()
-    out = {"full_val_loss": split_loss(model, data.splits["val"], cfg, rt),
+    out = {"full_val_loss": split_loss(model, data.splits["val"], cfg, rt, stop),
            "full_val_tokens": val_windows * cfg.block_size}
     if final_eval_windows(len(data.splits.get("test", ())), cfg):
-        out["test_loss"] = split_loss(model, data.splits["test"], cfg, rt)
+        out["test_loss"] = split_loss(model, data.splits["test"], cfg, rt, stop)
     out["final_eval_time"] = time.time() - t
     return out
 
@@ -1172,7 +1173,7 @@ class TrainingRun(Controls, RunCheckpoints):
         try:
             while True:
                 if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and s.last_eval_it < it:
-                    return self.evaluate(it)
+                    return self.evaluate(it, stop)
                 logged = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
                 if self.stop_agreed(stop, logged):
                     s.next_it = it
@@ -1249,13 +1250,20 @@ class TrainingRun(Controls, RunCheckpoints):
                 self.scaler.scale(loss / self.micro_steps).backward()
         return loss
 
-    def evaluate(self, it: int) -> EvalResult:
+    def evaluate(self, it: int, stop=lambda: False) -> EvalResult:
         cfg, s = self.cfg, self.state
         t = time.time()
         optimizer_mode(self.optimizer, training=False)
-        losses = estimate_loss(self.eval_model, self.eval_samplers, self.eval_starts, self.rt)
+        try:
+            losses = estimate_loss(self.eval_model, self.eval_samplers, self.eval_starts, self.rt,
+                                   lambda: self.stop_agreed(stop, True))
+        except EvaluationStopped:  # checkpointed as the step before it: a resumed run evaluates `it` anew
+            losses, s.next_it = None, it
+            self.model.train()
         optimizer_mode(self.optimizer, training=True)
         s.eval_time += time.time() - t
+        if losses is None:
+            return EvalResult(it, interrupted=True)
         if is_diverged(losses["val"], s.reference_loss, cfg.divergence_factor):
             return EvalResult(it, losses["train"], losses["val"], diverged=f"val loss {losses['val']:.4g} at iter {it}")
         s.reference_loss = s.reference_loss or losses["train"]
@@ -1290,12 +1298,13 @@ class TrainingRun(Controls, RunCheckpoints):
         s = self.state
         return s.last_eval_losses or [s.val_log[-1]["train/loss"], s.val_log[-1]["val/loss"]]
 
-    def finish(self, status: str) -> dict:
-        """The final model's whole-split losses and sampling speed, and the seed's final_info."""
+    def finish(self, status: str, stop=lambda: False) -> dict:
+        """The final model's whole-split losses and sampling speed, and the seed's final_info. stop() ends the
+        final evaluation with EvaluationStopped (the checkpoint of the last evaluation stays)."""
         cfg, s = self.cfg, self.state
         last_train, last_val = self.last_eval_losses()
         optimizer_mode(self.optimizer, training=False)  # evaluate and sample the weights that were evaluated
-        final_eval = final_evaluation(self.model, self.data, cfg, self.rt)
+        final_eval = final_evaluation(self.model, self.data, cfg, self.rt, lambda: self.stop_agreed(stop, True))
         # Sampling speed is measured on rank 0's device alone (the others' numbers would not be written).
         sampling = cfg if self.world.is_main else dataclasses.replace(cfg, inference_samples=0)
         speed = measure_inference_speed(self.model, self.data, sampling, self.rt, self.seed)
@@ -1348,13 +1357,13 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     try:
         status = drive(run, agent, stop=lambda: stop.signal_name is not None, log=log, label=label,
                        on_evaluation=on_evaluation)
-    except Interrupted as e:
+        final_info = run.finish(status, stop=lambda: stop.signal_name is not None)
+    except Interrupted as e:  # (EvaluationStopped included)
         raise Interrupted(f"{stop.signal_name or 'another rank'}: {e}") from None
     finally:
         progress.close()
         if curves is not None:
             curves.close()
-    final_info = run.finish(status)
     result = {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
               "sample": run.sample, "agent_state": agent.state_dict(), "model": run.model}
     if rt.world.distributed:  # the evidence that every rank's optimizer used the same rates

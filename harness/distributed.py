@@ -34,6 +34,14 @@ DEFAULT_TIMEOUT_S = 600  # nor fails (rank 0 alone writes checkpoints and plots 
 FAILURE_GRACE_S = 15.0   # after a failure is posted, how long a rank may take to end by itself
 
 
+class EvaluationStopped(Interrupted):
+    """A stop was agreed in the middle of an evaluation: it is left unfinished (the last checkpoint stays)."""
+
+    def __init__(self, message: str = "stopped during an evaluation; the last checkpoint is kept: continue "
+                                      "with --resume"):
+        super().__init__(message)
+
+
 class RankFailed(RunFailed):
     """Another rank (or this one) failed: the job ends on every rank, each on its own (no farewell barrier)."""
 
@@ -231,6 +239,17 @@ class World:
         return RankFailed(*posted)
 
     # --- collectives: every rank calls each one at the same point, in the same order ---------------------
+
+    def shard(self, items, stop=None, every: int = 8):
+        """This rank's share of items (the rank-th, then every size-th), taken in rounds that every rank goes
+        through alike, so that stop() (a collective under torchrun) is asked at the same round everywhere:
+        at the first and every `every`-th, and EvaluationStopped is raised on every rank when it says so."""
+        items = list(items)
+        for k, first in enumerate(range(0, len(items), self.size)):
+            if stop is not None and k % every == 0 and stop():
+                raise EvaluationStopped()
+            if first + self.rank < len(items):
+                yield items[first + self.rank]
 
     def comm_device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
