@@ -1629,7 +1629,7 @@ def load_data(configs: dict, world: World) -> dict:
         data = load_dataset(cfg, dataset)
         check_fits(cfg, data)
         return data
-    return load_on_every_rank(configs, world, load_one)
+    return load_on_every_rank(configs, world, load_one, dataset_dir)
 
 
 def open_run_folder(base: Config, configs: dict, loaded: dict, run_record: Optional[dict]) -> dict:

@@ -29,8 +29,8 @@ import torch.distributed as dist  # (imported by torch itself: no start-up cost)
 from harness.errors import Interrupted, RunFailed, UserError
 
 RANK_SEED_STRIDE = 1_000_003  # rank r draws its training batches and dropout from seed + r x this
-TIMEOUT_ENV = "GPT_RL_COLLECTIVE_TIMEOUT_S"  # how long a collective may wait for a rank that neither works
-DEFAULT_TIMEOUT_S = 600  # nor fails (rank 0 alone writes checkpoints and plots meanwhile: minutes, not hours)
+TIMEOUT_ENV = "GPT_RL_COLLECTIVE_TIMEOUT_S"  # how long a collective may wait for a rank that neither works nor
+DEFAULT_TIMEOUT_S = 1800  # fails: PyTorch's own default, since a node may download and prepare a dataset meanwhile
 FAILURE_GRACE_S = 15.0   # after a failure is posted, how long a rank may take to end by itself
 
 

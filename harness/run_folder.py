@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from filelock import FileLock
+
 from harness.distributed import World
 from harness.errors import UserError
 from harness.files import atomic_write_json, read_json
@@ -68,29 +70,41 @@ def recorded_settings(base) -> dict:
     return settings_of_run(out_dir, read_json(out_dir / "run.json"), base.device, base.backend)
 
 
-def load_on_every_rank(configs: dict, world: World, load_one: Callable) -> dict:
-    """{dataset: load_one(cfg, dataset)} on every process. Under torchrun rank 0 goes first (it may prepare the
-    data), then the first rank of every other node (which may have to prepare it on its own disk), then the
-    rest; every rank checks that it reads the tokens rank 0 reads."""
+def load_on_every_rank(configs: dict, world: World, load_one: Callable, folder: Callable) -> dict:
+    """{dataset: load_one(cfg, dataset)} on every process; folder(cfg, dataset): where it is prepared.
+
+    Under torchrun the first rank of every node prepares what is missing, all nodes at once, then the node's
+    other ranks load it; each preparation holds a lock on the dataset's folder, so nodes sharing a file system
+    (or two jobs on one machine) prepare it once. Every rank checks that its tokens hash as rank 0's do."""
     loaded = {}
 
-    def load_here() -> dict:
+    def load_here() -> None:
         for dataset, cfg in configs.items():
-            loaded[dataset] = load_one(cfg, dataset)
-        return {d: data.provenance["sha256"] for d, data in loaded.items()}
+            with preparation_lock(folder(cfg, dataset)):
+                loaded[dataset] = load_one(cfg, dataset)
 
-    expected = world.from_main(load_here)
+    if not world.distributed:
+        load_here()
+        return loaded
+    world.everywhere(lambda: load_here() if world.local_rank == 0 else None)
+    world.everywhere(lambda: load_here() if world.local_rank != 0 else None)
+    expected = world.gather({d: data.provenance["sha256"] for d, data in loaded.items()})[0]
 
-    def load_same(turn: bool) -> None:
-        if turn and load_here() != expected:
-            differ = [d for d, data in loaded.items() if data.provenance["sha256"] != expected[d]]
+    def check_same() -> None:
+        differ = [d for d, data in loaded.items() if data.provenance["sha256"] != expected[d]]
+        if differ:
             raise UserError(f"rank {world.rank} reads other {', '.join(differ)} data than rank 0 "
                             f"({loaded[differ[0]].provenance['folder']}): every node needs the same prepared data")
 
-    if world.distributed:
-        world.everywhere(lambda: load_same(not world.is_main and world.local_rank == 0))
-        world.everywhere(lambda: load_same(world.local_rank != 0))
+    world.everywhere(check_same)
     return loaded
+
+
+def preparation_lock(dataset_folder: Path):
+    """A lock beside the dataset's folder, held while it is prepared and read (released if its holder dies)."""
+    dataset_folder = Path(dataset_folder)
+    dataset_folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(dataset_folder.parent / f".{dataset_folder.name}.lock"))
 
 
 def start_run_record(base, configs: dict, loaded: dict, rt, profile: str, policies: dict, frozen: dict,
