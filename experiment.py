@@ -222,6 +222,8 @@ class Config:
     dtype: str = _opt("auto", "compute dtype; auto = bfloat16/float16 on CUDA, float32 elsewhere",
                       ("auto", "float32", "bfloat16", "float16"))
     compile: Optional[bool] = _opt(None, "torch.compile the model; default: only on CUDA with Triton")
+    compile_ddp: bool = _opt(False, "with --compile under torchrun: compile the DDP-wrapped model, so the gradients' "
+                                    "all-reduce overlaps the backward (else nanoGPT's order: compile, then wrap)")
     backend: str = _opt("auto", "process-group backend under torchrun (several processes); auto = nccl on CUDA, "
                                 "gloo on the CPU", ("auto", "nccl", "gloo"))
     debug: bool = _opt(False, "show full tracebacks for errors")
@@ -1108,16 +1110,15 @@ class TrainingRun(Controls, RunCheckpoints):
         self.optimizer = self.model.make_optimizer(cfg, rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.compile_time, self.step_model = 0.0, self.model
-        if rt.compile:
+        compile_wrapped = rt.compile and cfg.compile_ddp and self.world.distributed
+        if rt.compile and not compile_wrapped:
             t = time.time()
             self.step_model = torch.compile(self.model)
             self.compile_time = time.time() - t  # the lazy compile itself lands in the first steps' time
         self.eval_model = self.step_model  # evaluation runs outside DDP: no gradient hooks, no collectives
         self.micro_steps = self.world.micro_steps(cfg)
-        if self.world.distributed:  # nanoGPT's order: compile, then wrap (DDP also sends rank 0's weights out)
-            from torch.nn.parallel import DistributedDataParallel
-            self.step_model = DistributedDataParallel(
-                self.step_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if self.world.distributed:  # nanoGPT's order: compile, then wrap (DDP also sends rank 0's weights out);
+            self.step_model = self.world.wrap(self.step_model, rt.device, compile_wrapped)  # or --compile_ddp
         self.rank_lrs: list = []  # under torchrun: this process's optimizer rates at each logged step it took
         # Separate generators: training batches (each rank its own stream), and the fixed evaluation batches
         # drawn once per run, so every evaluation (and every agent reward) compares the model on the same text.
@@ -1738,7 +1739,7 @@ def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional
 
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
                     "overwrite", "download", "notes", "plot", "tensorboard", "resume", "debug", "device", "dtype",
-                    "compile", "backend"}
+                    "compile", "compile_ddp", "backend"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -208,6 +208,15 @@ class World:
             return cfg.gradient_accumulation_steps
         return max(1, cfg.gradient_accumulation_steps // self.size)
 
+    def wrap(self, model: torch.nn.Module, device: torch.device, compile_wrapped: bool = False) -> torch.nn.Module:
+        """The model in DistributedDataParallel (device_ids on CUDA only). compile_wrapped: torch.compile the
+        wrapped model, so that the compiled graph breaks at DDP's gradient buckets and each bucket's all-reduce
+        overlaps the rest of the backward (DDPOptimizer); a compiled model inside DDP (nanoGPT's order) gives
+        DDP its gradients only when the whole compiled backward is done."""
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(wrapped) if compile_wrapped else wrapped
+
     # --- failures: one rank's error ends every rank, named once ------------------------------------------
 
     @contextmanager
