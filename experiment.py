@@ -974,19 +974,23 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
 def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime, stop=None) -> dict:
     """Mean loss over the run's fixed evaluation batches, per split (one host sync per split). Under torchrun
     rank r evaluates batches r, r + size, ... and the sums are added up: every rank gets the same means.
-    stop(), asked between batches, ends it with EvaluationStopped (a SIGTERM cannot wait for a long one)."""
+    stop(), asked between batches, ends it early, returning None (a SIGTERM cannot wait for a long one)."""
     world = rt.world
     model.eval()
     out = {}
-    for split, starts_list in eval_starts.items():
-        total = torch.zeros((), device=rt.device)
-        for starts in world.shard(starts_list, stop):
-            x, y = samplers[split].batch_at(starts)
-            with rt.autocast:
-                _, loss = model(x, y)
-            total += loss.float()
-        out[split] = (world.sum_(total) / len(starts_list)).item()
-    model.train()
+    try:
+        for split, starts_list in eval_starts.items():
+            total = torch.zeros((), device=rt.device)
+            for starts in world.shard(starts_list, stop):
+                x, y = samplers[split].batch_at(starts)
+                with rt.autocast:
+                    _, loss = model(x, y)
+                total += loss.float()
+            out[split] = (world.sum_(total) / len(starts_list)).item()
+    except EvaluationStopped:
+        return None
+    finally:
+        model.train()
     return out
 
 
@@ -1255,15 +1259,12 @@ class TrainingRun(Controls, RunCheckpoints):
         cfg, s = self.cfg, self.state
         t = time.time()
         optimizer_mode(self.optimizer, training=False)
-        try:
-            losses = estimate_loss(self.eval_model, self.eval_samplers, self.eval_starts, self.rt,
-                                   lambda: self.stop_agreed(stop, True))
-        except EvaluationStopped:  # checkpointed as the step before it: a resumed run evaluates `it` anew
-            losses, s.next_it = None, it
-            self.model.train()
+        losses = estimate_loss(self.eval_model, self.eval_samplers, self.eval_starts, self.rt,
+                               lambda: self.stop_agreed(stop, True))
         optimizer_mode(self.optimizer, training=True)
         s.eval_time += time.time() - t
-        if losses is None:
+        if losses is None:  # stopped inside it: checkpointed as the step before it, a resumed run evaluates `it`
+            s.next_it = it
             return EvalResult(it, interrupted=True)
         if is_diverged(losses["val"], s.reference_loss, cfg.divergence_factor):
             return EvalResult(it, losses["train"], losses["val"], diverged=f"val loss {losses['val']:.4g} at iter {it}")
@@ -1300,8 +1301,7 @@ class TrainingRun(Controls, RunCheckpoints):
         return s.last_eval_losses or [s.val_log[-1]["train/loss"], s.val_log[-1]["val/loss"]]
 
     def finish(self, status: str, stop=lambda: False) -> dict:
-        """The final model's whole-split losses and sampling speed, and the seed's final_info. stop() ends the
-        final evaluation with EvaluationStopped (the checkpoint of the last evaluation stays)."""
+        """The final model's whole-split losses and sampling speed, and the seed's final_info (stop(): see shard)."""
         cfg, s = self.cfg, self.state
         last_train, last_val = self.last_eval_losses()
         optimizer_mode(self.optimizer, training=False)  # evaluate and sample the weights that were evaluated

@@ -229,7 +229,7 @@ def test_an_exception_on_rank_1_ends_every_rank_in_one_line_and_resume_finishes_
     assert proc.returncode != 0
     assert error_lines(proc.stderr) == [
         "error: rank 1 failed: RuntimeError: GPT_RL_TEST_RAISE_AT: the test failure at iter 35"], proc.stderr
-    assert f'File "{ROOT / "experiment.py"}"' not in proc.stderr, "no traceback from the workers (torchrun's is its own)"
+    assert f'File "{ROOT / "experiment.py"}"' not in proc.stderr, "no worker's traceback (torchrun's is its own)"
     record = json.loads((failed / "run.json").read_text())
     assert record["status"] == "failed" and "rank 1 failed: RuntimeError" in record["error"]
     checkpoint = torch.load(failed / "ckpt_shakespeare_char_0.pt", weights_only=True)
