@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,6 +62,8 @@ class JobStore:
     a failing rank leaves its error for the others. Keys are this job attempt's (torchrun may restart it)."""
 
     def __init__(self, rank: int, size: int, timeout_s: float):
+        if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT", "").isdigit():
+            raise UserError("WORLD_SIZE > 1 without MASTER_ADDR and MASTER_PORT: launch the job with torchrun")
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         # Under torchrun the launcher hosts the store; a bare launch (env:// by hand) has rank 0 host it.
         hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
@@ -102,6 +103,18 @@ class JobStore:
         except Exception:  # noqa: BLE001 -- the store left with its host; the others learn it from their collectives
             pass
 
+    def cause(self, rank: int, error: str) -> tuple[int, str]:
+        """(rank, error) of the job's first failure: one posted already (this rank's error is then its echo, a
+        collective broken by the failed rank's departure), else this rank's, posted now."""
+        try:
+            posted = self.failure()
+            if posted is None:
+                self.post_failure(rank, error)
+                posted = self.failure()  # (another rank's, had it posted first after all)
+        except Exception:  # noqa: BLE001 -- the store is gone too: this rank's own error is all there is
+            posted = None
+        return posted or (rank, error)
+
     def failure(self, store=None) -> Optional[tuple[int, str]]:
         """(rank, error) of the first failure posted, or None."""
         store, key = store or self.store, self.prefix + "failure"
@@ -123,9 +136,10 @@ class FailureWatch(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        connection = self.job_store.another_connection()  # the main thread's may be busy in the process group
+        connection = None  # its own: the main thread's may be busy in the process group
         while not self.stopped.wait(self.poll_s):
             try:
+                connection = connection or self.job_store.another_connection()
                 failure = self.job_store.failure(connection)
             except Exception as e:  # noqa: BLE001 -- the store's host (torchrun on the first node) is gone
                 failure = (None, f"the job's store at {self.job_store.address[0]} is unreachable ({describe(e)})")
@@ -234,18 +248,11 @@ class World:
             raise self.explain(e) from e
 
     def explain(self, error: BaseException) -> RankFailed:
+        """The job's failure that error is part of: RankFailed naming the rank that failed first."""
         if isinstance(error, RankFailed):
             return error
-        if self.store is None:
-            return RankFailed(self.rank, describe(error))
-        try:
-            posted = self.store.failure()
-        except Exception:  # noqa: BLE001 -- the store is gone too; this rank's own error is all there is
-            posted = None
-        if posted is None:
-            self.store.post_failure(self.rank, describe(error))
-            posted = (self.rank, describe(error))
-        return RankFailed(*posted)
+        own = describe(error)
+        return RankFailed(*(self.store.cause(self.rank, own) if self.store is not None else (self.rank, own)))
 
     # --- collectives: every rank calls each one at the same point, in the same order ---------------------
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import experiment as ex
-from harness.distributed import EvaluationStopped, RankFailed, World, collective_timeout_s, describe
+from harness.distributed import EvaluationStopped, JobStore, RankFailed, World, collective_timeout_s, describe
 from harness.records import resume_configs, settings_of_run, world_record
 from harness.runtime import FaultInjector
 from conftest import ROOT, run_cli
@@ -340,6 +340,35 @@ def test_a_rank_names_its_own_failure_in_one_line():
     with pytest.raises(ex.UserError):  # raised on every rank alike: left as it is
         with World(rank=1, size=2).failures_shared():
             raise ex.UserError("a bad flag")
+
+
+def test_the_first_failure_posted_is_the_one_every_rank_names(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # no launcher: rank 0 hosts the store
+    rank_0, rank_1 = JobStore(0, 2, timeout_s=30), JobStore(1, 2, timeout_s=30)
+    assert rank_0.failure() is None
+    failing = World(rank=1, size=2, store=rank_1).explain(RuntimeError("GPT_RL_TEST_RAISE_AT: boom"))
+    assert (failing.rank, failing.error) == (1, "RuntimeError: GPT_RL_TEST_RAISE_AT: boom")
+    # rank 0's collective then breaks: it names rank 1's failure, not its own echo of it
+    echo = World(rank=0, size=2, store=rank_0).explain(RuntimeError("[pair.cc:534] Connection closed by peer"))
+    assert str(echo) == "rank 1 failed: RuntimeError: GPT_RL_TEST_RAISE_AT: boom"
+    assert rank_0.failure() == rank_1.failure() == (1, "RuntimeError: GPT_RL_TEST_RAISE_AT: boom")
+    # what rank 0 alone can read (a resumed run's settings), every rank learns; its refusal is every rank's
+    assert rank_0.share(0, "settings", lambda: {"device": "cpu"}) == rank_1.share(1, "settings", dict) == \
+        {"device": "cpu"}
+    with pytest.raises(ex.UserError, match="no run.json"):
+        rank_0.share(0, "refused", lambda: (_ for _ in ()).throw(ex.UserError("no run.json")))
+    with pytest.raises(ex.UserError, match="no run.json"):
+        rank_1.share(1, "refused", dict)
+
+
+def test_several_processes_without_torchrun_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ex.UserError, match="launch the job with torchrun"):
+        World.from_environment(ex.Config(backend="gloo"))
 
 
 def test_the_collective_timeout_is_bounded_and_checked(monkeypatch):
