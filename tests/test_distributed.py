@@ -210,6 +210,19 @@ def test_the_default_one_micro_batch_on_two_processes_is_refused_in_one_line_nam
     assert not (tmp_path / "r").exists(), "nothing is written"
 
 
+def test_a_batch_that_grows_with_the_world_is_asked_for_and_recorded(prepared_data_dir, tmp_path):
+    out = tmp_path / "grown"
+    proc = torchrun(smoke(out, prepared_data_dir, "--batch_grows_with_world", "--max_iters", "10"))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "run.json").read_text())
+    # each of 2 ranks takes both micro-batches of 8 sequences: twice one process's global batch
+    assert record["distributed"]["batch_grows_with_world"] is True
+    assert record["distributed"]["global_batch"]["shakespeare_char"] == {
+        "micro_steps_per_rank": 2, "sequences": 32, "tokens": 1024}
+    assert record["configs"]["shakespeare_char"]["batch_grows_with_world"] is True
+    assert any("2x one process's global batch" in w for w in record["warnings"]["shakespeare_char"])
+
+
 # --- a failure on any rank ends every rank, in one line naming it; resume finishes the run (issue 28) ---
 
 FAILING = ["--max_iters", "60", "--lr_decay_iters", "60", "--eval_interval", "10", "--log_interval", "5"]
