@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -53,7 +52,7 @@ from harness.cli import OneLineArgumentParser, add_config_flags, job_main, parse
 from harness.agents import Agent, ReinforceAgent, SB3Agent
 from harness.control import (DROPOUT_MAX, controlled, extra_controlled, lr_group_names, lr_groups_kind, parse_actions,
                              policy_inputs)
-from harness.distributed import RANK_SEED_STRIDE, World
+from harness.distributed import RANK_SEED_STRIDE, EvaluationStopped, World
 from harness.errors import Interrupted, RunFailed, UserError
 from harness.files import atomic_save_npy, atomic_write_json, read_json
 from harness.grad_stats import GradientStatistics, lamb_trust
@@ -62,7 +61,7 @@ from harness.policy_files import (agent_file, read_agent_init, read_agent_state,
 from harness.records import (check_same_data, command_line, data_provenance, now_iso, prepare_run_folder,
                              resume_configs)
 from harness.run_folder import (checkpoint_file, finished_seed, load_on_every_rank, previous_checkpoint_file,
-                                remove_checkpoints, run_to_resume, start_run_record)
+                                record_in_notebook, remove_checkpoints, run_to_resume, start_run_record)
 from harness.runtime import FaultInjector, Progress, Runtime, StopRequest
 from harness.stats import mean_and_stderr
 from harness.tensorboard import LiveCurves, curves_folder, installed as tensorboard_installed
@@ -118,6 +117,8 @@ class Config:
     # --- optimisation ---
     batch_size: int = _opt(64, "sequences per micro-batch", bounds="[1, inf)")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step", bounds="[1, inf)")
+    batch_grows_with_world: bool = _opt(False, "under torchrun every process takes all the micro-batches: the "
+                                               "global batch grows with the processes (else they share them)")
     max_iters: int = _opt(5000, "optimizer steps", bounds="[1, inf)")
     learning_rate: float = _opt(1e-3, "peak learning rate of the base schedule", bounds="(0, inf)")
     min_lr: float = _opt(1e-4, "final learning rate of the cosine/wsd decay (refused above learning_rate)",
@@ -221,6 +222,8 @@ class Config:
     dtype: str = _opt("auto", "compute dtype; auto = bfloat16/float16 on CUDA, float32 elsewhere",
                       ("auto", "float32", "bfloat16", "float16"))
     compile: Optional[bool] = _opt(None, "torch.compile the model; default: only on CUDA with Triton")
+    compile_ddp: bool = _opt(False, "with --compile under torchrun: compile the DDP-wrapped model, so the gradients' "
+                                    "all-reduce overlaps the backward (else nanoGPT's order: compile, then wrap)")
     backend: str = _opt("auto", "process-group backend under torchrun (several processes); auto = nccl on CUDA, "
                                 "gloo on the CPU", ("auto", "nccl", "gloo"))
     debug: bool = _opt(False, "show full tracebacks for errors")
@@ -968,21 +971,26 @@ def make_agent(cfg: Config, seed: int, dataset: str, seed_index: int):
 # losses and takes the same rollbacks; a stop request is agreed at logged steps. Rank 0 alone writes files.
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime) -> dict:
+def estimate_loss(model: nn.Module, samplers: dict, eval_starts: dict, rt: Runtime, stop=None) -> dict:
     """Mean loss over the run's fixed evaluation batches, per split (one host sync per split). Under torchrun
-    rank r evaluates batches r, r + size, ... and the sums are added up: every rank gets the same means."""
+    rank r evaluates batches r, r + size, ... and the sums are added up: every rank gets the same means.
+    stop(), asked between batches, ends it early, returning None (a SIGTERM cannot wait for a long one)."""
     world = rt.world
     model.eval()
     out = {}
-    for split, starts_list in eval_starts.items():
-        total = torch.zeros((), device=rt.device)
-        for starts in starts_list[world.rank::world.size]:
-            x, y = samplers[split].batch_at(starts)
-            with rt.autocast:
-                _, loss = model(x, y)
-            total += loss.float()
-        out[split] = (world.sum_(total) / len(starts_list)).item()
-    model.train()
+    try:
+        for split, starts_list in eval_starts.items():
+            total = torch.zeros((), device=rt.device)
+            for starts in world.shard(starts_list, stop):
+                x, y = samplers[split].batch_at(starts)
+                with rt.autocast:
+                    _, loss = model(x, y)
+                total += loss.float()
+            out[split] = (world.sum_(total) / len(starts_list)).item()
+    except EvaluationStopped:
+        return None
+    finally:
+        model.train()
     return out
 
 
@@ -992,18 +1000,18 @@ def final_eval_windows(n_tokens: int, cfg: Config) -> int:
 
 
 @torch.no_grad()
-def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime) -> float:
+def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime, stop=None) -> float:
     """Mean loss over the first windows of a split, read in consecutive block_size windows.
 
     The quantity estimate_loss samples (every window position counts equally), read once instead of
     sampled: no noise from which batches were drawn, so runs compare on the same text. Tokens that do
-    not fill a last window are left out.
+    not fill a last window are left out. stop(): as in estimate_loss.
     """
     model.eval()
     world = rt.world  # under torchrun each rank reads every size-th batch of windows; the sums are added up
     n_windows, block = final_eval_windows(len(tokens), cfg), cfg.block_size
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for first in range(world.rank * cfg.batch_size, n_windows, world.size * cfg.batch_size):
+    for first in world.shard(range(0, n_windows, cfg.batch_size), stop):
         starts = np.arange(first, min(first + cfg.batch_size, n_windows)) * block
         x, y = windows_at(tokens, starts, block, rt.device)
         with rt.autocast:
@@ -1013,16 +1021,16 @@ def split_loss(model: nn.Module, tokens: np.ndarray, cfg: Config, rt: Runtime) -
     return (world.sum_(total) / n_windows).item()
 
 
-def final_evaluation(model: nn.Module, data: CharDataset, cfg: Config, rt: Runtime) -> dict:
+def final_evaluation(model: nn.Module, data: CharDataset, cfg: Config, rt: Runtime, stop=None) -> dict:
     """full_val_loss (and test_loss where the dataset has a test split) of the final model; {} when off."""
     val_windows = final_eval_windows(len(data.splits["val"]), cfg)
     if val_windows == 0:  # final_eval_tokens 0 (off) or shorter than one window
         return {}
     t = time.time()
-    out = {"full_val_loss": split_loss(model, data.splits["val"], cfg, rt),
+    out = {"full_val_loss": split_loss(model, data.splits["val"], cfg, rt, stop),
            "full_val_tokens": val_windows * cfg.block_size}
     if final_eval_windows(len(data.splits.get("test", ())), cfg):
-        out["test_loss"] = split_loss(model, data.splits["test"], cfg, rt)
+        out["test_loss"] = split_loss(model, data.splits["test"], cfg, rt, stop)
     out["final_eval_time"] = time.time() - t
     return out
 
@@ -1106,16 +1114,15 @@ class TrainingRun(Controls, RunCheckpoints):
         self.optimizer = self.model.make_optimizer(cfg, rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.compile_time, self.step_model = 0.0, self.model
-        if rt.compile:
+        compile_wrapped = rt.compile and cfg.compile_ddp and self.world.distributed
+        if rt.compile and not compile_wrapped:
             t = time.time()
             self.step_model = torch.compile(self.model)
             self.compile_time = time.time() - t  # the lazy compile itself lands in the first steps' time
         self.eval_model = self.step_model  # evaluation runs outside DDP: no gradient hooks, no collectives
-        self.micro_steps = self.world.micro_steps(cfg.gradient_accumulation_steps)
-        if self.world.distributed:  # nanoGPT's order: compile, then wrap (DDP also sends rank 0's weights out)
-            from torch.nn.parallel import DistributedDataParallel
-            self.step_model = DistributedDataParallel(
-                self.step_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        self.micro_steps = self.world.micro_steps(cfg)
+        if self.world.distributed:  # nanoGPT's order: compile, then wrap (DDP also sends rank 0's weights out);
+            self.step_model = self.world.wrap(self.step_model, rt.device, compile_wrapped)  # or --compile_ddp
         self.rank_lrs: list = []  # under torchrun: this process's optimizer rates at each logged step it took
         # Separate generators: training batches (each rank its own stream), and the fixed evaluation batches
         # drawn once per run, so every evaluation (and every agent reward) compares the model on the same text.
@@ -1133,7 +1140,7 @@ class TrainingRun(Controls, RunCheckpoints):
         self.steps_taken = 0  # optimizer steps this object has run (rollbacks and restores included): compute
         self.reference: Optional[dict] = None  # --reward vs_reference: iteration -> the reference run's val loss
         self.on_log = on_log or (lambda it, loss, lr: None)
-        self.faults = FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""))
+        self.faults = FaultInjector.from_environment(self.world.rank)
         optimizer_mode(self.optimizer, training=True)
 
     @contextmanager
@@ -1171,7 +1178,7 @@ class TrainingRun(Controls, RunCheckpoints):
         try:
             while True:
                 if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and s.last_eval_it < it:
-                    return self.evaluate(it)
+                    return self.evaluate(it, stop)
                 logged = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
                 if self.stop_agreed(stop, logged):
                     s.next_it = it
@@ -1208,6 +1215,7 @@ class TrainingRun(Controls, RunCheckpoints):
         """One optimizer step at rate lr (each group at its own, when layered); returns the last micro-batch's
         loss (on the device, not synced)."""
         cfg = self.cfg
+        self.faults.raise_if_due(it)
         self.apply_controls(it, lr)
         loss = self.accumulate_gradients(it)
         if self.layered:  # clipped by the global norm, each group's norm kept too
@@ -1247,13 +1255,17 @@ class TrainingRun(Controls, RunCheckpoints):
                 self.scaler.scale(loss / self.micro_steps).backward()
         return loss
 
-    def evaluate(self, it: int) -> EvalResult:
+    def evaluate(self, it: int, stop=lambda: False) -> EvalResult:
         cfg, s = self.cfg, self.state
         t = time.time()
         optimizer_mode(self.optimizer, training=False)
-        losses = estimate_loss(self.eval_model, self.eval_samplers, self.eval_starts, self.rt)
+        losses = estimate_loss(self.eval_model, self.eval_samplers, self.eval_starts, self.rt,
+                               lambda: self.stop_agreed(stop, True))
         optimizer_mode(self.optimizer, training=True)
         s.eval_time += time.time() - t
+        if losses is None:  # stopped inside it: checkpointed as the step before it, a resumed run evaluates `it`
+            s.next_it = it
+            return EvalResult(it, interrupted=True)
         if is_diverged(losses["val"], s.reference_loss, cfg.divergence_factor):
             return EvalResult(it, losses["train"], losses["val"], diverged=f"val loss {losses['val']:.4g} at iter {it}")
         s.reference_loss = s.reference_loss or losses["train"]
@@ -1288,12 +1300,12 @@ class TrainingRun(Controls, RunCheckpoints):
         s = self.state
         return s.last_eval_losses or [s.val_log[-1]["train/loss"], s.val_log[-1]["val/loss"]]
 
-    def finish(self, status: str) -> dict:
-        """The final model's whole-split losses and sampling speed, and the seed's final_info."""
+    def finish(self, status: str, stop=lambda: False) -> dict:
+        """The final model's whole-split losses and sampling speed, and the seed's final_info (stop(): see shard)."""
         cfg, s = self.cfg, self.state
         last_train, last_val = self.last_eval_losses()
         optimizer_mode(self.optimizer, training=False)  # evaluate and sample the weights that were evaluated
-        final_eval = final_evaluation(self.model, self.data, cfg, self.rt)
+        final_eval = final_evaluation(self.model, self.data, cfg, self.rt, lambda: self.stop_agreed(stop, True))
         # Sampling speed is measured on rank 0's device alone (the others' numbers would not be written).
         sampling = cfg if self.world.is_main else dataclasses.replace(cfg, inference_samples=0)
         speed = measure_inference_speed(self.model, self.data, sampling, self.rt, self.seed)
@@ -1346,13 +1358,13 @@ def train_one_seed(cfg: Config, data: CharDataset, seed_index: int, rt: Runtime,
     try:
         status = drive(run, agent, stop=lambda: stop.signal_name is not None, log=log, label=label,
                        on_evaluation=on_evaluation)
-    except Interrupted as e:
+        final_info = run.finish(status, stop=lambda: stop.signal_name is not None)
+    except Interrupted as e:  # (EvaluationStopped included)
         raise Interrupted(f"{stop.signal_name or 'another rank'}: {e}") from None
     finally:
         progress.close()
         if curves is not None:
             curves.close()
-    final_info = run.finish(status)
     result = {"final_info": final_info, "train_info": run.state.train_log, "val_info": run.state.val_log,
               "sample": run.sample, "agent_state": agent.state_dict(), "model": run.model}
     if rt.world.distributed:  # the evidence that every rank's optimizer used the same rates
@@ -1583,29 +1595,6 @@ def train_all(configs: dict, loaded: dict, rt: Runtime, out_dir: Path, interacti
     return final_infos
 
 
-def record_in_notebook(cfg: Config, out_dir: Path) -> None:
-    """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
-
-    Both come after final_info.json: a failure here is reported and costs nothing already written.
-    """
-    spec = importlib.util.spec_from_file_location("plot", PROJECT_ROOT / "plot.py")
-    plot = importlib.util.module_from_spec(spec)
-    sys.modules["plot"] = plot
-    spec.loader.exec_module(plot)
-    runs_folder = out_dir.resolve().parent
-    if cfg.notes != "off":
-        notes = Path(cfg.notes) if cfg.notes else runs_folder / "notes.txt"
-        try:
-            plot.update_notes(notes, out_dir)
-            print(f"notes: {notes} updated", flush=True)
-        except Exception as e:  # noqa: BLE001 -- the run's results are safe; say what went wrong
-            print(f"warning: could not update {notes}: {e}", file=sys.stderr, flush=True)
-    if cfg.plot:
-        code = plot.main([str(runs_folder), "--out_dir", str(runs_folder)])
-        if code != 0:
-            print("warning: plot.py could not draw the runs (see above)", file=sys.stderr, flush=True)
-
-
 def resolve_configs(base: Config, cli_overrides: dict, world: World):
     """(profile, configs, run_record) of the run to start or resume, validated; run_record None for a new run;
     configs None when a resumed run has finished already. Rank 0's work: it alone reads the run folder."""
@@ -1641,7 +1630,7 @@ def load_data(configs: dict, world: World) -> dict:
         data = load_dataset(cfg, dataset)
         check_fits(cfg, data)
         return data
-    return load_on_every_rank(configs, world, load_one)
+    return load_on_every_rank(configs, world, load_one, dataset_dir)
 
 
 def open_run_folder(base: Config, configs: dict, loaded: dict, run_record: Optional[dict]) -> dict:
@@ -1684,7 +1673,8 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
     stop = StopRequest(repeat_grace_s=2.0 if world.distributed else 0.0)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        final_infos = train_all(configs, loaded, rt, out_dir, sys.stderr.isatty(), stop, base.resume)
+        with world.failures_shared():  # run.json names the rank that failed, not this rank's broken collective
+            final_infos = train_all(configs, loaded, rt, out_dir, sys.stderr.isatty(), stop, base.resume)
     except BaseException as e:  # record how the run ended; finished seeds and checkpoints stay
         if world.is_main:
             interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
@@ -1743,13 +1733,13 @@ def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional
     if c.step_epochs <= 0:
         return c
     world = world or World()
-    tokens_per_step = c.batch_size * c.block_size * world.micro_steps(c.gradient_accumulation_steps) * world.size
+    tokens_per_step = c.batch_size * c.block_size * world.micro_steps(c) * world.size
     return dataclasses.replace(c, step_interval=max(1, round(c.step_epochs * len(data.splits["train"]) / tokens_per_step)))
 
 
 RUN_LEVEL_FIELDS = {"out_dir", "profile", "datasets", "title", "description", "data_dir", "source_dir",
                     "overwrite", "download", "notes", "plot", "tensorboard", "resume", "debug", "device", "dtype",
-                    "compile", "backend"}
+                    "compile", "compile_ddp", "backend"}
 
 
 def build_parser() -> argparse.ArgumentParser:

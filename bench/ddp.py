@@ -2,7 +2,8 @@
 
     python bench/ddp.py                       # the cpu profile on shakespeare_char, 3 rounds, ~4 min on 2 cores
     python bench/ddp.py --quick               # seconds: what CI runs so this file cannot rot
-    python bench/ddp.py --json out.json --nproc 4 --gpu   # on a GPU machine: 1 GPU against 4
+    python bench/ddp.py --json out.json --nproc 4 --gpu   # on a GPU machine: 1 GPU against 4, compiled, and 4
+                                                          # with the DDP-wrapped model compiled (--compile_ddp)
 
 Every arm trains the same global batch per optimizer step (--gradient_accumulation_steps = --nproc micro-batches
 of the profile's --batch_size): one process takes them all, each of --nproc processes one, and DDP averages
@@ -10,7 +11,9 @@ their gradients.
 The arms run one after another, interleaved over the rounds (A B C, A B C, ...) so a machine that speeds
 up or slows down affects them alike; each arm's figure is its median round. Throughput is training tokens
 per second of train_time (final_info: the training loop less evaluation), so start-up, data loading and
-the process-group set-up are left out; the wall time of the whole command is reported beside it.
+the process-group set-up are left out; the wall time of the whole command is reported beside it. On GPUs
+(--gpu) every arm compiles, and the first steps' time is the compilation's: throughput is then the
+global batch over the median time per step of the logged windows after --warmup steps.
 """
 from __future__ import annotations
 
@@ -30,21 +33,23 @@ ROOT = study.ROOT
 
 
 def arms(nproc: int, gpu: bool) -> dict:
-    """name -> (processes, environment overrides)."""
-    if gpu:
-        return {"1 GPU": (1, {}), f"{nproc} GPUs (torchrun)": (nproc, {})}
-    return {"1 process, default threads": (1, {}),
-            "1 process, 1 thread": (1, {"OMP_NUM_THREADS": "1"}),
-            f"{nproc} processes x 1 thread (torchrun, gloo)": (nproc, {"OMP_NUM_THREADS": "1"})}
+    """name -> (processes, environment overrides, extra flags)."""
+    if gpu:  # compiled, as the full profile on CUDA is: nanoGPT's order (compile, then wrap) against --compile_ddp
+        return {"1 GPU": (1, {}, ["--compile"]), f"{nproc} GPUs (torchrun)": (nproc, {}, ["--compile"]),
+                f"{nproc} GPUs (torchrun, --compile_ddp)": (nproc, {}, ["--compile", "--compile_ddp"])}
+    return {"1 process, default threads": (1, {}, []),
+            "1 process, 1 thread": (1, {"OMP_NUM_THREADS": "1"}, []),
+            f"{nproc} processes x 1 thread (torchrun, gloo)": (nproc, {"OMP_NUM_THREADS": "1"}, [])}
 
 
-def command(processes: int, out_dir: Path, args: argparse.Namespace) -> list[str]:
+def command(processes: int, out_dir: Path, args: argparse.Namespace, extra_flags: list) -> list[str]:
     flags = ["--out_dir", str(out_dir), "--profile", args.profile, "--datasets", "shakespeare_char", "--seeds", "1",
              "--max_iters", str(args.iters), "--lr_decay_iters", str(args.iters), "--eval_interval", str(args.iters),
              "--eval_iters", "1", "--final_eval_tokens", "0", "--inference_samples", "0", "--notes", "off",
              "--gradient_accumulation_steps", str(args.accumulation)]
     if args.data_dir:
         flags += ["--data_dir", args.data_dir]
+    flags += extra_flags
     script = str(ROOT / "experiment.py")
     if processes == 1:
         return [sys.executable, script, *flags]
@@ -52,10 +57,10 @@ def command(processes: int, out_dir: Path, args: argparse.Namespace) -> list[str
             *flags]
 
 
-def measure(processes: int, env_extra: dict, args: argparse.Namespace, scratch: Path) -> dict:
+def measure(processes: int, env_extra: dict, extra_flags: list, args: argparse.Namespace, scratch: Path) -> dict:
     out_dir = Path(tempfile.mkdtemp(dir=scratch))
     t = time.time()
-    proc = subprocess.run(command(processes, out_dir / "run", args), env={**os.environ, **env_extra},
+    proc = subprocess.run(command(processes, out_dir / "run", args, extra_flags), env={**os.environ, **env_extra},
                           capture_output=True, text=True)
     wall = time.time() - t
     if proc.returncode != 0:
@@ -64,9 +69,21 @@ def measure(processes: int, env_extra: dict, args: argparse.Namespace, scratch: 
     record = json.loads((out_dir / "run" / "run.json").read_text())
     batch = record["distributed"]["global_batch"]["shakespeare_char"]
     tokens = batch["tokens"] * args.iters
-    return {"tokens_per_s": tokens / info["train_time"], "train_time_s": info["train_time"], "wall_s": wall,
+    rate = tokens / info["train_time"]
+    if args.gpu:  # compiled: the first steps are the compilation's, not the training's
+        rate = steady_tokens_per_s(out_dir / "run", batch["tokens"], args.warmup)
+    return {"tokens_per_s": rate, "train_time_s": info["train_time"], "wall_s": wall,
             "global_batch_tokens": batch["tokens"], "micro_steps_per_rank": batch["micro_steps_per_rank"],
             "full_val_loss": info.get("full_val_loss"), "final_train_loss": info["final_train_loss"]}
+
+
+def steady_tokens_per_s(run_dir: Path, tokens_per_step: int, warmup: int) -> float:
+    """The global batch over the median time per step of the logged windows from step `warmup` on."""
+    results = json.loads((run_dir / "all_results.json").read_text())
+    ms_per_step = [r["time"] for r in results["shakespeare_char_0_train_info"] if r["iter"] >= warmup]
+    if not ms_per_step:
+        sys.exit(f"error: no logged step after --warmup {warmup}: raise --iters")
+    return tokens_per_step / (statistics.median(ms_per_step) / 1000)
 
 
 def main(argv=None) -> int:
@@ -78,7 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=0,
                         help="micro-batches per step, divided among the ranks (default: --nproc, one per rank)")
-    parser.add_argument("--gpu", action="store_true", help="GPU arms (CUDA, nccl) instead of CPU threads")
+    parser.add_argument("--gpu", action="store_true", help="GPU arms (CUDA, nccl, compiled) instead of CPU threads")
+    parser.add_argument("--warmup", type=int, default=50,
+                        help="with --gpu: steps left out of the throughput (the compilation's)")
     parser.add_argument("--data_dir", default="")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
@@ -89,8 +108,8 @@ def main(argv=None) -> int:
     rounds: dict = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory() as scratch:
         for r in range(args.rounds):
-            for name, (processes, env_extra) in chosen.items():
-                rounds[name].append(measure(processes, env_extra, args, Path(scratch)))
+            for name, (processes, env_extra, extra_flags) in chosen.items():
+                rounds[name].append(measure(processes, env_extra, extra_flags, args, Path(scratch)))
                 print(f"round {r + 1}/{args.rounds} {name}: {rounds[name][-1]['tokens_per_s']:,.0f} tok/s", flush=True)
     baseline = statistics.median(m["tokens_per_s"] for m in next(iter(rounds.values())))
     report = {**study.record(argv), "profile": args.profile, "iters": args.iters, "rounds": args.rounds,

@@ -8,12 +8,14 @@ model.py or an entry point, and a module that needs the config takes it as a pla
   errors       UserError (exit 2), RunFailed (exit 1), Interrupted (exit 130)
   files        the one atomic writer (bytes, JSON, .npy, a set of files), read_json, sha256_file; no torch
   records      run.json: provenance, commit, environment, command line; the run folder's guard; resume checks
-  run_folder   checkpoint names, the seeds a resume keeps, datasets loaded in torchrun's order, run.json begun
+  run_folder   checkpoint names, the seeds a resume keeps, datasets loaded in torchrun's order (under a lock),
+               run.json begun, the resumed run's device and backend, notes.txt and plots at the end
   validation   every config field against its declared bounds; torchrun checks; trained-policy and config
                warnings; the data fits the context; the agent and --control/--lr_groups refusals
   cli          one-line-error parsers, config flags, the main() wrappers of the entry points
-  distributed  World: the torchrun processes and their collectives
-  runtime      Runtime (device, dtype, compile), StopRequest, FaultInjector, Progress
+  distributed  World: the torchrun processes and their collectives; a failure on one rank ending every rank
+               (RankFailed, JobStore, FailureWatch); sharded loops a stop can end (EvaluationStopped)
+  runtime      Runtime (device, dtype, compile), StopRequest, FaultInjector (NaN and raise test hooks), Progress
   checkpoints  CheckpointStore (the last two checkpoints) and RunCheckpoints (what one of a run holds)
   grad_stats   gradient statistics between evaluations, LAMB's per-layer trust
   policy_files policy folders read as data, never code: agent states, train_agent.py manifests, stable-baselines3

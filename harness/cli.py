@@ -9,8 +9,9 @@ import os
 import sys
 from typing import Optional
 
-from harness.distributed import World
+from harness.distributed import RankFailed, World
 from harness.errors import Interrupted, RunFailed, UserError
+from harness.run_folder import recorded_settings
 from harness.validation import check_bounds
 
 
@@ -95,22 +96,26 @@ def parse_field_value(f: dataclasses.Field, text: str, per_dataset=()):
 def job_main(argv: list[str], parse, run) -> int:
     """experiment.py's main(): run(*parse(argv), argv, world) in one process or as a rank under torchrun,
     0 when it ends well; UserError / RunFailed / Interrupted are one line and their exit code (--debug: the
-    traceback), an OSError (a full disk) one line and 1, Ctrl-C 130. The process group is left in any case."""
+    traceback), an OSError (a full disk) one line and 1, Ctrl-C 130. Under torchrun any other failure on any
+    rank is one line from rank 0 naming the rank that failed, and 1. The process group is left in any case."""
     debug = "--debug" in argv
     report = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 speaks for the job: one line, not one per rank
     world, together = World(), False  # together: every rank ends here alike (see World.close)
     try:
         base, typed = parse(argv)
-        world = World.from_environment(base)
-        run(base, typed, argv, world)
+        # --resume: the run's own device and backend, read by rank 0 before the process group is joined
+        world = World.from_environment(base, recorded_settings if getattr(base, "resume", False) else None)
+        with world.failures_shared():  # an exception on one rank: every rank ends, naming it (RankFailed)
+            run(base, typed, argv, world)
         together = True
         return 0
     except (UserError, RunFailed, Interrupted) as e:  # raised on every rank alike (World.from_main, agreed stops)
-        together = True
+        together = not isinstance(e, RankFailed)  # a failed rank's peers may be gone: no farewell barrier
         if debug:
             raise
         if report:
-            print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+            print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
+            world.reported = True
         return e.exit_code
     except OSError as e:  # a full disk, a vanished folder: earlier results are intact (atomic writes)
         if debug:

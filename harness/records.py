@@ -96,7 +96,7 @@ def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
 # Flags that may differ on --resume: they change where files are, not what is computed.
 # --data_dir may be spelled differently, but must name the same folder (and the data must hash the same).
 IGNORED_ON_RESUME = {"resume", "debug", "overwrite", "out_dir", "title", "description", "source_dir",
-                     "download", "notes", "plot"}
+                     "download", "notes", "plot", "device", "backend"}  # (the last two: settings_of_run)
 
 
 def resume_configs(out_dir: Path, run_record: dict, typed: dict, config_type, dataset_dir) -> dict:
@@ -129,7 +129,23 @@ def resume_configs(out_dir: Path, run_record: dict, typed: dict, config_type, da
         raise UserError(f"--resume: {out_dir} was made with a different config ({shown}); "
                         f"resume with just --out_dir {out_dir} --resume")
     keep = {k: v for k, v in typed.items() if k in ("source_dir", "download", "notes", "plot")}
+    # where it ran, not where this machine would choose: a --device cpu run stays on the CPU on a CUDA host
+    keep["device"] = settings_of_run(out_dir, run_record, typed.get("device", "auto"),
+                                     typed.get("backend", "auto"))["device"]
     return {d: dataclasses.replace(c, resume=True, **keep) for d, c in stored.items()}
+
+
+def settings_of_run(out_dir: Path, run_record: dict, device: str, backend: str) -> dict:
+    """{"device", "backend"} a recorded run trained with (backend None: one process). A --device or --backend
+    asked for now ("auto": none) that differs is refused in one line naming both: a run resumes where it ran."""
+    configs = list((run_record.get("configs") or {}).values())
+    recorded = {"device": (run_record.get("device") or {}).get("type") or (configs[0]["device"] if configs else "auto"),
+                "backend": (run_record.get("distributed") or {}).get("backend")}
+    for flag, asked in (("device", device), ("backend", backend)):
+        if asked not in (None, "auto") and recorded[flag] is not None and asked != recorded[flag]:
+            raise UserError(f"--resume: {out_dir} trained with --{flag} {recorded[flag]}, this command asks for "
+                            f"--{flag} {asked}: drop --{flag} (a run resumes on the device and backend it ran on)")
+    return recorded
 
 
 def check_same_data(out_dir: Path, run_record: dict, loaded: dict) -> None:
@@ -147,10 +163,12 @@ def world_record(configs: dict, world: World) -> dict:
     """run.json's "distributed": the processes, and the batch one optimizer step averages over all of them."""
     batches = {}
     for d, c in configs.items():
-        per_rank = world.micro_steps(c.gradient_accumulation_steps)
+        per_rank = world.micro_steps(c)
         sequences = c.batch_size * per_rank * world.size
         batches[d] = {"micro_steps_per_rank": per_rank, "sequences": sequences, "tokens": sequences * c.block_size}
-    return {"world_size": world.size, "backend": world.backend, "global_batch": batches}
+    grows = any(getattr(c, "batch_grows_with_world", False) for c in configs.values())
+    return {"world_size": world.size, "backend": world.backend, "batch_grows_with_world": grows,
+            "global_batch": batches}
 
 
 def new_run_record(base, profile: str, configs: dict, data: dict, warnings: dict, rt: Runtime, command: list) -> dict:

@@ -5,14 +5,17 @@ what only experiment.py knows (how one dataset is prepared and loaded) arrives a
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from filelock import FileLock
+
 from harness.distributed import World
 from harness.errors import UserError
 from harness.files import atomic_write_json, read_json
-from harness.records import new_run_record, now_iso, policy_record
+from harness.records import PROJECT_ROOT, new_run_record, now_iso, policy_record, settings_of_run
 
 
 def checkpoint_file(run_dir: Path, dataset: str, seed_index: int) -> Path:
@@ -58,29 +61,50 @@ def run_to_resume(out_dir: Path, overwrite: bool, world: World) -> Optional[dict
     return run_record
 
 
-def load_on_every_rank(configs: dict, world: World, load_one: Callable) -> dict:
-    """{dataset: load_one(cfg, dataset)} on every process. Under torchrun rank 0 goes first (it may prepare the
-    data), then the first rank of every other node (which may have to prepare it on its own disk), then the
-    rest; every rank checks that it reads the tokens rank 0 reads."""
+def recorded_settings(base) -> dict:
+    """--resume under torchrun, on rank 0 before the process group exists: {"device", "backend"} of the run in
+    base.out_dir, from its run.json; a --device or --backend typed now that asks for others is refused."""
+    out_dir = Path(base.out_dir)
+    if not (out_dir / "run.json").exists():
+        raise UserError(f"--resume: {out_dir} holds no run to resume (no run.json)")
+    return settings_of_run(out_dir, read_json(out_dir / "run.json"), base.device, base.backend)
+
+
+def load_on_every_rank(configs: dict, world: World, load_one: Callable, folder: Callable) -> dict:
+    """{dataset: load_one(cfg, dataset)} on every process; folder(cfg, dataset): where it is prepared.
+
+    Under torchrun the first rank of every node prepares what is missing, all nodes at once, then the node's
+    other ranks load it; each preparation holds a lock on the dataset's folder, so nodes sharing a file system
+    (or two jobs on one machine) prepare it once. Every rank checks that its tokens hash as rank 0's do."""
     loaded = {}
 
-    def load_here() -> dict:
+    def load_here() -> None:
         for dataset, cfg in configs.items():
-            loaded[dataset] = load_one(cfg, dataset)
-        return {d: data.provenance["sha256"] for d, data in loaded.items()}
+            with preparation_lock(folder(cfg, dataset)):
+                loaded[dataset] = load_one(cfg, dataset)
 
-    expected = world.from_main(load_here)
+    if not world.distributed:
+        load_here()
+        return loaded
+    world.everywhere(lambda: load_here() if world.local_rank == 0 else None)
+    world.everywhere(lambda: load_here() if world.local_rank != 0 else None)
+    expected = world.gather({d: data.provenance["sha256"] for d, data in loaded.items()})[0]
 
-    def load_same(turn: bool) -> None:
-        if turn and load_here() != expected:
-            differ = [d for d, data in loaded.items() if data.provenance["sha256"] != expected[d]]
+    def check_same() -> None:
+        differ = [d for d, data in loaded.items() if data.provenance["sha256"] != expected[d]]
+        if differ:
             raise UserError(f"rank {world.rank} reads other {', '.join(differ)} data than rank 0 "
                             f"({loaded[differ[0]].provenance['folder']}): every node needs the same prepared data")
 
-    if world.distributed:
-        world.everywhere(lambda: load_same(not world.is_main and world.local_rank == 0))
-        world.everywhere(lambda: load_same(world.local_rank != 0))
+    world.everywhere(check_same)
     return loaded
+
+
+def preparation_lock(dataset_folder: Path):
+    """A lock beside the dataset's folder, held while it is prepared and read (released if its holder dies)."""
+    dataset_folder = Path(dataset_folder)
+    dataset_folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(dataset_folder.parent / f".{dataset_folder.name}.lock"))
 
 
 def start_run_record(base, configs: dict, loaded: dict, rt, profile: str, policies: dict, frozen: dict,
@@ -105,3 +129,26 @@ def start_run_record(base, configs: dict, loaded: dict, rt, profile: str, polici
     run_record.update(status="running", error=None)
     atomic_write_json(out_dir / "run.json", run_record)
     return run_record
+
+
+def record_in_notebook(cfg, out_dir: Path) -> None:
+    """notes.txt gets the run's section and the comparison table; --plot redraws every run's figures.
+
+    Both come after final_info.json: a failure here is reported and costs nothing already written.
+    """
+    spec = importlib.util.spec_from_file_location("plot", PROJECT_ROOT / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    sys.modules["plot"] = plot
+    spec.loader.exec_module(plot)
+    runs_folder = out_dir.resolve().parent
+    if cfg.notes != "off":
+        notes = Path(cfg.notes) if cfg.notes else runs_folder / "notes.txt"
+        try:
+            plot.update_notes(notes, out_dir)
+            print(f"notes: {notes} updated", flush=True)
+        except Exception as e:  # noqa: BLE001 -- the run's results are safe; say what went wrong
+            print(f"warning: could not update {notes}: {e}", file=sys.stderr, flush=True)
+    if cfg.plot:
+        code = plot.main([str(runs_folder), "--out_dir", str(runs_folder)])
+        if code != 0:
+            print("warning: plot.py could not draw the runs (see above)", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import signal
 import sys
 import time
@@ -74,16 +75,32 @@ class StopRequest:
 
 
 class FaultInjector:
-    """Test hook: $GPT_RL_TEST_NAN_AT="15,40" poisons the loss at those steps; "15+" at every step >= 15.
+    """Test hooks: $GPT_RL_TEST_NAN_AT="15,40" poisons the loss at those steps; "15+" at every step >= 15.
+    $GPT_RL_TEST_RAISE_AT="1:35" raises an exception on rank 1 as it begins step 35 (a crash on one rank).
 
     A fault behaves as a real divergence does: the same weights on the same batch give the same loss, so
     it fires again whenever its step is reached with the weights it first fired on, and not once a
     rollback has changed them."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, raise_spec: str = "", rank: int = 0):
         self.at = {int(x) for x in spec.split(",") if x.strip() and not x.endswith("+")}
         self.from_it = min([int(x[:-1]) for x in spec.split(",") if x.endswith("+")], default=None)
         self.fired_on: dict[int, str] = {}  # step -> fingerprint of the weights it first fired on
+        self.raise_at = None  # the step at which this rank raises
+        if raise_spec.strip():
+            try:
+                raise_rank, step = (int(x) for x in raise_spec.split(":"))
+            except ValueError:
+                raise UserError(f"$GPT_RL_TEST_RAISE_AT must be RANK:STEP (e.g. 1:35), not {raise_spec!r}") from None
+            self.raise_at = step if raise_rank == rank else None
+
+    @staticmethod
+    def from_environment(rank: int) -> "FaultInjector":
+        return FaultInjector(os.environ.get("GPT_RL_TEST_NAN_AT", ""), os.environ.get("GPT_RL_TEST_RAISE_AT", ""), rank)
+
+    def raise_if_due(self, it: int) -> None:
+        if it == self.raise_at:
+            raise RuntimeError(f"GPT_RL_TEST_RAISE_AT: the test failure at iter {it}")
 
     def poison(self, it: int, model: nn.Module) -> bool:
         if self.from_it is not None and it >= self.from_it:

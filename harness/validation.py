@@ -86,20 +86,21 @@ def check_control(c, control_agents: tuple) -> None:
 
 
 def check_world(c, world: World) -> None:
-    """Under torchrun the configured micro-batches are divided among the ranks: they must divide evenly."""
+    """Under torchrun the global batch is the configured one: its micro-batches are divided among the ranks, so
+    they must divide evenly, unless --batch_grows_with_world gives every rank all of them."""
     accumulation = c.gradient_accumulation_steps
-    if world.distributed and accumulation > world.size and accumulation % world.size:
+    if world.distributed and not c.batch_grows_with_world and accumulation % world.size:
+        fits = world.size * -(-accumulation // world.size)
         raise UserError(f"--gradient_accumulation_steps {accumulation} cannot be divided among {world.size} "
-                        f"processes: use a multiple of {world.size}")
+                        f"processes: use a multiple of {world.size} (e.g. --gradient_accumulation_steps {fits}), "
+                        f"or --batch_grows_with_world to give every process {accumulation} ({world.size}x the batch)")
 
 
 def world_warnings(c, world: World) -> list[str]:
-    accumulation = c.gradient_accumulation_steps
-    if not world.distributed or accumulation >= world.size:
+    if not world.distributed or not c.batch_grows_with_world:
         return []
-    return [f"{world.size} processes and --gradient_accumulation_steps {accumulation}: each rank takes one "
-            f"micro-batch per step, so a step averages {world.size} micro-batches of {c.batch_size} sequences, "
-            f"{world.size / accumulation:g}x one process's batch (set it to a multiple of {world.size} to keep that)"]
+    return [f"--batch_grows_with_world: each of {world.size} processes takes {c.gradient_accumulation_steps} "
+            f"micro-batch(es) of {c.batch_size} sequences per step, {world.size}x one process's global batch"]
 
 
 def policy_warnings(c, dataset: str, policy: Optional[dict], per_layer: bool) -> list[str]:

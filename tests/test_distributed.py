@@ -1,9 +1,11 @@
 """One run on several processes (torchrun + DistributedDataParallel, gloo on the CPU): the same contract,
 gradients averaged as one process accumulating them would, the agent's decisions on every rank, kills
-survived. Each test launches `python -m torch.distributed.run --standalone --nproc_per_node=2`."""
+survived, a failure on any rank ending every rank, several nodes. Each test launches
+`python -m torch.distributed.run --standalone --nproc_per_node=2` (or two one-process nodes on localhost)."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,9 @@ import pytest
 import torch
 
 import experiment as ex
-from harness.records import world_record
+from harness.distributed import EvaluationStopped, JobStore, RankFailed, World, collective_timeout_s, describe
+from harness.records import resume_configs, settings_of_run, world_record
+from harness.runtime import FaultInjector
 from conftest import ROOT, run_cli
 from distributed_gradients import fixed_batches, gradient_config
 from test_reliability import EVALUATED, comparable
@@ -23,6 +27,13 @@ CONTRACT_KEYS = ("final_train_loss", "best_val_loss", "total_train_time", "avg_i
 def torchrun_command(script, args, nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             str(script), *map(str, args)]
+
+
+def trained(run_dir):
+    """What an interrupted-and-resumed run shares bit for bit with an uninterrupted one: everything but the rates
+    each process saw itself use (the resumed processes saw only their part)."""
+    losses, logs, agents = comparable(run_dir)
+    return losses, {k: v for k, v in logs.items() if not k.endswith("_rank_lr_info")}, agents
 
 
 def torchrun_env():
@@ -37,8 +48,14 @@ def torchrun(args, script=ROOT / "experiment.py", timeout=300):
 
 
 def smoke(out_dir, data_dir, *extra):
+    """The smoke profile on 2 processes, each taking one of the 2 micro-batches of one process's global batch."""
     return ["--out_dir", out_dir, "--profile", "smoke", "--data_dir", data_dir, "--datasets", "shakespeare_char",
-            "--inference_samples", "1", *extra]
+            "--inference_samples", "1", "--gradient_accumulation_steps", "2", *extra]
+
+
+def error_lines(stderr):
+    """Our own `error:` lines (torchrun adds its failure summary, which never starts so)."""
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted:"))]
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +87,14 @@ def test_a_two_process_run_writes_the_contract_once(ddp_run):
     assert list(figures.glob("*.png"))
 
 
-def test_run_json_records_the_processes_and_the_global_batch(ddp_run):
+def test_run_json_records_the_processes_and_one_processs_global_batch(ddp_run):
     out, _ = ddp_run
     record = json.loads((out / "run.json").read_text())["distributed"]
-    # smoke: batch 8 x block 32, gradient_accumulation_steps 1 -> each rank one micro-batch: 2 x 8 sequences
-    assert record == {"world_size": 2, "backend": "gloo", "global_batch": {"shakespeare_char": {
-        "micro_steps_per_rank": 1, "sequences": 16, "tokens": 512}}}
-    warnings = json.loads((out / "run.json").read_text())["warnings"]["shakespeare_char"]
-    assert any("2x one process's batch" in w for w in warnings)
+    # smoke: batch 8 x block 32, gradient_accumulation_steps 2 shared by 2 ranks: 2 x 8 sequences, as one process
+    assert record == {"world_size": 2, "backend": "gloo", "batch_grows_with_world": False, "global_batch": {
+        "shakespeare_char": {"micro_steps_per_rank": 1, "sequences": 16, "tokens": 512}}}
+    warnings = json.loads((out / "run.json").read_text())["warnings"].get("shakespeare_char", [])
+    assert not any("batch" in w for w in warnings)
 
 
 def test_every_rank_used_rank_0s_rate_at_every_logged_step(ddp_run):
@@ -156,10 +173,6 @@ def test_a_sigterm_to_the_job_checkpoints_and_resume_finishes_it_as_if_uninterru
     uninterrupted = tmp_path / "uninterrupted"
     reference = torchrun(smoke(uninterrupted, prepared_data_dir, *args))
     assert reference.returncode == 0, reference.stderr
-    # Bit for bit, but for the rates each process saw itself use: the resumed processes saw only their part.
-    def trained(run_dir):
-        losses, logs, agents = comparable(run_dir)
-        return losses, {k: v for k, v in logs.items() if not k.endswith("_rank_lr_info")}, agents
     assert trained(interrupted) == trained(uninterrupted)
     after_resume = json.loads((interrupted / "all_results.json").read_text())["shakespeare_char_0_rank_lr_info"]
     assert after_resume[0] == after_resume[1] and after_resume[0][0]["iter"] > 0
@@ -184,28 +197,262 @@ def test_a_divergence_rolls_every_rank_back_together(prepared_data_dir, tmp_path
     assert replayed[1] == pytest.approx(replayed[0] * 0.5, rel=1e-9), "the cut applies on every rank"
 
 
-def test_a_refusal_under_torchrun_is_one_line_from_rank_0(prepared_data_dir, tmp_path):
-    proc = torchrun(smoke(tmp_path / "r", prepared_data_dir, "--gradient_accumulation_steps", "3"))
+def test_the_default_one_micro_batch_on_two_processes_is_refused_in_one_line_naming_the_fix(prepared_data_dir,
+                                                                                             tmp_path):
+    run = smoke(tmp_path / "r", prepared_data_dir)
+    run = run[:run.index("--gradient_accumulation_steps")]  # the profile's 1: one process's global batch is 1
+    proc = torchrun(run)
     assert proc.returncode != 0
-    ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert ours == ["error: --gradient_accumulation_steps 3 cannot be divided among 2 processes: use a multiple of 2"]
+    assert error_lines(proc.stderr) == [
+        "error: --gradient_accumulation_steps 1 cannot be divided among 2 processes: use a multiple of 2 "
+        "(e.g. --gradient_accumulation_steps 2), or --batch_grows_with_world to give every process 1 (2x the batch)"]
+    assert "exitcode  : 2" in proc.stderr, "the workers' exit code (torchrun's own is 1)"
     assert not (tmp_path / "r").exists(), "nothing is written"
+
+
+def test_a_batch_that_grows_with_the_world_is_asked_for_and_recorded(prepared_data_dir, tmp_path):
+    out = tmp_path / "grown"
+    proc = torchrun(smoke(out, prepared_data_dir, "--batch_grows_with_world", "--max_iters", "10"))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "run.json").read_text())
+    # each of 2 ranks takes both micro-batches of 8 sequences: twice one process's global batch
+    assert record["distributed"]["batch_grows_with_world"] is True
+    assert record["distributed"]["global_batch"]["shakespeare_char"] == {
+        "micro_steps_per_rank": 2, "sequences": 32, "tokens": 1024}
+    assert record["configs"]["shakespeare_char"]["batch_grows_with_world"] is True
+    assert any("2x one process's global batch" in w for w in record["warnings"]["shakespeare_char"])
+
+
+# --- a failure on any rank ends every rank, in one line naming it; resume finishes the run (issue 28) ---
+
+FAILING = ["--max_iters", "60", "--lr_decay_iters", "60", "--eval_interval", "10", "--log_interval", "5"]
+
+
+def torchrun_failing_at(spec, out_dir, data_dir):
+    """The run, with GPT_RL_TEST_RAISE_AT=spec ("RANK:STEP"); the subprocess timeout is the test's only clock."""
+    return subprocess.run(torchrun_command(ROOT / "experiment.py", smoke(out_dir, data_dir, *FAILING)),
+                          env={**torchrun_env(), "GPT_RL_TEST_RAISE_AT": spec}, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_an_exception_on_rank_1_ends_every_rank_in_one_line_and_resume_finishes_as_if_uninterrupted(
+        prepared_data_dir, tmp_path):
+    failed = tmp_path / "failed"
+    proc = torchrun_failing_at("1:35", failed, prepared_data_dir)
+    assert proc.returncode != 0
+    assert error_lines(proc.stderr) == [
+        "error: rank 1 failed: RuntimeError: GPT_RL_TEST_RAISE_AT: the test failure at iter 35"], proc.stderr
+    assert f'File "{ROOT / "experiment.py"}"' not in proc.stderr, "no worker's traceback (torchrun's is its own)"
+    record = json.loads((failed / "run.json").read_text())
+    assert record["status"] == "failed" and "rank 1 failed: RuntimeError" in record["error"]
+    checkpoint = torch.load(failed / "ckpt_shakespeare_char_0.pt", weights_only=True)
+    assert json.loads(checkpoint["meta"])["state"]["next_it"] == 30, "the last checkpoint before step 35, intact"
+    assert not (failed / "final_info.json").exists()
+
+    # the run resumes where it ran: a flag asking for another device is refused before anything starts
+    refused = torchrun(["--out_dir", failed, "--resume", "--device", "cuda"])
+    assert refused.returncode != 0
+    assert error_lines(refused.stderr) == [
+        f"error: --resume: {failed} trained with --device cpu, this command asks for --device cuda: drop --device "
+        f"(a run resumes on the device and backend it ran on)"]
+
+    resumed = torchrun(["--out_dir", failed, "--resume"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming at iter 30" in resumed.stderr
+    uninterrupted = tmp_path / "uninterrupted"
+    reference = torchrun(smoke(uninterrupted, prepared_data_dir, *FAILING))
+    assert reference.returncode == 0, reference.stderr
+    assert trained(failed) == trained(uninterrupted)
+    full_val = [json.loads((d / "final_info_shakespeare_char_0.json").read_text())["full_val_loss"]
+                for d in (failed, uninterrupted)]
+    assert full_val[0] == full_val[1]
+
+
+def test_an_exception_on_rank_0_ends_rank_1_too(prepared_data_dir, tmp_path):
+    failed = tmp_path / "failed"
+    proc = torchrun_failing_at("0:12", failed, prepared_data_dir)
+    assert proc.returncode != 0
+    assert error_lines(proc.stderr) == [
+        "error: rank 0 failed: RuntimeError: GPT_RL_TEST_RAISE_AT: the test failure at iter 12"], proc.stderr
+    assert json.loads((failed / "run.json").read_text())["status"] == "failed"
+    checkpoint = torch.load(failed / "ckpt_shakespeare_char_0.pt", weights_only=True)
+    assert json.loads(checkpoint["meta"])["state"]["next_it"] == 10
+
+
+def test_a_sigterm_during_a_long_evaluation_checkpoints_without_waiting_for_its_end(prepared_data_dir, tmp_path):
+    out = tmp_path / "long_evaluation"
+    # 200,000 batches per split: the evaluation at iter 0 outlasts torchrun's 30 s between SIGTERM and SIGKILL
+    args = smoke(out, prepared_data_dir, "--eval_iters", "200000", "--max_iters", "20")
+    stdout = tmp_path / "stdout.txt"
+    with open(stdout, "w") as log:
+        proc = subprocess.Popen(torchrun_command(ROOT / "experiment.py", args), env=torchrun_env(), stdout=log,
+                                stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 180
+    while "profile smoke" not in stdout.read_text():  # training (its first evaluation) begins
+        assert proc.poll() is None and time.time() < deadline, stdout.read_text()
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=180)
+    # a worker killed at the end of the grace period would have left run.json "running" and no checkpoint
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and "SIGTERM" in record["error"]
+    state = json.loads(torch.load(out / "ckpt_shakespeare_char_0.pt", weights_only=True)["meta"])["state"]
+    assert (state["next_it"], state["last_eval_it"]) == (0, -1), "stopped inside the evaluation at iter 0"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_train_one_run_on_data_they_prepare_under_a_lock(source_dir, tmp_path):
+    """Two one-process "nodes" joined by a c10d rendezvous; both find the data missing and prepare it at once."""
+    port, out, data = free_port(), tmp_path / "two_nodes", tmp_path / "data"
+    args = ["--out_dir", out, "--profile", "smoke", "--datasets", "shakespeare_char", "--data_dir", data,
+            "--source_dir", source_dir, "--gradient_accumulation_steps", "2", "--max_iters", "20"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "i28",
+                               "--node_rank", str(node), str(ROOT / "experiment.py"), *map(str, args)],
+                              env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    ended = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], ended
+    record = json.loads((out / "run.json").read_text())
+    assert record["distributed"]["world_size"] == 2
+    assert (data / ".shakespeare_char.lock").exists()
+    assert json.loads((data / "shakespeare_char" / "meta.json").read_text())["vocab_size"] == 65
+    files = [p.name for p in (data / "shakespeare_char").iterdir()]
+    assert not [name for name in files if "tmp" in name], "no preparation was left half-done by the other"
 
 
 # --- in one process: the rules, without a process group ---
 
-def test_accumulation_is_divided_among_the_ranks():
-    assert ex.World().micro_steps(4) == 4
-    assert ex.World(size=2).micro_steps(4) == 2
-    assert ex.World(size=4).micro_steps(1) == 1  # at least one each: the global batch grows (a warning says so)
+def test_the_raise_hook_raises_on_its_rank_at_its_step_only():
+    FaultInjector("", "1:35", rank=1).raise_if_due(34)
+    with pytest.raises(RuntimeError, match="GPT_RL_TEST_RAISE_AT: the test failure at iter 35"):
+        FaultInjector("", "1:35", rank=1).raise_if_due(35)
+    FaultInjector("", "1:35", rank=0).raise_if_due(35)
+    with pytest.raises(ex.UserError, match="RANK:STEP"):
+        FaultInjector("", "35", rank=0)
+
+
+def test_a_rank_names_its_own_failure_in_one_line():
+    failure = World(rank=1, size=2).explain(OSError(28, "No space left on device", "/runs/ckpt.pt"))
+    assert isinstance(failure, RankFailed) and failure.exit_code == 1
+    assert str(failure) == "rank 1 failed: OSError: No space left on device: /runs/ckpt.pt"
+    assert describe(RuntimeError("[gloo/pair.cc:534] Connection closed by peer\nmore")) == \
+        "RuntimeError: [gloo/pair.cc:534] Connection closed by peer"
+    with pytest.raises(ValueError):  # in one process an exception stays what it is
+        with World().failures_shared():
+            raise ValueError("a bug")
+    with pytest.raises(RankFailed, match="rank 1 failed: ValueError: a bug"):
+        with World(rank=1, size=2).failures_shared():
+            raise ValueError("a bug")
+    with pytest.raises(ex.UserError):  # raised on every rank alike: left as it is
+        with World(rank=1, size=2).failures_shared():
+            raise ex.UserError("a bad flag")
+
+
+def test_the_first_failure_posted_is_the_one_every_rank_names(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # no launcher: rank 0 hosts the store
+    rank_0, rank_1 = JobStore(0, 2, timeout_s=30), JobStore(1, 2, timeout_s=30)
+    assert rank_0.failure() is None
+    failing = World(rank=1, size=2, store=rank_1).explain(RuntimeError("GPT_RL_TEST_RAISE_AT: boom"))
+    assert (failing.rank, failing.error) == (1, "RuntimeError: GPT_RL_TEST_RAISE_AT: boom")
+    # rank 0's collective then breaks: it names rank 1's failure, not its own echo of it
+    echo = World(rank=0, size=2, store=rank_0).explain(RuntimeError("[pair.cc:534] Connection closed by peer"))
+    assert str(echo) == "rank 1 failed: RuntimeError: GPT_RL_TEST_RAISE_AT: boom"
+    assert rank_0.failure() == rank_1.failure() == (1, "RuntimeError: GPT_RL_TEST_RAISE_AT: boom")
+    # what rank 0 alone can read (a resumed run's settings), every rank learns; its refusal is every rank's
+    assert rank_0.share(0, "settings", lambda: {"device": "cpu"}) == rank_1.share(1, "settings", dict) == \
+        {"device": "cpu"}
+    with pytest.raises(ex.UserError, match="no run.json"):
+        rank_0.share(0, "refused", lambda: (_ for _ in ()).throw(ex.UserError("no run.json")))
+    with pytest.raises(ex.UserError, match="no run.json"):
+        rank_1.share(1, "refused", dict)
+
+
+def test_several_processes_without_torchrun_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ex.UserError, match="launch the job with torchrun"):
+        World.from_environment(ex.Config(backend="gloo"))
+
+
+def test_the_collective_timeout_is_bounded_and_checked(monkeypatch):
+    monkeypatch.delenv("GPT_RL_COLLECTIVE_TIMEOUT_S", raising=False)
+    assert 0 < collective_timeout_s() <= 3600
+    monkeypatch.setenv("GPT_RL_COLLECTIVE_TIMEOUT_S", "90")
+    assert collective_timeout_s() == 90
+    for bad in ("soon", "0", "nan"):
+        monkeypatch.setenv("GPT_RL_COLLECTIVE_TIMEOUT_S", bad)
+        with pytest.raises(ex.UserError, match="GPT_RL_COLLECTIVE_TIMEOUT_S must be a number of seconds"):
+            collective_timeout_s()
+
+
+def test_resume_takes_the_device_and_backend_from_the_run(tmp_path):
+    cfg = ex.Config(device="auto")
+    record = {"configs": {"shakespeare_char": ex.dataclasses.asdict(cfg)}, "device": {"type": "cuda"},
+              "distributed": {"world_size": 2, "backend": "nccl"}}
+    assert settings_of_run(tmp_path, record, "auto", "auto") == {"device": "cuda", "backend": "nccl"}
+    assert settings_of_run(tmp_path, record, "cuda", "nccl") == {"device": "cuda", "backend": "nccl"}
+    with pytest.raises(ex.UserError, match="trained with --device cuda, this command asks for --device cpu"):
+        settings_of_run(tmp_path, record, "cpu", "auto")
+    with pytest.raises(ex.UserError, match="trained with --backend nccl, this command asks for --backend gloo"):
+        settings_of_run(tmp_path, record, "auto", "gloo")
+    # --device auto resumes on the device the run ran on, not on what this machine would choose now
+    configs = resume_configs(tmp_path, record, {}, ex.Config, ex.dataset_dir)
+    assert configs["shakespeare_char"].device == "cuda"
+
+
+def test_a_shard_gives_each_rank_every_size_th_item_and_asks_stop_at_the_same_rounds():
+    assert list(World(rank=0, size=2).shard(range(5))) == [0, 2, 4]
+    assert list(World(rank=1, size=2).shard(range(5))) == [1, 3]  # (rank 1 has no item in the last round)
+    asked = {0: 0, 1: 0}
+
+    def counting(rank):
+        def stop():
+            asked[rank] += 1
+            return False
+        return stop
+    for rank in (0, 1):
+        list(World(rank=rank, size=2).shard(range(5), counting(rank), every=1))
+    assert asked == {0: 3, 1: 3}, "every rank asks at every round, items or not: the collective lines up"
+    taken, calls = [], []
+    with pytest.raises(EvaluationStopped):
+        for item in World().shard(range(20), lambda: calls.append(1) or len(calls) == 2, every=8):
+            taken.append(item)
+    assert taken == list(range(8)), "asked before the first item and before the ninth, where it said stop"
+
+def test_accumulation_is_divided_among_the_ranks_so_the_global_batch_is_one_processs():
     cfg = ex.Config(gradient_accumulation_steps=4, batch_size=8, block_size=32)
+    assert ex.World().micro_steps(cfg) == 4
+    assert ex.World(size=2).micro_steps(cfg) == 2
     assert world_record({"d": cfg}, ex.World(size=2, backend="gloo"))["global_batch"]["d"] == {
         "micro_steps_per_rank": 2, "sequences": 32, "tokens": 1024}
     assert world_record({"d": cfg}, ex.World())["global_batch"]["d"]["sequences"] == 32
     assert ex.world_warnings(cfg, ex.World(size=2)) == []
-    assert ex.world_warnings(ex.Config(gradient_accumulation_steps=1), ex.World(size=2))
-    with pytest.raises(ex.UserError, match="cannot be divided among 2 processes"):
-        ex.check_world(ex.Config(gradient_accumulation_steps=3), ex.World(size=2))
+    ex.check_world(cfg, ex.World(size=4))
+    for accumulation in (1, 3):  # fewer micro-batches than ranks, or a count that does not divide: refused
+        with pytest.raises(ex.UserError, match="cannot be divided among 2 processes.*--batch_grows_with_world"):
+            ex.check_world(ex.Config(gradient_accumulation_steps=accumulation), ex.World(size=2))
+    ex.check_world(ex.Config(gradient_accumulation_steps=3), ex.World())  # one process: anything goes
+
+
+def test_growing_the_batch_with_the_world_takes_the_flag_and_is_recorded():
+    cfg = ex.Config(gradient_accumulation_steps=1, batch_size=8, block_size=32, batch_grows_with_world=True)
+    ex.check_world(cfg, ex.World(size=2))
+    assert ex.World(size=2).micro_steps(cfg) == 1
+    record = world_record({"d": cfg}, ex.World(size=2, backend="gloo"))
+    assert record["batch_grows_with_world"] is True
+    assert record["global_batch"]["d"] == {"micro_steps_per_rank": 1, "sequences": 16, "tokens": 512}
+    assert any("2x one process's global batch" in w for w in ex.world_warnings(cfg, ex.World(size=2)))
+    assert ex.world_warnings(cfg, ex.World()) == []
 
 
 def test_nccl_without_cuda_is_refused_before_joining(monkeypatch):
