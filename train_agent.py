@@ -46,7 +46,7 @@ from harness.cli import dataclass_parser, entry_point
 from harness.control import apply_control_factors, control_action, multi_control
 from harness.observation import OBSERVATION_LIMIT
 from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer, sb3_spaces
-from harness.records import environment_record
+from harness.records import environment_record, settings_that_differ
 from harness.runtime import format_duration
 from harness.validation import check_control, check_fits, check_lr_groups
 
@@ -86,7 +86,8 @@ class Args:
                                        "advantages normalised over it) and reinforce (its batch)")
     n_envs: int = _arg(1, "episodes run at once, each in its own process (ppo, dqn: stable-baselines3's "
                           "SubprocVecEnv; reinforce, qlearning: worker processes)")
-    threads_per_env: int = _arg(0, "torch threads of each episode process (0: the cores divided among --n_envs)")
+    threads_per_env: int = _arg(0, "torch threads of each episode process and of the policy updates (0: the "
+                                   "cores divided among --n_envs)")
     reference_dir: str = _arg("", "--reward vs_reference: where the reference runs (--agent none, same seed and "
                                   "base LR) are cached and shared; default: references/ beside --out_dir")
     set: str = _arg("", "experiment.py settings for every episode, e.g. max_iters=2000,eval_interval=200")
@@ -617,12 +618,14 @@ def open_out_dir(out: Path, manifest: dict) -> tuple[list[dict], dict]:
         raise ex.UserError(f"{out / pickles[0]} is a pickle, which is never loaded (it could run code): "
                            f"delete it to continue without it, or use another --out_dir")
     old = ex.read_json(out / POLICY_MANIFEST)
+    # A Config field added since the training started counts at its default there: it changes nothing.
+    defaults = {"config": json.loads(json.dumps(dataclasses.asdict(ex.Config())))}
     for key in RESUME_KEYS:
-        theirs, ours = old.get(key), manifest[key]
+        theirs, ours = old.get(key), json.loads(json.dumps(manifest[key]))
+        if isinstance(theirs, dict) and isinstance(ours, dict):  # name only the settings that differ
+            differ = settings_that_differ(theirs, ours, defaults.get(key, {}))
+            theirs, ours = {k: theirs.get(k) for k in differ}, {k: ours.get(k) for k in differ}
         if theirs != ours:
-            if isinstance(theirs, dict) and isinstance(ours, dict):  # name only the settings that differ
-                differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-                theirs, ours = {k: theirs.get(k) for k in differ}, {k: ours.get(k) for k in differ}
             raise ex.UserError(f"{out} holds a training with {key} {theirs}; this command asks {ours}: "
                                f"run the command that started it, or use another --out_dir")
     curve = ex.read_json(out / "learning_curve.json") if (out / "learning_curve.json").exists() else []
@@ -758,7 +761,9 @@ def centred(cfg: ex.Config, args: Args, typed: dict) -> ex.Config:
 
 def train(args: Args, argv: list[str]) -> list[dict]:
     cfg = episode_config(args)
-    if args.threads_per_env and args.n_envs == 1:  # (parallel episodes set it in each of their processes)
+    # This process's episodes and every policy update (each worker of parallel episodes sets it too): with one
+    # thread, one env and several then do the same arithmetic, bit for bit.
+    if args.threads_per_env:
         import torch
         torch.set_num_threads(args.threads_per_env)
     rt = ex.Runtime.choose(cfg)

@@ -32,7 +32,7 @@ from harness import stats  # noqa: E402
 from harness.cli import entry_point  # noqa: E402
 from harness.files import atomic_write_bytes, sha256_file  # noqa: E402
 from harness.policy_files import POLICY_MANIFEST  # noqa: E402
-from harness.records import git_commit  # noqa: E402
+from harness.records import git_commit, settings_that_differ  # noqa: E402
 
 # SPEC section 7: seed sets never overlap. Controller training (train_agent.py's --seed + episode), search and
 # tuning, held-out evaluation (experiment.py's default seed_base).
@@ -122,11 +122,26 @@ def run_key(flags: Sequence, dataset: str, seed: int) -> dict:
     return {"config": config, "policy_sha256": policy_sha256(cfg.agent_init)}
 
 
+def config_defaults() -> dict:
+    """Config's defaults, as a key records them (JSON)."""
+    return json.loads(json.dumps(dataclasses.asdict(ex.Config())))
+
+
 def run_folder(runs: Path, flags: Sequence, dataset: str, seed: int) -> tuple[Path, dict]:
-    """(folder, key) of one seed of an arm: runs/<dataset>_<seed>_<hash of the key>. A changed setting or
-    policy gives another folder, so a stale result is never found under a current key."""
+    """(folder, key) of one seed of an arm: runs/<dataset>_<seed>_<hash of the key's settings that differ from
+    Config's defaults>. A changed setting or policy gives another folder; a Config field added later, at its
+    default, gives the same one (so a cache outlives new features). A changed default can name the same
+    folder, which `finished` then rejects: it compares every setting."""
     key = run_key(flags, dataset, seed)
-    return Path(runs) / f"{dataset}_{seed}_{digest(json.dumps(key, sort_keys=True))}", key
+    return Path(runs) / folder_name(dataset, seed, key), key
+
+
+def folder_name(dataset: str, seed: int, key: dict) -> str:
+    defaults = config_defaults()
+    config = json.loads(json.dumps(key["config"]))
+    named = {"config": {k: v for k, v in config.items() if v != defaults.get(k)},
+             "policy_sha256": key["policy_sha256"]}
+    return f"{dataset}_{seed}_{digest(json.dumps(named, sort_keys=True))}"
 
 
 def controller_folder(root: Path, name: str, flags: Sequence) -> Path:
@@ -136,9 +151,13 @@ def controller_folder(root: Path, name: str, flags: Sequence) -> Path:
 
 
 def finished(folder: Path, key: dict) -> bool:
-    """A folder to reuse: its run finished and it records exactly this key."""
-    return (folder / "final_info.json").exists() and (folder / KEY_FILE).exists() \
-        and ex.read_json(folder / KEY_FILE) == json.loads(json.dumps(key))
+    """A folder to reuse: its run finished and it records this key (every setting and the policy; a setting
+    it does not record, from a Config field added since, counts at its default)."""
+    if not ((folder / "final_info.json").exists() and (folder / KEY_FILE).exists()):
+        return False
+    stored, key = ex.read_json(folder / KEY_FILE), json.loads(json.dumps(key))
+    return stored.get("policy_sha256") == key["policy_sha256"] \
+        and not settings_that_differ(stored.get("config", {}), key["config"], config_defaults())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -95,6 +95,13 @@ def prepare_run_folder(out_dir: Path, overwrite: bool) -> None:
 
 # Flags that may differ on --resume: they change where files are, not what is computed.
 # --data_dir may be spelled differently, but must name the same folder (and the data must hash the same).
+def settings_that_differ(old: dict, new: dict, defaults: dict) -> list[str]:
+    """The settings two recorded configs disagree on. A setting one side lacks counts at its default: a field
+    added to Config since the older record was written reproduces the old behaviour at its default, so it
+    changes nothing there (a cached result or a training to continue stays valid)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
+
+
 IGNORED_ON_RESUME = {"resume", "debug", "overwrite", "out_dir", "title", "description", "source_dir",
                      "download", "notes", "plot", "device", "backend"}  # (the last two: settings_of_run)
 

@@ -114,6 +114,24 @@ def test_a_folder_whose_key_does_not_match_is_run_again_not_reused(tmp_path, mon
     assert len(fake.calls) == 3
 
 
+
+def test_a_config_field_added_later_keeps_the_cache_at_its_default_and_splits_it_away_from_it(tmp_path, monkeypatch):
+    s = study.Study(tmp_path / "study", SMOKE)
+    fake = FakeRuns()
+    monkeypatch.setattr(s, "sh", fake)
+    folder, key = s.run_seed([], 1337)
+    # a result recorded before batch_grows_with_world existed is reused: the field's default changes nothing
+    older = json.loads((folder / study.KEY_FILE).read_text())
+    del older["config"]["batch_grows_with_world"]
+    (folder / study.KEY_FILE).write_text(json.dumps(older))
+    assert s.run_seed([], 1337)[0] == folder and len(fake.calls) == 1
+    # a field added after this cache was written names the same folder at its default, another one off it
+    defaults = study.config_defaults()
+    for value, same in ((0, True), (1, False)):
+        monkeypatch.setattr(study, "run_key", lambda *a, v=value: {**key, "config": {**key["config"], "new_knob": v}})
+        monkeypatch.setattr(study, "config_defaults", lambda: {**defaults, "new_knob": 0})
+        assert (study.run_folder(s.runs, [*SMOKE], "shakespeare_char", 1337)[0] == folder) is same
+
 # --- statistics ---
 
 def test_holm_on_a_known_example_and_monotone_in_the_raw_order():

@@ -177,6 +177,15 @@ def test_a_folder_is_continued_only_by_the_same_training(prepared_data_dir, tmp_
     assert one_line_error(proc) and "lr_range" in proc.stderr
 
 
+
+def test_a_training_started_before_a_config_field_existed_continues_at_its_default(prepared_data_dir, tmp_path):
+    out = smoke_training(tmp_path, prepared_data_dir, "reinforce", 1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["config"]["batch_grows_with_world"]  # as a version before the field recorded it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    smoke_training(tmp_path, prepared_data_dir, "reinforce", 2)
+    assert json.loads((out / "manifest.json").read_text())["episodes_done"] == 2
+
 @pytest.mark.parametrize("bad", [["--agent", "sarsa"], ["--episodes", "0"], ["--lr_range", "10,0.1"],
                                  ["--seed", "1337"], ["--set", "max_iters=-5"], ["--set", "nonsense=1"]])
 def test_bad_train_agent_input_is_one_line(prepared_data_dir, tmp_path, bad):
