@@ -158,7 +158,7 @@ def test_under_torchrun_only_rank_0_writes(prepared_data_dir, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "experiment.py"), *SMOKE, "--data_dir", str(prepared_data_dir), "--out_dir",
-                           str(out), "--inference_samples", "1", "--tensorboard"],
+                           str(out), "--inference_samples", "1", "--tensorboard", "--gradient_accumulation_steps", "2"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     folder = curves_folder(out, "shakespeare_char", 0)
