@@ -1120,13 +1120,13 @@ class TrainingRun(Controls, RunCheckpoints):
             self.step_model = torch.compile(self.model)
             self.compile_time = time.time() - t  # the lazy compile itself lands in the first steps' time
         self.eval_model = self.step_model  # evaluation runs outside DDP: no gradient hooks, no collectives
-        self.micro_steps = self.world.micro_steps(cfg)
+        self.micro_steps, micro_batch = self.world.batch_split(cfg)  # (under torchrun: this rank's share)
         if self.world.distributed:  # nanoGPT's order: compile, then wrap (DDP also sends rank 0's weights out);
             self.step_model = self.world.wrap(self.step_model, rt.device, compile_wrapped)  # or --compile_ddp
         self.rank_lrs: list = []  # under torchrun: this process's optimizer rates at each logged step it took
         # Separate generators: training batches (each rank its own stream), and the fixed evaluation batches
         # drawn once per run, so every evaluation (and every agent reward) compares the model on the same text.
-        self.sampler = BatchSampler(data.splits["train"], cfg.block_size, cfg.batch_size, rt.device, rank_seed)
+        self.sampler = BatchSampler(data.splits["train"], cfg.block_size, micro_batch, rt.device, rank_seed)
         self.eval_samplers = {split: BatchSampler(data.splits[split], cfg.block_size, cfg.batch_size, rt.device,
                                                   self.seed + 7919 + k) for k, split in enumerate(("train", "val"))}
         self.eval_starts = {split: [s.draw_starts() for _ in range(cfg.eval_iters)]
@@ -1733,7 +1733,8 @@ def with_step_interval_from_epochs(c: Config, data: CharDataset, world: Optional
     if c.step_epochs <= 0:
         return c
     world = world or World()
-    tokens_per_step = c.batch_size * c.block_size * world.micro_steps(c) * world.size
+    steps, micro_batch = world.batch_split(c)
+    tokens_per_step = micro_batch * c.block_size * steps * world.size
     return dataclasses.replace(c, step_interval=max(1, round(c.step_epochs * len(data.splits["train"]) / tokens_per_step)))
 
 

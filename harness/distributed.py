@@ -8,7 +8,7 @@ collective cannot release (NCCL, a lost node) is ended by `FailureWatch`; and th
 timeout, the last resort for a rank that hangs without failing.
 
 Config is read by duck typing (cfg.device, cfg.backend, cfg.gradient_accumulation_steps,
-cfg.batch_grows_with_world); nothing here imports experiment.py.
+cfg.batch_size, cfg.batch_grows_with_world); nothing here imports experiment.py.
 """
 from __future__ import annotations
 
@@ -214,13 +214,20 @@ class World:
                     pass
             dist.destroy_process_group()
 
-    def micro_steps(self, cfg) -> int:
-        """Micro-batches each rank takes per optimizer step. By default the configured ones divided among the
-        ranks (nanoGPT's rule: the global batch is what one process takes; check_world refuses a count that
-        does not divide); with cfg.batch_grows_with_world all of them on every rank (size x the batch)."""
+    def batch_split(self, cfg) -> tuple[int, int]:
+        """(micro-batches per optimizer step, sequences per micro-batch) on each rank. By default the global
+        batch is what one process takes (batch_size x gradient_accumulation_steps sequences): the micro-batches
+        divided among the ranks (nanoGPT's rule) where their count divides, else the sequences (e.g. 1 micro-batch
+        of 12 on 2 ranks: 6 each; check_world refuses a global batch the ranks cannot share evenly). With
+        cfg.batch_grows_with_world every rank takes all of them (size x the batch)."""
+        accumulation, batch = cfg.gradient_accumulation_steps, cfg.batch_size
         if getattr(cfg, "batch_grows_with_world", False):
-            return cfg.gradient_accumulation_steps
-        return max(1, cfg.gradient_accumulation_steps // self.size)
+            return accumulation, batch
+        if accumulation % self.size == 0:
+            return accumulation // self.size, batch
+        per_rank = batch * accumulation // self.size
+        steps = next(m for m in range(-(-accumulation // self.size), per_rank + 1) if per_rank % m == 0)
+        return steps, per_rank // steps
 
     def wrap(self, model: torch.nn.Module, device: torch.device, compile_wrapped: bool = False) -> torch.nn.Module:
         """The model in DistributedDataParallel (device_ids on CUDA only). compile_wrapped: torch.compile the

@@ -170,9 +170,10 @@ def world_record(configs: dict, world: World) -> dict:
     """run.json's "distributed": the processes, and the batch one optimizer step averages over all of them."""
     batches = {}
     for d, c in configs.items():
-        per_rank = world.micro_steps(c)
-        sequences = c.batch_size * per_rank * world.size
-        batches[d] = {"micro_steps_per_rank": per_rank, "sequences": sequences, "tokens": sequences * c.block_size}
+        steps, micro_batch = world.batch_split(c)
+        sequences = micro_batch * steps * world.size
+        batches[d] = {"micro_steps_per_rank": steps, "micro_batch_per_rank": micro_batch, "sequences": sequences,
+                      "tokens": sequences * c.block_size}
     grows = any(getattr(c, "batch_grows_with_world", False) for c in configs.values())
     return {"world_size": world.size, "backend": world.backend, "batch_grows_with_world": grows,
             "global_batch": batches}

@@ -86,14 +86,15 @@ def check_control(c, control_agents: tuple) -> None:
 
 
 def check_world(c, world: World) -> None:
-    """Under torchrun the global batch is the configured one: its micro-batches are divided among the ranks, so
-    they must divide evenly, unless --batch_grows_with_world gives every rank all of them."""
-    accumulation = c.gradient_accumulation_steps
-    if world.distributed and not c.batch_grows_with_world and accumulation % world.size:
-        fits = world.size * -(-accumulation // world.size)
-        raise UserError(f"--gradient_accumulation_steps {accumulation} cannot be divided among {world.size} "
-                        f"processes: use a multiple of {world.size} (e.g. --gradient_accumulation_steps {fits}), "
-                        f"or --batch_grows_with_world to give every process {accumulation} ({world.size}x the batch)")
+    """Under torchrun the global batch is the configured one (batch_size x gradient_accumulation_steps
+    sequences), shared among the ranks (World.batch_split): refused when they cannot share it evenly, unless
+    --batch_grows_with_world gives every rank all of it."""
+    sequences = c.batch_size * c.gradient_accumulation_steps
+    if world.distributed and not c.batch_grows_with_world and sequences % world.size:
+        raise UserError(f"a global batch of {sequences} sequences (--batch_size {c.batch_size} x "
+                        f"--gradient_accumulation_steps {c.gradient_accumulation_steps}) cannot be shared among "
+                        f"{world.size} processes: make it a multiple of {world.size}, or --batch_grows_with_world "
+                        f"to give every process all of it ({world.size}x the batch)")
 
 
 def world_warnings(c, world: World) -> list[str]:

@@ -92,7 +92,8 @@ def test_run_json_records_the_processes_and_one_processs_global_batch(ddp_run):
     record = json.loads((out / "run.json").read_text())["distributed"]
     # smoke: batch 8 x block 32, gradient_accumulation_steps 2 shared by 2 ranks: 2 x 8 sequences, as one process
     assert record == {"world_size": 2, "backend": "gloo", "batch_grows_with_world": False, "global_batch": {
-        "shakespeare_char": {"micro_steps_per_rank": 1, "sequences": 16, "tokens": 512}}}
+        "shakespeare_char": {"micro_steps_per_rank": 1, "micro_batch_per_rank": 8, "sequences": 16,
+                             "tokens": 512}}}
     warnings = json.loads((out / "run.json").read_text())["warnings"].get("shakespeare_char", [])
     assert not any("batch" in w for w in warnings)
 
@@ -197,15 +198,26 @@ def test_a_divergence_rolls_every_rank_back_together(prepared_data_dir, tmp_path
     assert replayed[1] == pytest.approx(replayed[0] * 0.5, rel=1e-9), "the cut applies on every rank"
 
 
-def test_the_default_one_micro_batch_on_two_processes_is_refused_in_one_line_naming_the_fix(prepared_data_dir,
-                                                                                             tmp_path):
+def test_the_default_one_micro_batch_on_two_processes_keeps_one_processs_global_batch(prepared_data_dir, tmp_path):
+    run = smoke(tmp_path / "r", prepared_data_dir, "--max_iters", "10")
+    i = run.index("--gradient_accumulation_steps")
+    proc = torchrun(run[:i] + run[i + 2:])  # the profile's 1 micro-batch of 8 sequences: 4 on each rank
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert record["distributed"]["global_batch"]["shakespeare_char"] == {
+        "micro_steps_per_rank": 1, "micro_batch_per_rank": 4, "sequences": 8, "tokens": 256}
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused_in_one_line_naming_the_fix(prepared_data_dir,
+                                                                                         tmp_path):
     run = smoke(tmp_path / "r", prepared_data_dir)
-    run = run[:run.index("--gradient_accumulation_steps")]  # the profile's 1: one process's global batch is 1
-    proc = torchrun(run)
+    i = run.index("--gradient_accumulation_steps")
+    proc = torchrun(run[:i] + run[i + 2:] + ["--batch_size", "3"])
     assert proc.returncode != 0
     assert error_lines(proc.stderr) == [
-        "error: --gradient_accumulation_steps 1 cannot be divided among 2 processes: use a multiple of 2 "
-        "(e.g. --gradient_accumulation_steps 2), or --batch_grows_with_world to give every process 1 (2x the batch)"]
+        "error: a global batch of 3 sequences (--batch_size 3 x --gradient_accumulation_steps 1) cannot be shared "
+        "among 2 processes: make it a multiple of 2, or --batch_grows_with_world to give every process all of it "
+        "(2x the batch)"]
     assert "exitcode  : 2" in proc.stderr, "the workers' exit code (torchrun's own is 1)"
     assert not (tmp_path / "r").exists(), "nothing is written"
 
@@ -218,7 +230,7 @@ def test_a_batch_that_grows_with_the_world_is_asked_for_and_recorded(prepared_da
     # each of 2 ranks takes both micro-batches of 8 sequences: twice one process's global batch
     assert record["distributed"]["batch_grows_with_world"] is True
     assert record["distributed"]["global_batch"]["shakespeare_char"] == {
-        "micro_steps_per_rank": 2, "sequences": 32, "tokens": 1024}
+        "micro_steps_per_rank": 2, "micro_batch_per_rank": 8, "sequences": 32, "tokens": 1024}
     assert record["configs"]["shakespeare_char"]["batch_grows_with_world"] is True
     assert any("2x one process's global batch" in w for w in record["warnings"]["shakespeare_char"])
 
@@ -431,26 +443,32 @@ def test_a_shard_gives_each_rank_every_size_th_item_and_asks_stop_at_the_same_ro
 
 def test_accumulation_is_divided_among_the_ranks_so_the_global_batch_is_one_processs():
     cfg = ex.Config(gradient_accumulation_steps=4, batch_size=8, block_size=32)
-    assert ex.World().micro_steps(cfg) == 4
-    assert ex.World(size=2).micro_steps(cfg) == 2
+    assert ex.World().batch_split(cfg) == (4, 8)
+    assert ex.World(size=2).batch_split(cfg) == (2, 8)
     assert world_record({"d": cfg}, ex.World(size=2, backend="gloo"))["global_batch"]["d"] == {
-        "micro_steps_per_rank": 2, "sequences": 32, "tokens": 1024}
+        "micro_steps_per_rank": 2, "micro_batch_per_rank": 8, "sequences": 32, "tokens": 1024}
     assert world_record({"d": cfg}, ex.World())["global_batch"]["d"]["sequences"] == 32
     assert ex.world_warnings(cfg, ex.World(size=2)) == []
     ex.check_world(cfg, ex.World(size=4))
-    for accumulation in (1, 3):  # fewer micro-batches than ranks, or a count that does not divide: refused
-        with pytest.raises(ex.UserError, match="cannot be divided among 2 processes.*--batch_grows_with_world"):
-            ex.check_world(ex.Config(gradient_accumulation_steps=accumulation), ex.World(size=2))
-    ex.check_world(ex.Config(gradient_accumulation_steps=3), ex.World())  # one process: anything goes
+    # a count that does not divide: the sequences are shared instead, the global batch stays one process's
+    for accumulation, size, split in ((1, 2, (1, 4)), (3, 2, (2, 6)), (3, 4, (1, 6)), (2, 8, (1, 2))):
+        c = ex.Config(gradient_accumulation_steps=accumulation, batch_size=8)
+        ex.check_world(c, ex.World(size=size))
+        steps, micro_batch = ex.World(size=size).batch_split(c)
+        assert (steps, micro_batch) == split and steps * micro_batch * size == 8 * accumulation
+    with pytest.raises(ex.UserError, match="cannot be shared among 2 processes.*--batch_grows_with_world"):
+        ex.check_world(ex.Config(gradient_accumulation_steps=3, batch_size=3), ex.World(size=2))
+    ex.check_world(ex.Config(gradient_accumulation_steps=3, batch_size=3), ex.World())  # one process: anything goes
 
 
 def test_growing_the_batch_with_the_world_takes_the_flag_and_is_recorded():
     cfg = ex.Config(gradient_accumulation_steps=1, batch_size=8, block_size=32, batch_grows_with_world=True)
     ex.check_world(cfg, ex.World(size=2))
-    assert ex.World(size=2).micro_steps(cfg) == 1
+    assert ex.World(size=2).batch_split(cfg) == (1, 8)
     record = world_record({"d": cfg}, ex.World(size=2, backend="gloo"))
     assert record["batch_grows_with_world"] is True
-    assert record["global_batch"]["d"] == {"micro_steps_per_rank": 1, "sequences": 16, "tokens": 512}
+    assert record["global_batch"]["d"] == {"micro_steps_per_rank": 1, "micro_batch_per_rank": 8, "sequences": 16,
+                                           "tokens": 512}
     assert any("2x one process's global batch" in w for w in ex.world_warnings(cfg, ex.World(size=2)))
     assert ex.world_warnings(cfg, ex.World()) == []
 
