@@ -53,6 +53,19 @@ def smoke(out_dir, data_dir, *extra):
             "--inference_samples", "1", "--gradient_accumulation_steps", "2", *extra]
 
 
+def resumed_equals_uninterrupted(folder, tmp_path, data_dir, args, resumed_at: str):
+    """`--resume` finishes the run in folder, and it then holds what the same run without a stop trains;
+    returns the uninterrupted run's folder."""
+    resumed = torchrun(["--out_dir", folder, "--resume"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed_at in resumed.stderr
+    uninterrupted = tmp_path / "uninterrupted"
+    reference = torchrun(smoke(uninterrupted, data_dir, *args))
+    assert reference.returncode == 0, reference.stderr
+    assert trained(folder) == trained(uninterrupted)
+    return uninterrupted
+
+
 def error_lines(stderr):
     """Our own `error:` lines (torchrun adds its failure summary, which never starts so)."""
     return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted:"))]
@@ -168,13 +181,7 @@ def test_a_sigterm_to_the_job_checkpoints_and_resume_finishes_it_as_if_uninterru
     assert refused.stderr.strip().count("\n") == 0
     assert "world size 2" in refused.stderr and "world size 1" in refused.stderr
 
-    resumed = torchrun(["--out_dir", interrupted, "--resume"])
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming at iter" in resumed.stderr
-    uninterrupted = tmp_path / "uninterrupted"
-    reference = torchrun(smoke(uninterrupted, prepared_data_dir, *args))
-    assert reference.returncode == 0, reference.stderr
-    assert trained(interrupted) == trained(uninterrupted)
+    resumed_equals_uninterrupted(interrupted, tmp_path, prepared_data_dir, args, "resuming at iter")
     after_resume = json.loads((interrupted / "all_results.json").read_text())["shakespeare_char_0_rank_lr_info"]
     assert after_resume[0] == after_resume[1] and after_resume[0][0]["iter"] > 0
 
@@ -268,13 +275,7 @@ def test_an_exception_on_rank_1_ends_every_rank_in_one_line_and_resume_finishes_
         f"error: --resume: {failed} trained with --device cpu, this command asks for --device cuda: drop --device "
         f"(a run resumes on the device and backend it ran on)"]
 
-    resumed = torchrun(["--out_dir", failed, "--resume"])
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming at iter 30" in resumed.stderr
-    uninterrupted = tmp_path / "uninterrupted"
-    reference = torchrun(smoke(uninterrupted, prepared_data_dir, *FAILING))
-    assert reference.returncode == 0, reference.stderr
-    assert trained(failed) == trained(uninterrupted)
+    uninterrupted = resumed_equals_uninterrupted(failed, tmp_path, prepared_data_dir, FAILING, "resuming at iter 30")
     full_val = [json.loads((d / "final_info_shakespeare_char_0.json").read_text())["full_val_loss"]
                 for d in (failed, uninterrupted)]
     assert full_val[0] == full_val[1]
