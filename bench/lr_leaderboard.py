@@ -11,13 +11,15 @@ the best simple alternative?
    decision interval (RULES), on the search seeds: how far a controller that knows T can recover under them.
    The controllers act under DESIGN, chosen from these figures (docs/lr_leaderboard.md says why).
 3. Train ppo, reinforce and qlearning with train_agent.py, base LR drawn from x0.1..x10 of T (--lr_center T),
-   bounds [1/16, 16]; and the anchored ppo (--reward vs_reference) at x1 with bounds [0.5, 2].
+   bounds [1/16, 16]; and the anchored ppo (--reward vs_reference) at x1 with bounds [0.5, 2]. Each trains
+   --episodes (304), then on by half that while its learning curve still falls, up to --max_episodes (608).
 4. Held-out seeds (1337...) at x0.1, x1 and x10 of T: cosine, schedule-free, the oracle, random, replay (ppo's
    actions of another seed, open loop), ppo, reinforce, qlearning; once: Prodigy, D-Adaptation, anchored ppo,
    tuned cosine. Paired differences against tuned cosine, Holm over the table, each arm's compute charged.
 5. Transfer: the shakespeare_char ppo, frozen, on enwik8 and text8 at x0.1/x1/x10 of each one's tuned rate,
    beside cosine and Prodigy there.
-Writes summary.json, summary.md and leaderboard.png in --out; every run is cached by bench/study.py.
+Writes summary.json, summary.md, leaderboard.png and learning_curves.png (each controller's training: is it
+flat?) in --out; every run is cached by bench/study.py.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 
 import study
-from study import Arm, Study, seeds
+from study import Arm, Study, seeds, stats
 
 QUESTION = "Does a learned LR controller, given a fair chance, beat tuned cosine and the parameter-free optimizers?"
 SWEEP = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]
@@ -47,6 +49,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=10, help="held-out seeds per arm (transfer: half)")
     parser.add_argument("--episodes", type=int, default=304, help="controller training episodes each (ppo: a "
                         "multiple of its 8 episodes per update)")
+    parser.add_argument("--max_episodes", type=int, default=608, help="a learner whose curve still falls over its "
+                        "last 100 episodes trains on, half --episodes at a time, up to this many")
     parser.add_argument("--n_envs", type=int, default=1, help="train_agent.py --n_envs for every controller "
                         "training (reinforce: the same policy as one env; qlearning: its workers' table changes "
                         "added up, docs/controllers.md)")
@@ -54,6 +58,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.search_seeds, args.sweep, args.transfer = 3, SWEEP, TRANSFER
     if args.smoke:
         args.profile, args.seeds, args.episodes, args.search_seeds = "smoke", 2, 2, 1
+    args.max_episodes = max(args.max_episodes, args.episodes) if not args.smoke else args.episodes
     if args.profile == "smoke":
         args.sweep, args.transfer = SWEEP[:2], TRANSFER[:1]
     return args
@@ -103,13 +108,26 @@ def train_controllers(s: Study, args, tuned: float) -> dict:
     common = ["--profile", args.profile, "--lr_center", tuned, "--agent_actions", actions,
               "--episodes_per_update", math.gcd(args.episodes, 8),  # batches of 8 (smoke: of what there is)
               "--n_envs", args.n_envs]
-    trained = {agent: s.train_controller(agent, args.episodes, "--agent", agent, *common, "--lr_range", "0.1,10",
-                                         "--set", f"eval_interval={interval}")
+    trained = {agent: train_until_flat(s, args, tuned, agent, "--agent", agent, *common, "--lr_range", "0.1,10",
+                                       "--set", f"eval_interval={interval}")
                for agent in LEARNERS}
-    trained["anchored_ppo"] = s.train_controller(
-        "anchored_ppo", args.episodes, "--agent", "ppo", *common, "--reward", "vs_reference",
+    trained["anchored_ppo"] = train_until_flat(
+        s, args, tuned, "anchored_ppo", "--agent", "ppo", *common, "--reward", "vs_reference",
         "--set", f"eval_interval={interval},multiplier_min=0.5,multiplier_max=2")
     return trained
+
+
+def train_until_flat(s: Study, args, tuned: float, name: str, *flags) -> tuple[Path, int]:
+    """--episodes, then half as many more at a time while the learning curve still falls over its last 100
+    episodes (its slope's 95% interval below 0), up to --max_episodes: a learner is compared once it has
+    stopped improving or hit the cap, and the episodes it took are charged to it."""
+    episodes = args.episodes
+    while True:
+        folder, steps = s.train_controller(name, episodes, *flags)
+        interval = learning_curve(folder, tuned)["last_slope"]["ci95"]
+        if episodes >= args.max_episodes or interval is None or interval[1] >= 0:
+            return folder, steps
+        episodes = min(args.max_episodes, episodes + max(8, args.episodes // 2))
 
 
 def held_out_arms(s: Study, args, held_out: list, tuned: float, tuning: int, trained: dict) -> dict:
@@ -166,6 +184,68 @@ def transfer_arms(args, held_out: list, ppo_folder: Path) -> dict:
     return arms
 
 
+def learning_curve(agent_dir: Path, tuned: float) -> dict:
+    """Did a controller's training learn, and is it flat at the end? Its episodes' final losses with the luck of
+    the drawn base LR taken out (residuals of a cubic in log factor; raw losses if every episode had the same
+    base), and how far its rate sat from T over each episode's second half (mean |log2(lr / T)|). The slope of
+    the residuals per 100 episodes over the last 100, with its 95% interval: flat if the interval holds 0."""
+    import numpy as np
+    from scipy import stats as sps
+    curve = study.ex.read_json(Path(agent_dir) / "learning_curve.json")
+    loss = np.array([e["final_val_loss"] for e in curve], dtype=float)
+    factor = np.log([e["lr_factor"] for e in curve])
+    degree = min(3, len(set(factor.tolist())) - 2)  # a cubic where there are enough distinct base LRs
+    residual = loss - (np.polyval(np.polyfit(factor, loss, degree), factor) if degree >= 1 else loss.mean())
+    half = [max(it for it, _ in e["lr_trajectory"]) / 2 for e in curve]
+    distance = [float(np.mean([abs(math.log2(lr / tuned)) for it, lr in e["lr_trajectory"] if it >= h]))
+                for e, h in zip(curve, half)]
+    last = min(100, len(curve))
+    slope = {"per_100_episodes": None, "ci95": None}
+    if last >= 3:
+        fit_last = sps.linregress(np.arange(len(curve))[-last:], residual[-last:])
+        half_width = stats.t_quantile(last - 2) * fit_last.stderr
+        slope = {"per_100_episodes": float(100 * fit_last.slope),
+                 "ci95": [float(100 * (fit_last.slope - half_width)), float(100 * (fit_last.slope + half_width))]}
+    return {"episodes": len(curve), "residual": residual.tolist(), "distance_from_tuned": distance,
+            "last_slope": slope, "last_episodes": last}
+
+
+def draw_learning_curves(curves: dict, out: Path, block: int = 8) -> None:
+    """learning_curves.png: per controller, block means (one ppo update = 8 episodes) of the residual final loss
+    (left) and of the second-half distance from T in octaves (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for j, (name, c) in enumerate(curves.items()):
+        for ax, key in zip(axes, ("residual", "distance_from_tuned")):
+            values = np.array(c[key])
+            n = len(values) // block * block or len(values)
+            means = values[:n].reshape(-1, min(block, n)).mean(axis=1)
+            ax.plot((np.arange(len(means)) + 0.5) * min(block, n), means, "o-", ms=3, color=f"C{j}", label=name)
+    axes[0].set_ylabel("final loss minus what its base LR predicts")
+    axes[1].set_ylabel("|log2(lr / tuned)|, second half")
+    for ax in axes:
+        ax.set_xlabel("training episode")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def curve_note(name: str, c: dict) -> str:
+    """One summary line for a controller's learning curve."""
+    slope, d = c["last_slope"], c["distance_from_tuned"]
+    k = max(1, len(d) // 4)
+    trend = ("too few episodes for a slope" if slope["ci95"] is None else
+             f"residual slope over the last {c['last_episodes']} episodes {slope['per_100_episodes']:+.3f} nats "
+             f"per 100 [{slope['ci95'][0]:+.3f}, {slope['ci95'][1]:+.3f}]"
+             + (" (flat)" if slope["ci95"][0] <= 0 <= slope["ci95"][1] else " (still moving)"))
+    return (f"{name}: {c['episodes']} episodes; {trend}; second-half distance from the tuned rate "
+            f"{sum(d[:k]) / k:.2f} octaves in the first quarter of its episodes, {sum(d[-k:]) / k:.2f} in the last.")
+
+
 def comparisons(arms: dict, prefix: str = "") -> list:
     """Every arm against tuned cosine on its dataset; each learner against the random control and its rivals."""
     tuned = arms[f"{prefix}tuned"]
@@ -182,7 +262,6 @@ def draw(arms: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from harness import stats
     groups = sorted({name.rsplit("_", 1)[0] for name in arms if name.endswith(tuple(FACTORS))})
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for k, factor in enumerate(FACTORS):
@@ -210,7 +289,7 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir)
     held_out, search = seeds("held_out", args.seeds), seeds("search", args.search_seeds)
-    study.check_disjoint(training=seeds("training", args.episodes), search=search, held_out=held_out)
+    study.check_disjoint(training=seeds("training", args.max_episodes), search=search, held_out=held_out)
     tuned, tuning, sweep = tune(s, args.sweep, search)
     rules = oracle_rules(s, args, tuned, search)
     trained = train_controllers(s, args, tuned)
@@ -218,15 +297,19 @@ def main(argv: list[str]) -> None:
     transfer = transfer_arms(args, held_out[:max(2, args.seeds // 2)], trained["ppo"][0])
     rows = study.table(comparisons(arms) + [p for d in args.transfer for p in comparisons(transfer, f"{d}_")])
     draw(arms, s.root)
+    curves = {name: learning_curve(folder, tuned) for name, (folder, _) in trained.items()}
+    draw_learning_curves(curves, s.root)
     print(study.write_summary(s.root, QUESTION, [*arms.values(), *transfer.values()], rows, notes=[
         f"Tuned rate {tuned:g} (cosine on search seeds {search[0]}-{search[-1]}; mean by rate: "
         + ", ".join(f"{lr:g} {loss:.4f}" for lr, loss in sweep.items()) + f"); {tuning:,} steps charged to tuned "
         "and the oracle.", f"Controllers act under {DESIGN}: actions {RULES[DESIGN][0]}, a decision every "
         f"{RULES[DESIGN][1]} steps (tiny). Oracle minus tuned on the search seeds, by rule: "
         + "; ".join(f"{k} {v['oracle_minus_tuned']:+.4f} (cosine {v['cosine_minus_tuned']:+.4f})"
-                    for k, v in rules.items()), "![final loss by arm](leaderboard.png)"],
+                    for k, v in rules.items()), "![final loss by arm](leaderboard.png)",
+        *(curve_note(name, c) for name, c in curves.items()), "![learning curves](learning_curves.png)"],
         extra={"tuned_lr": tuned, "sweep": {f"{lr:g}": v for lr, v in sweep.items()}, "sweep_steps": tuning,
-               "rules": rules, "design": DESIGN, "training_steps": {k: v[1] for k, v in trained.items()}}))
+               "rules": rules, "design": DESIGN, "training_steps": {k: v[1] for k, v in trained.items()},
+               "learning_curves": {k: {f: c[f] for f in ("episodes", "last_slope")} for k, c in curves.items()}}))
 
 
 if __name__ == "__main__":

@@ -201,3 +201,48 @@ def test_no_bench_study_or_plot_defines_its_own_statistics():
         assert "t.ppf" not in text and "ttest_rel" not in text and "def holm" not in text, path.name
     for path in sorted((ROOT / "bench").glob("*.py")):
         assert path.name == "study.py" or "import study" in path.read_text(), path.name
+
+
+# --- the leaderboard's learners train until their learning curve is flat ---
+
+def falling_curve(episodes: int, falls_for: int) -> list[dict]:
+    """A learning curve whose final loss depends on the drawn base LR and falls 0.5 nats per 100 episodes for
+    its first falls_for episodes, then stays (give or take 0.02, alternating: noise without a trend); its rate sits
+    1 octave from the tuned 8e-3."""
+    rng = np.random.default_rng(0)
+    curve = []
+    for k in range(episodes):
+        factor = float(np.exp(rng.uniform(np.log(0.1), np.log(10))))
+        loss = 2.0 + 0.1 * np.log(factor) ** 2 - 0.005 * min(k, falls_for) + 0.02 * (-1) ** k
+        curve.append({"lr_factor": factor, "final_val_loss": loss, "lr_trajectory": [[0, 4e-3], [100, 1.6e-2]]})
+    return curve
+
+
+class CurveStudy:
+    """Study's train_controller, played by a curve that falls for falls_for episodes: records each request."""
+    def __init__(self, root, falls_for):
+        self.root, self.falls_for, self.requests = root, falls_for, []
+
+    def train_controller(self, name, episodes, *flags):
+        self.requests.append(episodes)
+        ex.atomic_write_json(self.root / "learning_curve.json", falling_curve(episodes, self.falls_for))
+        return self.root, episodes
+
+
+@pytest.mark.parametrize("falls_for, requests", [(0, [304]), (10_000, [304, 456, 608]), (300, [304, 456])])
+def test_a_learner_trains_on_by_half_its_episodes_while_its_curve_still_falls(tmp_path, falls_for, requests):
+    import lr_leaderboard
+    args = lr_leaderboard.parse(["--episodes", "304", "--max_episodes", "608"])
+    s = CurveStudy(tmp_path, falls_for)
+    assert lr_leaderboard.train_until_flat(s, args, 8e-3, "ppo") == (tmp_path, requests[-1])
+    assert s.requests == requests
+
+
+def test_the_learning_curve_takes_the_base_lr_luck_out_and_measures_distance_from_the_tuned_rate(tmp_path):
+    import lr_leaderboard
+    ex.atomic_write_json(tmp_path / "learning_curve.json", falling_curve(200, 0))
+    curve = lr_leaderboard.learning_curve(tmp_path, 8e-3)
+    assert max(abs(r) for r in curve["residual"]) < 0.1  # the 0.1 * log(factor)^2 spread (up to 0.53) is gone
+    assert curve["distance_from_tuned"] == pytest.approx([1.0] * 200)  # its second half sits at 1.6e-2
+    low, high = curve["last_slope"]["ci95"]
+    assert low <= 0 <= high and "(flat)" in lr_leaderboard.curve_note("ppo", curve)
