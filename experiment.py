@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from data import prepare_common  # the download/prepare logic shared with data/<dataset>/prepare.py
 from harness.checkpoints import CheckpointStore, RunCheckpoints
-from harness.cli import OneLineArgumentParser, add_config_flags, job_main, parse_field_value
+from harness.cli import OneLineArgumentParser, add_config_flags, job_main, option, parse_field_value
 from harness.agents import Agent, ReinforceAgent, SB3Agent
 from harness.control import (DROPOUT_MAX, controlled, extra_controlled, lr_group_names, lr_groups_kind, parse_actions,
                              policy_inputs)
@@ -79,154 +79,148 @@ SOURCE_DIR_ENV = "GPT_RL_DATA_SOURCE"  # folder with offline copies of the raw d
 # 1. Config and profiles
 # ----------------------------------------------------------------------------------------------
 
-def _opt(default, help, choices=None, bounds=None):
-    """A config field with its --help text, allowed values and allowed range kept next to it.
-
-    bounds: an interval such as "[0, 1)" or "(0, inf)"; the parser and validate() check every field
-    against its own, and nan or inf never pass (an inf end means "no upper limit")."""
-    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
-
-
 @dataclass
 class Config:
     # --- the run ---
-    out_dir: str = _opt("run_0", "run folder to write (relative to the current directory)")
-    profile: str = _opt("auto", "settings bundle; auto = full with CUDA, else cpu",
-                        ("auto", "full", "cpu", "tiny", "smoke"))
-    datasets: str = _opt(",".join(DATASETS), "comma-separated datasets to train on")
-    seeds: int = _opt(1, "seeds per dataset (seed = seed_base + index); profile-dependent", bounds="[1, inf)")
-    seed_base: int = _opt(1337, "seed of the first seed index", bounds="[0, inf)")
-    title: str = _opt("", "short title of the run (notes.txt)")
-    description: str = _opt("", "what this run does differently (recorded in run.json)")
-    data_dir: str = _opt("", "folder holding <dataset>/ with prepared data; default <project>/data")
-    source_dir: str = _opt("", f"folder with offline raw copies (else ${SOURCE_DIR_ENV}); used to prepare missing data")
-    allow_nonstandard_data: bool = _opt(False, "accept a source named as the standard enwik8/text8 file that is not "
-                                               "its standard size (it is split 90/5/5 in proportion and labelled)")
-    overwrite: bool = _opt(False, "replace the results of a finished run folder")
-    download: bool = _opt(True, "download missing datasets (--no-download: fail with the command to run instead)")
-    notes: str = _opt("", "lab notebook this run's section and the comparison table go to "
-                          "(default: notes.txt beside the run folder; 'off' to skip)")
-    plot: bool = _opt(False, "regenerate the plots of every run_* beside the run folder when the run ends")
+    out_dir: str = option("run_0", "run folder to write (relative to the current directory)")
+    profile: str = option("auto", "settings bundle; auto = full with CUDA, else cpu",
+                          ("auto", "full", "cpu", "tiny", "smoke"))
+    datasets: str = option(",".join(DATASETS), "comma-separated datasets to train on")
+    seeds: int = option(1, "seeds per dataset (seed = seed_base + index); profile-dependent", bounds="[1, inf)")
+    seed_base: int = option(1337, "seed of the first seed index", bounds="[0, inf)")
+    title: str = option("", "short title of the run (notes.txt)")
+    description: str = option("", "what this run does differently (recorded in run.json)")
+    data_dir: str = option("", "folder holding <dataset>/ with prepared data; default <project>/data")
+    source_dir: str = option("", f"folder with offline raw copies (else ${SOURCE_DIR_ENV}); used to prepare missing "
+                               "data")
+    allow_nonstandard_data: bool = option(False, "accept a source named as the standard enwik8/text8 file that is not "
+                                                 "its standard size (it is split 90/5/5 in proportion and labelled)")
+    overwrite: bool = option(False, "replace the results of a finished run folder")
+    download: bool = option(True, "download missing datasets (--no-download: fail with the command to run instead)")
+    notes: str = option("", "lab notebook this run's section and the comparison table go to "
+                            "(default: notes.txt beside the run folder; 'off' to skip)")
+    plot: bool = option(False, "regenerate the plots of every run_* beside the run folder when the run ends")
     # --- model (nanoGPT names) ---
-    n_layer: int = _opt(6, "transformer blocks", bounds="[1, inf)")
-    n_head: int = _opt(6, "attention heads", bounds="[1, inf)")
-    n_embd: int = _opt(384, "embedding width", bounds="[1, inf)")
-    block_size: int = _opt(256, "context length in tokens", bounds="[1, inf)")
-    dropout: float = _opt(0.2, "dropout probability", bounds="[0, 1)")
-    bias: bool = _opt(False, "biases in Linear and LayerNorm layers")
+    n_layer: int = option(6, "transformer blocks", bounds="[1, inf)")
+    n_head: int = option(6, "attention heads", bounds="[1, inf)")
+    n_embd: int = option(384, "embedding width", bounds="[1, inf)")
+    block_size: int = option(256, "context length in tokens", bounds="[1, inf)")
+    dropout: float = option(0.2, "dropout probability", bounds="[0, 1)")
+    bias: bool = option(False, "biases in Linear and LayerNorm layers")
     # --- optimisation ---
-    batch_size: int = _opt(64, "sequences per micro-batch", bounds="[1, inf)")
-    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step", bounds="[1, inf)")
-    batch_grows_with_world: bool = _opt(False, "under torchrun every process takes all the micro-batches: the "
-                                               "global batch grows with the processes (else they share them)")
-    max_iters: int = _opt(5000, "optimizer steps", bounds="[1, inf)")
-    learning_rate: float = _opt(1e-3, "peak learning rate of the base schedule", bounds="(0, inf)")
-    min_lr: float = _opt(1e-4, "final learning rate of the cosine/wsd decay (refused above learning_rate)",
-                         bounds="[0, inf)")
-    warmup_iters: int = _opt(100, "linear warmup steps (a warning, recorded in run.json, if >= max_iters)",
-                             bounds="[0, inf)")
-    lr_decay_iters: int = _opt(5000, "step at which the cosine schedule reaches min_lr (refused below "
-                                     "warmup_iters; a warning if above max_iters)", bounds="[0, inf)")
-    weight_decay: float = _opt(0.1, "AdamW weight decay on >=2-D weights", bounds="[0, inf)")
-    beta1: float = _opt(0.9, "AdamW beta1", bounds="[0, 1)")
-    beta2: float = _opt(0.99, "AdamW beta2", bounds="[0, 1)")
-    grad_clip: float = _opt(1.0, "clip gradient norm to this (0 = off)", bounds="[0, inf)")
+    batch_size: int = option(64, "sequences per micro-batch", bounds="[1, inf)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", bounds="[1, inf)")
+    batch_grows_with_world: bool = option(False, "under torchrun every process takes all the micro-batches: the "
+                                                 "global batch grows with the processes (else they share them)")
+    max_iters: int = option(5000, "optimizer steps", bounds="[1, inf)")
+    learning_rate: float = option(1e-3, "peak learning rate of the base schedule", bounds="(0, inf)")
+    min_lr: float = option(1e-4, "final learning rate of the cosine/wsd decay (refused above learning_rate)",
+                           bounds="[0, inf)")
+    warmup_iters: int = option(100, "linear warmup steps (a warning, recorded in run.json, if >= max_iters)",
+                               bounds="[0, inf)")
+    lr_decay_iters: int = option(5000, "step at which the cosine schedule reaches min_lr (refused below "
+                                       "warmup_iters; a warning if above max_iters)", bounds="[0, inf)")
+    weight_decay: float = option(0.1, "AdamW weight decay on >=2-D weights", bounds="[0, inf)")
+    beta1: float = option(0.9, "AdamW beta1", bounds="[0, 1)")
+    beta2: float = option(0.99, "AdamW beta2", bounds="[0, 1)")
+    grad_clip: float = option(1.0, "clip gradient norm to this (0 = off)", bounds="[0, inf)")
     # --- learning-rate control (SPEC section 5) ---
-    optimizer: str = _opt("adamw", "adamw; schedulefree (schedule-free AdamW; use with --schedule constant); prodigy "
-                                   "or dadapt_adam (estimate the step size: --learning_rate then defaults to 1.0, "
-                                   "their documented lr, min_lr 0.1 and lr_ceiling 10, the schedule on top)",
-                          ("adamw", "schedulefree", "prodigy", "dadapt_adam"))
-    schedule: str = _opt("cosine", "base learning-rate schedule", ("cosine", "constant", "step", "wsd"))
-    step_gamma: float = _opt(0.1, "step schedule: factor applied every step_interval steps", bounds="(0, 1]")
-    step_interval: int = _opt(1000, "step schedule: steps between factors", bounds="[1, inf)")
-    step_epochs: float = _opt(0.0, "step schedule: interval in epochs of the train split (overrides step_interval)",
+    optimizer: str = option("adamw", "adamw; schedulefree (schedule-free AdamW; use with --schedule constant); prodigy "
+                                     "or dadapt_adam (estimate the step size: --learning_rate then defaults to 1.0, "
+                                     "their documented lr, min_lr 0.1 and lr_ceiling 10, the schedule on top)",
+                            ("adamw", "schedulefree", "prodigy", "dadapt_adam"))
+    schedule: str = option("cosine", "base learning-rate schedule", ("cosine", "constant", "step", "wsd"))
+    step_gamma: float = option(0.1, "step schedule: factor applied every step_interval steps", bounds="(0, 1]")
+    step_interval: int = option(1000, "step schedule: steps between factors", bounds="[1, inf)")
+    step_epochs: float = option(0.0, "step schedule: interval in epochs of the train split (overrides step_interval)",
+                                bounds="[0, inf)")
+    wsd_decay_frac: float = option(0.2, "wsd schedule: final fraction of max_iters decaying linearly to min_lr",
+                                   bounds="[0, 1]")
+    agent: str = option("none", "who sets the learning-rate multiplier after each evaluation (reinforce, ppo, dqn: "
+                                "policies trained by train_agent.py, loaded with --agent_init DIR)",
+                        lambda: (*AGENTS, *SB3_AGENTS))  # the registry (section 5), read when the flags are
+    agent_actions: str = option("", "the agent's action factors on the multiplier; default "
+                                    "0.5,0.8,1,1.25,2 (qlearning, random), 0.1,0.5,1,1.5,2 (reinforce, ppo, dqn)")
+    reward: str = option("", "reward: -L, L_prev - L, or log L_prev - log L (L: val loss); default neg_val_loss "
+                             "(qlearning, learned relative to its usual value at that iteration), improvement "
+                             "(reinforce, ppo, dqn); vs_reference: L_prev - L minus the same seed's reference run's "
+                             "(train_agent.py runs the references)",
+                         ("neg_val_loss", "improvement", "log_improvement", "vs_reference"))
+    epsilon: float = option(0.1, "qlearning: exploration probability", bounds="[0, 1]")
+    epsilon_decay: float = option(1.0, "qlearning: epsilon is multiplied by this after each decision", bounds="[0, 1]")
+    epsilon_min: float = option(0.01, "qlearning: epsilon never decays below this", bounds="[0, 1]")
+    agent_lr: float = option(0.1, "qlearning: step size alpha of the TD update", bounds="(0, 1]")
+    gamma: float = option(0.9, "qlearning: discount", bounds="[0, 1]")
+    agent_init: str = option("", "qlearning: start from this agent file, or pool the tables of every seed of this "
+                                 "run folder (epsilon continues from it); replay: the run to replay")
+    agent_freeze: bool = option(False, "qlearning: act greedily from the table (no exploration) and never update it")
+    agent_sample: bool = option(False, "a trained policy deployed frozen samples its actions as in training "
+                                       "(reinforce, ppo, dqn); default: the most probable action")
+    oracle_lr: float = option(0.0, "oracle: the peak rate it steers --learning_rate x multiplier toward, with the "
+                                   "agent's own actions at each decision (the ceiling of knowing the tuned rate)",
                               bounds="[0, inf)")
-    wsd_decay_frac: float = _opt(0.2, "wsd schedule: final fraction of max_iters decaying linearly to min_lr",
-                                 bounds="[0, 1]")
-    agent: str = _opt("none", "who sets the learning-rate multiplier after each evaluation (reinforce, ppo, dqn: "
-                              "policies trained by train_agent.py, loaded with --agent_init DIR)",
-                      lambda: (*AGENTS, *SB3_AGENTS))  # the registry (section 5), read when the flags are
-    agent_actions: str = _opt("", "the agent's action factors on the multiplier; default "
-                                  "0.5,0.8,1,1.25,2 (qlearning, random), 0.1,0.5,1,1.5,2 (reinforce, ppo, dqn)")
-    reward: str = _opt("", "reward: -L, L_prev - L, or log L_prev - log L (L: val loss); default neg_val_loss "
-                           "(qlearning, learned relative to its usual value at that iteration), improvement "
-                           "(reinforce, ppo, dqn); vs_reference: L_prev - L minus the same seed's reference run's "
-                           "(train_agent.py runs the references)",
-                       ("neg_val_loss", "improvement", "log_improvement", "vs_reference"))
-    epsilon: float = _opt(0.1, "qlearning: exploration probability", bounds="[0, 1]")
-    epsilon_decay: float = _opt(1.0, "qlearning: epsilon is multiplied by this after each decision", bounds="[0, 1]")
-    epsilon_min: float = _opt(0.01, "qlearning: epsilon never decays below this", bounds="[0, 1]")
-    agent_lr: float = _opt(0.1, "qlearning: step size alpha of the TD update", bounds="(0, 1]")
-    gamma: float = _opt(0.9, "qlearning: discount", bounds="[0, 1]")
-    agent_init: str = _opt("", "qlearning: start from this agent file, or pool the tables of every seed of this "
-                               "run folder (epsilon continues from it); replay: the run to replay")
-    agent_freeze: bool = _opt(False, "qlearning: act greedily from the table (no exploration) and never update it")
-    agent_sample: bool = _opt(False, "a trained policy deployed frozen samples its actions as in training (reinforce, "
-                                     "ppo, dqn); default: the most probable action")
-    oracle_lr: float = _opt(0.0, "oracle: the peak rate it steers --learning_rate x multiplier toward, with the agent's "
-                                 "own actions at each decision (the ceiling of knowing the tuned rate)", bounds="[0, inf)")
-    agent_learn: Optional[bool] = _opt(None, "keep learning online (qlearning, reinforce); default: a policy trained "
-                                             "by train_agent.py (--agent_init DIR) is deployed frozen, else learn")
-    policy_hidden: int = _opt(128, "reinforce: hidden units of the policy network (one hidden layer)",
-                              bounds="[1, inf)")
-    policy_lr: float = _opt(1e-3, "reinforce: Adam learning rate of the policy network", bounds="(0, inf)")
-    policy_gamma: float = _opt(0.99, "reinforce: discount of the return", bounds="[0, 1]")
-    policy_batch: int = _opt(8, "reinforce: episodes (runs) per policy-gradient update; advantages are normalised "
-                                "over the batch", bounds="[1, inf)")
-    policy_entropy: float = _opt(0.01, "reinforce: weight of the entropy bonus in the policy loss", bounds="[0, inf)")
-    multiplier_min: float = _opt(0.125, "lower bound of the agent's learning-rate multiplier", bounds="(0, 1]")
-    multiplier_max: float = _opt(8.0, "upper bound of the agent's learning-rate multiplier", bounds="[1, inf)")
-    lr_groups: str = _opt("", "who gets a multiplier: global (one for the whole model) or layer (the embeddings, "
-                              "each block and the final norm: their own parameter groups, each rate clamp(base x "
-                              "multiplier x its own)); default global, layer with --layer_trust", ("global", "layer"))
-    layer_trust: str = _opt("none", "lamb: every step, each layer's rate is scaled by its LAMB trust ratio |w| / "
-                                    "|Adam update| over its matrices, normalised to geometric mean 1 over the layers "
-                                    "(a per-layer redistribution of the same schedule), clipped to "
-                                    "[1/trust_clip, trust_clip]", ("none", "lamb"))
-    trust_clip: float = _opt(10.0, "--layer_trust: bound of a layer's trust factor", bounds="[1, inf)")
-    control: str = _opt("lr", "hyperparameters the agent sets, from lr,weight_decay,grad_clip,dropout: each its own "
-                              "multiplier on the configured value (lr: multiplier_min..max; the others: "
-                              "CONTROL_BOUNDS), the action one factor per hyperparameter")
-    lr_floor: float = _opt(0.0, "the learning rate never goes below this", bounds="[0, inf)")
-    lr_ceiling: float = _opt(0.1, "the learning rate never goes above this", bounds="(0, inf)")
+    agent_learn: Optional[bool] = option(None, "keep learning online (qlearning, reinforce); default: a policy trained "
+                                               "by train_agent.py (--agent_init DIR) is deployed frozen, else learn")
+    policy_hidden: int = option(128, "reinforce: hidden units of the policy network (one hidden layer)",
+                                bounds="[1, inf)")
+    policy_lr: float = option(1e-3, "reinforce: Adam learning rate of the policy network", bounds="(0, inf)")
+    policy_gamma: float = option(0.99, "reinforce: discount of the return", bounds="[0, 1]")
+    policy_batch: int = option(8, "reinforce: episodes (runs) per policy-gradient update; advantages are normalised "
+                                  "over the batch", bounds="[1, inf)")
+    policy_entropy: float = option(0.01, "reinforce: weight of the entropy bonus in the policy loss", bounds="[0, inf)")
+    multiplier_min: float = option(0.125, "lower bound of the agent's learning-rate multiplier", bounds="(0, 1]")
+    multiplier_max: float = option(8.0, "upper bound of the agent's learning-rate multiplier", bounds="[1, inf)")
+    lr_groups: str = option("", "who gets a multiplier: global (one for the whole model) or layer (the embeddings, "
+                                "each block and the final norm: their own parameter groups, each rate clamp(base x "
+                                "multiplier x its own)); default global, layer with --layer_trust", ("global", "layer"))
+    layer_trust: str = option("none", "lamb: every step, each layer's rate is scaled by its LAMB trust ratio |w| / "
+                                      "|Adam update| over its matrices, normalised to geometric mean 1 over the layers "
+                                      "(a per-layer redistribution of the same schedule), clipped to "
+                                      "[1/trust_clip, trust_clip]", ("none", "lamb"))
+    trust_clip: float = option(10.0, "--layer_trust: bound of a layer's trust factor", bounds="[1, inf)")
+    control: str = option("lr", "hyperparameters the agent sets, from lr,weight_decay,grad_clip,dropout: each its own "
+                                "multiplier on the configured value (lr: multiplier_min..max; the others: "
+                                "CONTROL_BOUNDS), the action one factor per hyperparameter")
+    lr_floor: float = option(0.0, "the learning rate never goes below this", bounds="[0, inf)")
+    lr_ceiling: float = option(0.1, "the learning rate never goes above this", bounds="(0, inf)")
     # --- reliability ---
-    resume: bool = _opt(False, "continue an interrupted run folder from its checkpoints (its config is reused)")
-    max_rollbacks: int = _opt(3, "divergence guard: rollbacks allowed per seed before it ends as 'diverged'",
-                              bounds="[0, inf)")
-    divergence_factor: float = _opt(2.0, "divergence guard: a loss above this x the first evaluation's train loss "
-                                         "(or not finite) rolls back (0 = only non-finite)", bounds="[0, inf)")
-    rollback_cut: float = _opt(0.5, "divergence guard: the multiplier is multiplied by this on a rollback",
-                               bounds="(0, 1]")
-    divergence_penalty: float = _opt(-5.0, "divergence guard: added to the reward of a diverged interval, which "
-                                           "scores as a val loss at the divergence threshold", bounds="(-inf, 0]")
+    resume: bool = option(False, "continue an interrupted run folder from its checkpoints (its config is reused)")
+    max_rollbacks: int = option(3, "divergence guard: rollbacks allowed per seed before it ends as 'diverged'",
+                                bounds="[0, inf)")
+    divergence_factor: float = option(2.0, "divergence guard: a loss above this x the first evaluation's train loss "
+                                           "(or not finite) rolls back (0 = only non-finite)", bounds="[0, inf)")
+    rollback_cut: float = option(0.5, "divergence guard: the multiplier is multiplied by this on a rollback",
+                                 bounds="(0, 1]")
+    divergence_penalty: float = option(-5.0, "divergence guard: added to the reward of a diverged interval, which "
+                                             "scores as a val loss at the divergence threshold", bounds="(-inf, 0]")
     # --- evaluation and logging ---
-    eval_interval: int = _opt(250, "steps between evaluations (the agent acts after each)", bounds="[1, inf)")
-    eval_iters: int = _opt(200, "batches per split in each evaluation", bounds="[1, inf)")
-    log_interval: int = _opt(10, "steps between training-loss records", bounds="[1, inf)")
-    tensorboard: bool = _opt(False, "also write the records as live curves for TensorBoard (losses, rates, "
-                                    "multipliers, the agent's action and reward) to "
-                                    "<out_dir>/tensorboard/<dataset>_<seed>/; needs the tensorboard package")
-    final_eval_tokens: int = _opt(1_000_000, "after training, the final model's loss over the first N tokens of "
-                                             "the val (and test) split, read in consecutive windows: "
-                                             "full_val_loss / test_loss without sampling noise (0 = skip)",
-                                  bounds="[0, inf)")
+    eval_interval: int = option(250, "steps between evaluations (the agent acts after each)", bounds="[1, inf)")
+    eval_iters: int = option(200, "batches per split in each evaluation", bounds="[1, inf)")
+    log_interval: int = option(10, "steps between training-loss records", bounds="[1, inf)")
+    tensorboard: bool = option(False, "also write the records as live curves for TensorBoard (losses, rates, "
+                                      "multipliers, the agent's action and reward) to "
+                                      "<out_dir>/tensorboard/<dataset>_<seed>/; needs the tensorboard package")
+    final_eval_tokens: int = option(1_000_000, "after training, the final model's loss over the first N tokens of "
+                                               "the val (and test) split, read in consecutive windows: "
+                                               "full_val_loss / test_loss without sampling noise (0 = skip)",
+                                    bounds="[0, inf)")
     # --- inference-speed measurement (as the reference experiment) ---
-    inference_samples: int = _opt(10, "samples generated to measure inference speed (0 = skip)", bounds="[0, inf)")
-    inference_new_tokens: int = _opt(500, "new tokens per sample", bounds="[1, inf)")
-    kv_cache: bool = _opt(True, "sample with the KV cache (same tokens, faster); --no-kv_cache re-runs the "
-                                "context for every token, as the reference experiment measures")
-    temperature: float = _opt(0.8, "sampling temperature", bounds="(0, inf)")
-    top_k: int = _opt(200, "sample among the top_k most likely tokens (0 = all)", bounds="[0, inf)")
+    inference_samples: int = option(10, "samples generated to measure inference speed (0 = skip)", bounds="[0, inf)")
+    inference_new_tokens: int = option(500, "new tokens per sample", bounds="[1, inf)")
+    kv_cache: bool = option(True, "sample with the KV cache (same tokens, faster); --no-kv_cache re-runs the "
+                                  "context for every token, as the reference experiment measures")
+    temperature: float = option(0.8, "sampling temperature", bounds="(0, inf)")
+    top_k: int = option(200, "sample among the top_k most likely tokens (0 = all)", bounds="[0, inf)")
     # --- system ---
-    device: str = _opt("auto", "where to train", ("auto", "cuda", "mps", "cpu"))
-    dtype: str = _opt("auto", "compute dtype; auto = bfloat16/float16 on CUDA, float32 elsewhere",
-                      ("auto", "float32", "bfloat16", "float16"))
-    compile: Optional[bool] = _opt(None, "torch.compile the model; default: only on CUDA with Triton")
-    compile_ddp: bool = _opt(False, "with --compile under torchrun: compile the DDP-wrapped model, so the gradients' "
-                                    "all-reduce overlaps the backward (else nanoGPT's order: compile, then wrap)")
-    backend: str = _opt("auto", "process-group backend under torchrun (several processes); auto = nccl on CUDA, "
-                                "gloo on the CPU", ("auto", "nccl", "gloo"))
-    debug: bool = _opt(False, "show full tracebacks for errors")
+    device: str = option("auto", "where to train", ("auto", "cuda", "mps", "cpu"))
+    dtype: str = option("auto", "compute dtype; auto = bfloat16/float16 on CUDA, float32 elsewhere",
+                        ("auto", "float32", "bfloat16", "float16"))
+    compile: Optional[bool] = option(None, "torch.compile the model; default: only on CUDA with Triton")
+    compile_ddp: bool = option(False, "with --compile under torchrun: compile the DDP-wrapped model, so the gradients' "
+                                      "all-reduce overlaps the backward (else nanoGPT's order: compile, then wrap)")
+    backend: str = option("auto", "process-group backend under torchrun (several processes); auto = nccl on CUDA, "
+                                  "gloo on the CPU", ("auto", "nccl", "gloo"))
+    debug: bool = option(False, "show full tracebacks for errors")
 
 
 # Profiles override Config defaults; "*" applies to every dataset, a dataset key on top of it.

@@ -83,7 +83,7 @@ from gymnasium import spaces
 from torch.nn import functional as F
 
 import experiment as ex
-from harness.cli import dataclass_parser, entry_point
+from harness.cli import dataclass_parser, entry_point, option
 from harness.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
 from harness.records import environment_record
 from model import load_model
@@ -100,45 +100,42 @@ FLOPS_FORMULA = ("forward FLOPs per token = sum over layers of [2*C*3*h*d (qkv) 
 PPO_SETTINGS = dict(clip_range=0.2, gamma=0.99, learning_rate=3e-4, n_epochs=10, ent_coef=0.01)  # the seed's
 
 
-def _arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass
 class Args:
-    run: str = _arg("run_0", "the run folder whose model is pruned (experiment.py's), or a prune folder (prune.py's) "
-                             "with --key")
-    key: str = _arg("", "with a prune folder as --run: which of its models to prune again (rl_0.75, ...)")
-    dataset: str = _arg("shakespeare_char", "which of the run's datasets", ex.DATASETS)
-    seed: int = _arg(0, "seed index of the run's model (model_<dataset>_<seed>.pt) and of the fine-tuning")
-    flops_target: str = _arg("0.5", "FLOPs per token kept, as a fraction of the unpruned model's, in (0, 1); a comma "
-                                    "list (0.75,0.5,0.3) prunes for each")
-    method: str = _arg(",".join(METHODS), "comma list of rl, random_search, global, uniform (alias magnitude), random")
-    out_dir: str = _arg("prune_0", "the prune folder to write")
-    importance: str = _arg("magnitude", "which units a layer keeps: L2 magnitude or first-order taylor score",
-                           ("magnitude", "taylor"))
-    taylor_batches: int = _arg(8, "taylor scores (--importance taylor, global): training batches summed over")
-    episodes: int = _arg(100, "rl: search episodes (one pruned model scored per episode); random_search scores "
-                              "as many allocations as rl does (episodes + its greedy one)")
-    episodes_per_update: int = _arg(4, "rl: episodes per PPO update (n_steps = this x layers)")
-    hidden: int = _arg(64, "rl: units of the policy's (and value function's) one hidden layer")
-    mlp_steps: int = _arg(16, "rl, random_search: the MLP keep ratio is chosen in steps of 1/mlp_steps")
-    round_to: int = _arg(1, "MLP widths kept are multiples of this (8 suits GPU kernels); 1 = any width")
-    reward_tokens: int = _arg(16384, "rl, random_search: the reward's held-out slice, the last N train tokens")
-    search_seed: int = _arg(0, "seeds PPO, random_search, the taylor batches and the random method")
-    finetune_iters: int = _arg(200, "fine-tuning steps of each pruned model")
-    finetune_lr: float = _arg(0.0, "peak fine-tuning learning rate (cosine to a tenth of it); 0 = the run's / 10")
-    distill: float = _arg(0.0, "ALPHA in [0, 1]: fine-tune on (1 - ALPHA) x cross-entropy + ALPHA x T^2 x KL to "
-                               "the model pruned's logits; 0 = cross-entropy alone")
-    distill_temperature: float = _arg(1.0, "--distill: the temperature T of both distributions")
-    scratch: str = _arg("", "targets (of --flops_target) at which each method's architecture is also trained from "
-                            "scratch for the source's steps plus --finetune_iters (key <key>_scratch)")
-    device: str = _arg("", "where to prune, fine-tune and measure; default: the run's --device",
-                       ("", "auto", "cuda", "mps", "cpu"))
-    data_dir: str = _arg("", "folder holding <dataset>/ (default: where the run's data was)")
-    notes: str = _arg("", "notes file for the prune section (default notes.txt beside --out_dir; 'off' to skip)")
-    overwrite: bool = _arg(False, "replace the results in --out_dir")
-    debug: bool = _arg(False, "full tracebacks")
+    run: str = option("run_0", "the run folder whose model is pruned (experiment.py's), or a prune folder (prune.py's) "
+                               "with --key")
+    key: str = option("", "with a prune folder as --run: which of its models to prune again (rl_0.75, ...)")
+    dataset: str = option("shakespeare_char", "which of the run's datasets", ex.DATASETS)
+    seed: int = option(0, "seed index of the run's model (model_<dataset>_<seed>.pt) and of the fine-tuning")
+    flops_target: str = option("0.5", "FLOPs per token kept, as a fraction of the unpruned model's, in (0, 1); a comma "
+                                      "list (0.75,0.5,0.3) prunes for each")
+    method: str = option(",".join(METHODS), "comma list of rl, random_search, global, uniform (alias magnitude), "
+                                            "random")
+    out_dir: str = option("prune_0", "the prune folder to write")
+    importance: str = option("magnitude", "which units a layer keeps: L2 magnitude or first-order taylor score",
+                             ("magnitude", "taylor"))
+    taylor_batches: int = option(8, "taylor scores (--importance taylor, global): training batches summed over")
+    episodes: int = option(100, "rl: search episodes (one pruned model scored per episode); random_search scores "
+                                "as many allocations as rl does (episodes + its greedy one)")
+    episodes_per_update: int = option(4, "rl: episodes per PPO update (n_steps = this x layers)")
+    hidden: int = option(64, "rl: units of the policy's (and value function's) one hidden layer")
+    mlp_steps: int = option(16, "rl, random_search: the MLP keep ratio is chosen in steps of 1/mlp_steps")
+    round_to: int = option(1, "MLP widths kept are multiples of this (8 suits GPU kernels); 1 = any width")
+    reward_tokens: int = option(16384, "rl, random_search: the reward's held-out slice, the last N train tokens")
+    search_seed: int = option(0, "seeds PPO, random_search, the taylor batches and the random method")
+    finetune_iters: int = option(200, "fine-tuning steps of each pruned model")
+    finetune_lr: float = option(0.0, "peak fine-tuning learning rate (cosine to a tenth of it); 0 = the run's / 10")
+    distill: float = option(0.0, "ALPHA in [0, 1]: fine-tune on (1 - ALPHA) x cross-entropy + ALPHA x T^2 x KL to "
+                                 "the model pruned's logits; 0 = cross-entropy alone")
+    distill_temperature: float = option(1.0, "--distill: the temperature T of both distributions")
+    scratch: str = option("", "targets (of --flops_target) at which each method's architecture is also trained from "
+                              "scratch for the source's steps plus --finetune_iters (key <key>_scratch)")
+    device: str = option("", "where to prune, fine-tune and measure; default: the run's --device",
+                         ("", "auto", "cuda", "mps", "cpu"))
+    data_dir: str = option("", "folder holding <dataset>/ (default: where the run's data was)")
+    notes: str = option("", "notes file for the prune section (default notes.txt beside --out_dir; 'off' to skip)")
+    overwrite: bool = option(False, "replace the results in --out_dir")
+    debug: bool = option(False, "full tracebacks")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,37 +18,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 import experiment as ex
-from harness.cli import dataclass_parser, entry_point
+from harness.cli import dataclass_parser, entry_point, option
 from model import load_model
-
-
-def _arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Args:
-    run: str = _arg("run_0", "the run folder (experiment.py's) or prune folder (prune.py's) to sample from")
-    dataset: str = _arg("", "which of the run's datasets; default: its first")
-    seed: int = _arg(0, "seed index of the run's model (model_<dataset>_<seed>.pt)")
-    key: str = _arg("", "a prune folder's model, a key of its final_info.json (rl_0.5, unpruned_finetuned, ...)")
-    start: str = _arg("", "the prompt, or FILE:path to read it from a file; empty: a newline (a space where the "
-                          "vocabulary has no newline, text8)")
-    num_samples: int = _arg(10, "samples to draw")
-    max_new_tokens: int = _arg(500, "tokens generated per sample")
-    temperature: float = _arg(0.8, "1.0 = the model's distribution; lower: less random, higher: more")
-    top_k: int = _arg(200, "sample among the top_k most likely tokens (0 = all)")
-    sample_seed: int = _arg(1337, "seeds the sampling: the same seed, the same samples")
-    device: str = _arg("auto", "where to sample; auto = cuda, else mps, else cpu", ("auto", "cpu", "cuda", "mps"))
-    data_dir: str = _arg("", "folder holding <dataset>/ with its meta.json (default: where the run's data was)")
-    debug: bool = _arg(False, "full tracebacks")
+    run: str = option("run_0", "the run folder (experiment.py's) or prune folder (prune.py's) to sample from")
+    dataset: str = option("", "which of the run's datasets; default: its first")
+    seed: int = option(0, "seed index of the run's model (model_<dataset>_<seed>.pt)")
+    key: str = option("", "a prune folder's model, a key of its final_info.json (rl_0.5, unpruned_finetuned, ...)")
+    start: str = option("", "the prompt, or FILE:path to read it from a file; empty: a newline (a space where the "
+                            "vocabulary has no newline, text8)")
+    num_samples: int = option(10, "samples to draw")
+    max_new_tokens: int = option(500, "tokens generated per sample")
+    temperature: float = option(0.8, "1.0 = the model's distribution; lower: less random, higher: more")
+    top_k: int = option(200, "sample among the top_k most likely tokens (0 = all)")
+    sample_seed: int = option(1337, "seeds the sampling: the same seed, the same samples")
+    device: str = option("auto", "where to sample; auto = cuda, else mps, else cpu", ("auto", "cpu", "cuda", "mps"))
+    data_dir: str = option("", "folder holding <dataset>/ with its meta.json (default: where the run's data was)")
+    debug: bool = option(False, "full tracebacks")
 
 
 def parse_args(argv: list[str]) -> Args:

@@ -56,7 +56,7 @@ import numpy as np
 
 import experiment as ex
 from harness import pbt_lineage
-from harness.cli import dataclass_parser, entry_point
+from harness.cli import dataclass_parser, entry_point, option
 from harness.files import atomic_write_bytes, atomic_write_json, read_json
 from harness.records import environment_record
 
@@ -68,33 +68,29 @@ SWEEP_FILE = "sweep.json"  # in S/<method>/: what the sweep was started with (a 
 SAME_SWEEP = ("method", "trials", "space", "grid_points", "profile", "datasets", "seeds", "seed", "set")
 
 
-def _arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass
 class SweepArgs:
-    method: str = _arg("random", "grid, random or pbt", METHODS)
-    trials: int = _arg(0, "exactly this many trials (pbt: the population); grid: the most even factorisation "
-                          "into values per setting, 0: --grid_points each")
-    space: str = _arg("", "search space: a .json/.toml file or NAME=LOW:HIGH[:log|:lin],... (default: learning_rate, "
-                          "weight_decay, grad_clip, warmup_iters on log scales)")
-    grid_points: int = _arg(2, "grid with --trials 0: values per setting, spaced on its scale (a file's own "
-                               "\"grid\" list wins)")
-    profile: str = _arg("smoke", "experiment.py profile of every trial", ("tiny", "smoke", "cpu", "full"))
-    datasets: str = _arg("shakespeare_char", "the dataset to tune on (one per sweep: tuned values differ by dataset)")
-    seeds: int = _arg(1, "seeds per trial (grid, random; pbt: 1, a population member is one run)")
-    out_dir: str = _arg("sweeps/run", "the sweep folder: S/<method>/trial_NNNNN, results, best_so_far.png")
-    seed: int = _arg(0, "seeds the search algorithm (the random configurations) and PBT's perturbations")
-    set: str = _arg("", "experiment.py settings for every trial, e.g. max_iters=2000,eval_interval=200")
-    address: str = _arg("", "a running Ray cluster (auto, or HEAD_IP:6379); default: Ray on this machine")
-    cpus_per_trial: int = _arg(1, "CPUs (and torch threads) per trial: trials run side by side on the rest")
-    gpus_per_trial: float = _arg(-1.0, "GPUs per trial: -1 = one each where CUDA is present, else none; 0.5 shares "
-                                       "a GPU between two trials")
-    max_failures: int = _arg(2, "retries of a trial that dies, each from its last checkpoint")
-    data_dir: str = _arg("", "as experiment.py --data_dir")
-    source_dir: str = _arg("", "as experiment.py --source_dir")
-    debug: bool = _arg(False, "full tracebacks")
+    method: str = option("random", "grid, random or pbt", METHODS)
+    trials: int = option(0, "exactly this many trials (pbt: the population); grid: the most even factorisation "
+                            "into values per setting, 0: --grid_points each")
+    space: str = option("", "search space: a .json/.toml file or NAME=LOW:HIGH[:log|:lin],... (default: learning_rate, "
+                            "weight_decay, grad_clip, warmup_iters on log scales)")
+    grid_points: int = option(2, "grid with --trials 0: values per setting, spaced on its scale (a file's own "
+                                 "\"grid\" list wins)")
+    profile: str = option("smoke", "experiment.py profile of every trial", ("tiny", "smoke", "cpu", "full"))
+    datasets: str = option("shakespeare_char", "the dataset to tune on (one per sweep: tuned values differ by dataset)")
+    seeds: int = option(1, "seeds per trial (grid, random; pbt: 1, a population member is one run)")
+    out_dir: str = option("sweeps/run", "the sweep folder: S/<method>/trial_NNNNN, results, best_so_far.png")
+    seed: int = option(0, "seeds the search algorithm (the random configurations) and PBT's perturbations")
+    set: str = option("", "experiment.py settings for every trial, e.g. max_iters=2000,eval_interval=200")
+    address: str = option("", "a running Ray cluster (auto, or HEAD_IP:6379); default: Ray on this machine")
+    cpus_per_trial: int = option(1, "CPUs (and torch threads) per trial: trials run side by side on the rest")
+    gpus_per_trial: float = option(-1.0, "GPUs per trial: -1 = one each where CUDA is present, else none; 0.5 shares "
+                                         "a GPU between two trials")
+    max_failures: int = option(2, "retries of a trial that dies, each from its last checkpoint")
+    data_dir: str = option("", "as experiment.py --data_dir")
+    source_dir: str = option("", "as experiment.py --source_dir")
+    debug: bool = option(False, "full tracebacks")
 
 
 @dataclass

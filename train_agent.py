@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -42,7 +42,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import experiment as ex
 import plot
-from harness.cli import dataclass_parser, entry_point
+from harness.cli import dataclass_parser, entry_point, option
 from harness.control import apply_control_factors, control_action, multi_control
 from harness.observation import OBSERVATION_LIMIT
 from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer, sb3_spaces
@@ -53,47 +53,43 @@ from harness.validation import check_control, check_fits, check_lr_groups
 CONTROLLERS = ("reinforce", "ppo", "dqn", "qlearning")
 
 
-def _arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass
 class Args:
-    agent: str = _arg("ppo", "the controller to train", CONTROLLERS)
-    dataset: str = _arg("shakespeare_char", "dataset every episode trains on", ex.DATASETS)
-    episodes: int = _arg(100, "training runs to learn from (a later call with more continues the same folder)")
-    profile: str = _arg("tiny", "experiment.py profile of each episode", ("tiny", "smoke", "cpu", "full"))
-    out_dir: str = _arg("agents/run", "folder for the policy, manifest and learning curve")
-    lr_center: float = _arg(0.0, "the centre of the episodes' base learning rates (default: the profile's "
-                                 "learning_rate); centre it on the tuned rate, not on a default known to be off")
-    lr_range: str = _arg("", "draw each episode's base learning rate (and min_lr) log-uniformly from LOW x centre "
-                             "to HIGH x centre, e.g. 0.1,10, so the controller learns to correct a mis-set rate; the "
-                             "multiplier bounds widen to reach the centre from both ends (x0.1..x10: [1/16, 16])")
-    seed: int = _arg(1_000_000, "episode e trains seed + e (the evaluation seeds are 1337 + index: keep clear)")
-    lr_groups: str = _arg("global", "global: one multiplier for the model; layer: one per layer, chosen by a policy "
-                                    "shared across layers (reinforce, ppo)", ("global", "layer"))
-    control: str = _arg("lr", "hyperparameters the policy sets, from lr,weight_decay,grad_clip,dropout (ppo: one "
-                              "factor each, MultiDiscrete; dqn: one index into their product)")
-    reward: str = _arg("", "default improvement (-delta val loss) for reinforce/ppo/dqn, neg_val_loss for "
-                           "qlearning; vs_reference: the improvement minus the same seed's reference run's",
-                       ("neg_val_loss", "improvement", "log_improvement", "vs_reference"))
-    agent_actions: str = _arg("", "action factors; default 0.1,0.5,1,1.5,2 (qlearning: 0.5,0.8,1,1.25,2)")
-    hidden: int = _arg(128, "hidden units of the policy / Q network (one hidden layer)")
-    controller_lr: float = _arg(0.0, "the controller's own learning rate; 0 = its default (reinforce 1e-3, "
-                                     "ppo 3e-4, dqn 1e-3; qlearning: alpha 0.1)")
-    gamma: float = _arg(0.99, "discount (reinforce, ppo, dqn; qlearning keeps --set gamma=...)")
-    episodes_per_update: int = _arg(8, "episodes per update: ppo (n_steps = this x decisions, one minibatch, "
-                                       "advantages normalised over it) and reinforce (its batch)")
-    n_envs: int = _arg(1, "episodes run at once, each in its own process (ppo, dqn: stable-baselines3's "
-                          "SubprocVecEnv; reinforce, qlearning: worker processes)")
-    threads_per_env: int = _arg(0, "torch threads of each episode process and of the policy updates (0: the "
-                                   "cores divided among --n_envs)")
-    reference_dir: str = _arg("", "--reward vs_reference: where the reference runs (--agent none, same seed and "
-                                  "base LR) are cached and shared; default: references/ beside --out_dir")
-    set: str = _arg("", "experiment.py settings for every episode, e.g. max_iters=2000,eval_interval=200")
-    data_dir: str = _arg("", "as experiment.py --data_dir")
-    source_dir: str = _arg("", "as experiment.py --source_dir")
-    debug: bool = _arg(False, "full tracebacks")
+    agent: str = option("ppo", "the controller to train", CONTROLLERS)
+    dataset: str = option("shakespeare_char", "dataset every episode trains on", ex.DATASETS)
+    episodes: int = option(100, "training runs to learn from (a later call with more continues the same folder)")
+    profile: str = option("tiny", "experiment.py profile of each episode", ("tiny", "smoke", "cpu", "full"))
+    out_dir: str = option("agents/run", "folder for the policy, manifest and learning curve")
+    lr_center: float = option(0.0, "the centre of the episodes' base learning rates (default: the profile's "
+                                   "learning_rate); centre it on the tuned rate, not on a default known to be off")
+    lr_range: str = option("", "draw each episode's base learning rate (and min_lr) log-uniformly from LOW x centre "
+                               "to HIGH x centre, e.g. 0.1,10, so the controller learns to correct a mis-set rate; the "
+                               "multiplier bounds widen to reach the centre from both ends (x0.1..x10: [1/16, 16])")
+    seed: int = option(1_000_000, "episode e trains seed + e (the evaluation seeds are 1337 + index: keep clear)")
+    lr_groups: str = option("global", "global: one multiplier for the model; layer: one per layer, chosen by a policy "
+                                      "shared across layers (reinforce, ppo)", ("global", "layer"))
+    control: str = option("lr", "hyperparameters the policy sets, from lr,weight_decay,grad_clip,dropout (ppo: one "
+                                "factor each, MultiDiscrete; dqn: one index into their product)")
+    reward: str = option("", "default improvement (-delta val loss) for reinforce/ppo/dqn, neg_val_loss for "
+                             "qlearning; vs_reference: the improvement minus the same seed's reference run's",
+                         ("neg_val_loss", "improvement", "log_improvement", "vs_reference"))
+    agent_actions: str = option("", "action factors; default 0.1,0.5,1,1.5,2 (qlearning: 0.5,0.8,1,1.25,2)")
+    hidden: int = option(128, "hidden units of the policy / Q network (one hidden layer)")
+    controller_lr: float = option(0.0, "the controller's own learning rate; 0 = its default (reinforce 1e-3, "
+                                       "ppo 3e-4, dqn 1e-3; qlearning: alpha 0.1)")
+    gamma: float = option(0.99, "discount (reinforce, ppo, dqn; qlearning keeps --set gamma=...)")
+    episodes_per_update: int = option(8, "episodes per update: ppo (n_steps = this x decisions, one minibatch, "
+                                         "advantages normalised over it) and reinforce (its batch)")
+    n_envs: int = option(1, "episodes run at once, each in its own process (ppo, dqn: stable-baselines3's "
+                            "SubprocVecEnv; reinforce, qlearning: worker processes)")
+    threads_per_env: int = option(0, "torch threads of each episode process and of the policy updates (0: the "
+                                     "cores divided among --n_envs)")
+    reference_dir: str = option("", "--reward vs_reference: where the reference runs (--agent none, same seed and "
+                                    "base LR) are cached and shared; default: references/ beside --out_dir")
+    set: str = option("", "experiment.py settings for every episode, e.g. max_iters=2000,eval_interval=200")
+    data_dir: str = option("", "as experiment.py --data_dir")
+    source_dir: str = option("", "as experiment.py --source_dir")
+    debug: bool = option(False, "full tracebacks")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def option(default, help: str, choices=None, bounds: Optional[str] = None) -> dataclasses.Field:
+    """A dataclass field that is also a --flag: its --help text, allowed values and allowed range kept next to it
+    (experiment.py's Config, every entry point's Args).
+
+    bounds: an interval such as "[0, 1)" or "(0, inf)"; the parser and validate() check every field
+    against its own, and nan or inf never pass (an inf end means "no upper limit")."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
+
+
 def field_choices(f: dataclasses.Field) -> Optional[tuple]:
     """A field's allowed values; a callable gives them when asked (experiment.py's --agent: its AGENTS registry,
     so that adding an agent is the class and its registry entry)."""
