@@ -1642,6 +1642,15 @@ def open_run_folder(base: Config, configs: dict, loaded: dict, run_record: Optio
     return policies
 
 
+def record_ending(out_dir: Path, run_record: dict, status: str, error: str) -> None:
+    """run.json says how an unfinished run ended; its finished seeds and checkpoints stay."""
+    run_record.update(status=status, error=error, finished=now_iso())
+    try:
+        atomic_write_json(out_dir / "run.json", run_record)
+    except OSError:
+        pass  # the original error (a full disk, say) is the one to report
+
+
 def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Optional[World] = None) -> dict:
     """The run, start to end. Under torchrun every rank calls it: rank 0 plans and writes, every rank trains."""
     world = world or World()
@@ -1664,20 +1673,18 @@ def run_experiment(base: Config, cli_overrides: dict, argv: list[str], world: Op
         frozen_policies = {d: frozen(configs[d], True) for d in policies}
         run_record = start_run_record(base, configs, loaded, rt, profile, policies, frozen_policies, warnings,
                                       run_record, command_line(__file__, argv))
+        # torchrun: where another rank failed and this one does not end by itself, its failure watch ends it,
+        # past every exception handler; run.json is written first
+        world.on_abort = lambda error: record_ending(out_dir, run_record, "failed", error)
     stop = StopRequest(repeat_grace_s=2.0 if world.distributed else 0.0)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with world.failures_shared():  # run.json names the rank that failed, not this rank's broken collective
             final_infos = train_all(configs, loaded, rt, out_dir, sys.stderr.isatty(), stop, base.resume)
-    except BaseException as e:  # record how the run ended; finished seeds and checkpoints stay
+    except BaseException as e:
         if world.is_main:
             interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
-            run_record.update(status="interrupted" if interrupted else "failed", error=f"{type(e).__name__}: {e}",
-                              finished=now_iso())
-            try:
-                atomic_write_json(out_dir / "run.json", run_record)
-            except OSError:
-                pass  # the original error (a full disk, say) is the one to report
+            record_ending(out_dir, run_record, "interrupted" if interrupted else "failed", f"{type(e).__name__}: {e}")
         raise
     finally:
         for sig, handler in previous.items():

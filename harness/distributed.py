@@ -147,11 +147,22 @@ class FailureWatch(threading.Thread):
                 continue
             if self.stopped.wait(self.grace_s):
                 return
-            if self.world.is_main and not self.world.reported:
-                line = f"rank {failure[0]} failed: {failure[1]}" if failure[0] is not None else failure[1]
-                print(f"error: {line} (rank {self.world.rank} did not end by itself within {self.grace_s:g} s)",
-                      file=sys.stderr, flush=True)
+            if self.world.is_main:
+                self.end_job(failure)
             os._exit(1)
+
+    def end_job(self, failure: tuple) -> None:
+        """Rank 0, about to be ended: say which rank failed (unless said already) and let the run record it
+        (World.on_abort: experiment.py marks run.json failed, which no exception handler will do now)."""
+        line = f"rank {failure[0]} failed: {failure[1]}" if failure[0] is not None else failure[1]
+        line += f" (rank {self.world.rank} did not end by itself within {self.grace_s:g} s)"
+        if not self.world.reported:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        if self.world.on_abort is not None:
+            try:
+                self.world.on_abort(line)
+            except Exception:  # noqa: BLE001 -- ending the job matters more than recording it
+                pass
 
 
 @dataclass
@@ -164,6 +175,7 @@ class World:
     store: Optional[JobStore] = None       # torchrun's store (None in one process, or a World made by hand)
     watch: Optional[FailureWatch] = None
     reported: bool = False                 # rank 0 has printed the job's error line (the watch need not)
+    on_abort: Optional[Callable[[str], None]] = None  # rank 0: record the job's end before the watch ends it
 
     @property
     def distributed(self) -> bool:

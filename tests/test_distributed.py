@@ -494,3 +494,32 @@ def test_a_repeated_signal_within_the_grace_is_the_launcher_forwarding_it():
     impatient(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):
         impatient(signal.SIGINT, None)
+
+
+WATCH_ENDS_RANK_0 = """
+import sys, time
+sys.path.insert(0, {root!r})
+from harness.distributed import FailureWatch, World
+
+class PostedFailure:  # torchrun's store, with rank 1's failure posted
+    def another_connection(self):
+        return None
+    def failure(self, connection):
+        return (1, "RuntimeError: boom")
+
+world = World(rank=0, size=2)
+world.on_abort = lambda line: open({record!r}, "w").write(line)
+FailureWatch(world, PostedFailure(), poll_s=0.01, grace_s=0.2).start()
+time.sleep(30)  # rank 0 stuck in a collective that never returns
+print("not ended")
+"""
+
+
+def test_the_failure_watch_ends_a_stuck_rank_0_after_letting_the_run_record_it(tmp_path):
+    record = tmp_path / "ending.txt"
+    proc = subprocess.run([sys.executable, "-c", WATCH_ENDS_RANK_0.format(root=str(ROOT), record=str(record))],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "not ended" not in proc.stdout
+    assert proc.stderr.strip() == "error: rank 1 failed: RuntimeError: boom (rank 0 did not end by itself within " \
+                                  "0.2 s)"
+    assert record.read_text() == "rank 1 failed: RuntimeError: boom (rank 0 did not end by itself within 0.2 s)"
