@@ -81,7 +81,7 @@ def comparisons(arms: dict, factors: dict) -> list[tuple[Arm, Arm]]:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
-    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir)
+    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir, jobs=args.jobs)
     held_out, search = seeds("held_out", args.seeds), seeds("search", args.search_seeds)
     study.check_disjoint(training=seeds("training", args.episodes), search=search, held_out=held_out)
     training = {agent: s.train_controller(agent, args.episodes, *controller_flags(agent, args.profile))

@@ -88,7 +88,7 @@ def draw(s: Study, arms: dict) -> None:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     previous = Path(args.controller_study).resolve()
-    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir,
+    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir, jobs=args.jobs,
               runs=previous / "runs" if (previous / "runs").is_dir() else None)
     held_out, search = seeds("held_out", args.seeds), seeds("search", args.search_seeds)
     study.check_disjoint(training=seeds("training", args.episodes), search=search, held_out=held_out)

@@ -170,7 +170,7 @@ def transfer_arms(args, held_out: list, ppo_folder: Path) -> dict:
     """The shakespeare_char ppo, frozen, on each other dataset at x0.1/x1/x10 of its own tuned rate."""
     arms = {}
     for dataset in args.transfer:
-        s = Study(args.out, ["--profile", args.profile], dataset=dataset, data_dir=args.data_dir)
+        s = Study(args.out, ["--profile", args.profile], dataset=dataset, data_dir=args.data_dir, jobs=args.jobs)
         tuned, tuning, _ = tune(s, args.sweep, seeds("search", args.search_seeds))
         rules = rule_flags(DESIGN, args.profile)
         arms[f"{dataset}_tuned"] = s.run(Arm(f"{dataset}_tuned", [*rate_flags(tuned), *rules], held_out,
@@ -287,7 +287,7 @@ def draw(arms: dict, out: Path) -> None:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
-    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir)
+    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir, jobs=args.jobs)
     held_out, search = seeds("held_out", args.seeds), seeds("search", args.search_seeds)
     study.check_disjoint(training=seeds("training", args.max_episodes), search=search, held_out=held_out)
     tuned, tuning, sweep = tune(s, args.sweep, search)

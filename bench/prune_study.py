@@ -206,7 +206,7 @@ def pareto_figures(root: Path, pruned: dict, args) -> list[str]:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
-    s = Study(args.out, ["--profile", args.profile], DATASET, data_dir=args.data_dir)
+    s = Study(args.out, ["--profile", args.profile], DATASET, data_dir=args.data_dir, jobs=args.jobs)
     models = sources(s, args)
     pruned = prune_all(s, args, models)
     arms = arms_of(pruned, args)

@@ -20,7 +20,9 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -170,41 +172,53 @@ class Study:
 
     common: experiment.py flags of every arm (e.g. the profile); data_dir: as experiment.py's, passed to every
     script (self.data); runs: the run cache (default root/runs; another study's cache reuses the runs the two
-    share, which the key makes safe)."""
+    share, which the key makes safe); jobs: an arm's seeds run this many at a time, each with the cores shared
+    out as torch threads (its run.json records them; 1 thread and 2 agree to about 1e-8, not bit for bit)."""
 
     def __init__(self, root: Path, common: Sequence = (), dataset: str = "shakespeare_char",
-                 metric: str = "full_val_loss", data_dir: str = "", runs: Optional[Path] = None):
+                 metric: str = "full_val_loss", data_dir: str = "", runs: Optional[Path] = None, jobs: int = 1):
         self.data = ["--data_dir", str(Path(data_dir).resolve())] if data_dir else []
         self.root, self.common, self.dataset, self.metric = Path(root).resolve(), [*common, *self.data], dataset, metric
         self.runs = Path(runs).resolve() if runs else self.root / "runs"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.log = self.root / "log.txt"
+        self.log, self.jobs, self.log_lock = self.root / "log.txt", max(1, jobs), threading.Lock()
 
-    def sh(self, script: str, *args) -> float:
-        """Run a project script to completion (its output to log.txt); the seconds it took."""
-        t = time.time()
-        with open(self.log, "a") as f:
-            f.write(f"$ {script} {' '.join(map(str, args))}\n")
-            f.flush()
+    def sh(self, script: str, *args, own_log: Optional[Path] = None, threads: int = 0) -> float:
+        """Run a project script to completion, its output to log.txt (own_log: to that file, named in log.txt,
+        so that runs side by side do not interleave; threads: its torch threads); the seconds it took."""
+        t, command = time.time(), f"$ {script} {' '.join(map(str, args))}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        with self.log_lock, open(self.log, "a") as f:
+            f.write(command + (f"\n  (output: {own_log})\n" if own_log else "\n"))
+        if own_log:
+            own_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(own_log or self.log, "a") as f:
             proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], stdout=f,
-                                  stderr=subprocess.STDOUT, cwd=ROOT)
+                                  stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         if proc.returncode:
-            raise ex.RunFailed(f"{script} failed ({proc.returncode}); see {self.log}")
+            raise ex.RunFailed(f"{script} failed ({proc.returncode}); see {own_log or self.log}")
         return time.time() - t
 
-    def run_seed(self, flags: Sequence, seed: int) -> tuple[Path, dict]:
-        """(finished run folder, key) of one seed: the folder reused when its key matches, else (re-)run."""
+    def run_seed(self, flags: Sequence, seed: int, side_by_side: bool = False) -> tuple[Path, dict]:
+        """(finished run folder, key) of one seed: the folder reused when its key matches, else (re-)run
+        (side_by_side: beside other runs, with its share of the cores and its own log under root/logs/)."""
         flags = [*self.common, *flags]
         folder, key = run_folder(self.runs, flags, self.dataset, seed)
         if not finished(folder, key):
             (folder / KEY_FILE).unlink(missing_ok=True)
+            own = dict(own_log=self.root / "logs" / f"{folder.name}.txt",
+                       threads=max(1, (os.cpu_count() or 1) // self.jobs)) if side_by_side else {}
             self.sh("experiment.py", "--out_dir", folder, *run_argv(flags, self.dataset, seed),
-                    *(["--overwrite"] if folder.exists() else []))
+                    *(["--overwrite"] if folder.exists() else []), **own)
             ex.atomic_write_json(folder / KEY_FILE, key)
         return folder, key
 
     def run(self, arm: Arm) -> Arm:
-        """Every seed of the arm (cached), its metric per seed and the optimizer steps its runs took."""
+        """Every seed of the arm (cached; --jobs at a time), its metric per seed and the optimizer steps its
+        runs took."""
+        if self.jobs > 1:
+            with ThreadPoolExecutor(self.jobs) as pool:
+                list(pool.map(lambda seed: self.run_seed(arm.flags, seed, side_by_side=True), arm.seeds))
         arm.values, arm.run_steps = {}, 0
         for seed in arm.seeds:
             folder, key = self.run_seed(arm.flags, seed)
@@ -315,6 +329,12 @@ def write_summary(folder: Path, question: str, arms: Sequence[Arm], rows: Sequen
     return text
 
 
+def at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def argument_parser(description: str, out: str) -> argparse.ArgumentParser:
     """A study's command line: its folder, --smoke and --data_dir; a bad flag is one `error:` line, exit 2."""
     parser = ex.OneLineArgumentParser(description=description)
@@ -322,6 +342,9 @@ def argument_parser(description: str, out: str) -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true",
                         help="every step at the smallest sizes, in about a minute: proves it runs, measures nothing")
     parser.add_argument("--data_dir", default="", help="as experiment.py --data_dir (default: the project's data/)")
+    parser.add_argument("--jobs", type=at_least_one, default=1, help="an arm's runs side by side, the cores shared "
+                        "out as their torch threads (controller episodes ran 1.75x as fast so on 2 cores, "
+                        "docs/performance.md); the numbers agree with --jobs 1 to about 1e-8, not bit for bit")
     return parser
 
 

@@ -125,7 +125,7 @@ def chosen_lines(chosen: dict) -> list[str]:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
-    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir)
+    s = Study(args.out, ["--profile", args.profile], data_dir=args.data_dir, jobs=args.jobs)
     held_out = seeds("held_out", args.seeds)
     study.check_disjoint(training=seeds("training", max(args.budgets)), search=[study.SEED_BASES["search"]],
                          held_out=held_out)

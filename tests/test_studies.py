@@ -95,7 +95,8 @@ def test_sweep_study_smoke_charges_each_search_its_steps_and_replays_pbts_lineag
 
 def test_a_study_refuses_bad_input_and_overlapping_seeds_in_one_line(tmp_path):
     for args, message in ((["--episodes", "many"], "error: argument --episodes"),
-                          (["--seeds", "700"], "error: seed sets search and held_out overlap")):
+                          (["--seeds", "700"], "error: seed sets search and held_out overlap"),
+                          (["--jobs", "0"], "error: argument --jobs: a whole number of at least 1, not '0'")):
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "controller_study.py"), "--out", tmp_path, *args],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr

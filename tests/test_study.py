@@ -1,5 +1,6 @@
 """Specification of the study module (bench/study.py) and the statistics it shares (harness/stats.py)."""
 import json
+import os
 import sys
 
 import numpy as np
@@ -70,7 +71,7 @@ class FakeRuns:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, script, *args):
+    def __call__(self, script, *args, **how):
         args = list(map(str, args))
         out = ROOT / args[args.index("--out_dir") + 1]
         out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +114,21 @@ def test_a_folder_whose_key_does_not_match_is_run_again_not_reused(tmp_path, mon
     s.run_seed([], 1337)
     assert len(fake.calls) == 3
 
+
+
+def test_an_arms_seeds_run_side_by_side_with_their_own_logs_and_agree_with_one_at_a_time(tmp_path, prepared_data_dir):
+    data = ["--data_dir", prepared_data_dir]
+    side = study.Study(tmp_path / "side", [*SMOKE, *data], jobs=2)
+    alone = study.Study(tmp_path / "alone", [*SMOKE, *data])
+    a, b = side.run(study.Arm("a", [], [1337, 1338])), alone.run(study.Arm("a", [], [1337, 1338]))
+    assert a.values == pytest.approx(b.values, abs=1e-6) and a.run_steps == b.run_steps
+    logs = sorted((tmp_path / "side" / "logs").iterdir())
+    assert len(logs) == 2 and all("best val loss" in log.read_text() for log in logs)
+    assert sum(f"(output: {log})" in (tmp_path / "side" / "log.txt").read_text() for log in logs) == 2
+    for seed in (1337, 1338):  # each with its share of the cores
+        record = ex.read_json(side.run_seed([], seed)[0] / "run.json")
+        assert record["device"]["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
+    assert not (tmp_path / "alone" / "logs").exists()
 
 
 def test_a_config_field_added_later_keeps_the_cache_at_its_default_and_splits_it_away_from_it(tmp_path, monkeypatch):
