@@ -5,7 +5,7 @@ rl, random_search, global, uniform and random structured pruning of the cpu-prof
 0.75, 0.5 and 0.3 of its FLOPs, fine-tuned for 200 and 1,000 steps, with and without distillation at 0.5, and
 the same architectures trained from scratch (Liu et al. 2019's control).
 
-    python bench/prune_study.py --out prune_study                  # trains 5 models first: hours on 2 cores
+    python bench/prune_study.py --out prune_study --jobs 2         # trains 5 models first: hours on 2 cores
     python bench/prune_study.py --out prune_study --run run_0 --seeds 3    # an existing cpu-profile run's seeds
     python bench/prune_study.py --out smoke --smoke                # smoke models, 2 episodes: minutes
 
@@ -68,7 +68,8 @@ def sources(s: Study, args) -> dict:
         run = Path(args.run).resolve()
         base = json.loads((run / "run.json").read_text())["configs"][DATASET]["seed_base"]
         return {base + i: (run, i) for i in range(args.seeds)}
-    return {seed: (s.run_seed([], seed)[0], 0) for seed in seeds("held_out", args.seeds)}
+    trained = s.run(Arm("source", [], seeds("held_out", args.seeds)))  # (--jobs at a time)
+    return {seed: (s.run_seed([], seed)[0], 0) for seed in trained.seeds}
 
 
 def folders(args) -> dict:
@@ -84,16 +85,20 @@ def folders(args) -> dict:
 
 def prune_all(s: Study, args, models: dict) -> dict:
     """(folder name, source seed, search seed) -> the final_info.json of that prune folder."""
-    found = {}
-    for name, flags in folders(args).items():
-        for seed, (run, index) in models.items():
-            for search_seed in range(args.search_seeds):
-                folder = s.run_script(f"prune_{seed}_{search_seed}_{name}", "prune.py", "--run", run, "--dataset",
-                                      DATASET, "--seed", index, "--method", ",".join(METHODS), "--episodes",
-                                      args.episodes, "--search_seed", search_seed, *flags, "--notes", "off",
-                                      done="final_info.json", again=["--overwrite"])
-                found[name, seed, search_seed] = json.loads((folder / "final_info.json").read_text())
-    return found
+    plan = [(name, flags, seed, search_seed) for name, flags in folders(args).items() for seed in models
+            for search_seed in range(args.search_seeds)]
+
+    def prune(job) -> dict:
+        name, flags, seed, search_seed = job
+        run, index = models[seed]
+        folder = s.run_script(f"prune_{seed}_{search_seed}_{name}", "prune.py", "--run", run, "--dataset", DATASET,
+                              "--seed", index, "--method", ",".join(METHODS), "--episodes", args.episodes,
+                              "--search_seed", search_seed, *flags, "--notes", "off", done="final_info.json",
+                              again=["--overwrite"], beside=True)
+        return json.loads((folder / "final_info.json").read_text())
+
+    return {(name, seed, search_seed): final
+            for (name, _, seed, search_seed), final in zip(plan, s.side_by_side(prune, plan))}
 
 
 def number(entry: dict, metric: str):

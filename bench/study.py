@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -199,17 +199,29 @@ class Study:
             raise ex.RunFailed(f"{script} failed ({proc.returncode}); see {own_log or self.log}")
         return time.time() - t
 
-    def run_seed(self, flags: Sequence, seed: int, side_by_side: bool = False) -> tuple[Path, dict]:
+    def side_by_side(self, work: Callable, items: Sequence) -> list:
+        """[work(item) for item in items], --jobs at a time (each work waits on its own subprocess)."""
+        if self.jobs == 1:
+            return [work(item) for item in items]
+        with ThreadPoolExecutor(self.jobs) as pool:
+            return list(pool.map(work, items))
+
+    def beside(self, name: str) -> dict:
+        """sh's arguments for a script run beside others: its own log, root/logs/<name>.txt, and its share of
+        the cores as torch threads (none at --jobs 1: then it has them all, and log.txt)."""
+        if self.jobs == 1:
+            return {}
+        return {"own_log": self.root / "logs" / f"{name}.txt", "threads": max(1, (os.cpu_count() or 1) // self.jobs)}
+
+    def run_seed(self, flags: Sequence, seed: int, beside: bool = False) -> tuple[Path, dict]:
         """(finished run folder, key) of one seed: the folder reused when its key matches, else (re-)run
-        (side_by_side: beside other runs, with its share of the cores and its own log under root/logs/)."""
+        (beside: other runs, see `beside`)."""
         flags = [*self.common, *flags]
         folder, key = run_folder(self.runs, flags, self.dataset, seed)
         if not finished(folder, key):
             (folder / KEY_FILE).unlink(missing_ok=True)
-            own = dict(own_log=self.root / "logs" / f"{folder.name}.txt",
-                       threads=max(1, (os.cpu_count() or 1) // self.jobs)) if side_by_side else {}
             self.sh("experiment.py", "--out_dir", folder, *run_argv(flags, self.dataset, seed),
-                    *(["--overwrite"] if folder.exists() else []), **own)
+                    *(["--overwrite"] if folder.exists() else []), **(self.beside(folder.name) if beside else {}))
             ex.atomic_write_json(folder / KEY_FILE, key)
         return folder, key
 
@@ -217,8 +229,7 @@ class Study:
         """Every seed of the arm (cached; --jobs at a time), its metric per seed and the optimizer steps its
         runs took."""
         if self.jobs > 1:
-            with ThreadPoolExecutor(self.jobs) as pool:
-                list(pool.map(lambda seed: self.run_seed(arm.flags, seed, side_by_side=True), arm.seeds))
+            self.side_by_side(lambda seed: self.run_seed(arm.flags, seed, beside=True), arm.seeds)
         arm.values, arm.run_steps = {}, 0
         for seed in arm.seeds:
             folder, key = self.run_seed(arm.flags, seed)
@@ -230,13 +241,15 @@ class Study:
     def run_all(self, arms: Sequence[Arm]) -> dict[str, Arm]:
         return {arm.name: self.run(arm) for arm in arms}
 
-    def run_script(self, name: str, script: str, *args, done: str, again: Sequence = ()) -> Path:
+    def run_script(self, name: str, script: str, *args, done: str, again: Sequence = (), beside: bool = False) -> Path:
         """The output folder of a script that is not one experiment.py run (sweep.py, prune.py), keyed by its
         whole command: root/<name>_<hash>, run unless it holds `done` (another command, another folder).
-        again: flags that let the script replace what an interrupted attempt left (prune.py's --overwrite)."""
+        again: flags that let the script replace what an interrupted attempt left (prune.py's --overwrite);
+        beside: other scripts (see `beside`)."""
         folder = self.root / f"{name}_{digest(script, *args, *self.data)}"
         if not (folder / done).exists():
-            self.sh(script, *args, *self.data, "--out_dir", folder, *(again if folder.exists() else ()))
+            self.sh(script, *args, *self.data, "--out_dir", folder, *(again if folder.exists() else ()),
+                    **(self.beside(folder.name) if beside else {}))
         return folder
 
     def train_controller(self, name: str, episodes: int, *flags) -> tuple[Path, int]:
