@@ -2,7 +2,7 @@
 The learning-rate control leaderboard: does a learned controller, given a fair chance, train a GPT better than
 the best simple alternative?
 
-    python bench/lr_leaderboard.py --out L                   # hours on a 2-core CPU; resumable, cached
+    python bench/lr_leaderboard.py --out L --n_envs 2 --jobs 2   # hours on a 2-core CPU; resumable, cached
     python bench/lr_leaderboard.py --out L --smoke           # about two minutes: every step, tiny sizes
     python bench/lr_leaderboard.py --profile smoke --seeds 2 --episodes 2 --out L
 
@@ -158,9 +158,14 @@ def held_out_arms(s: Study, args, held_out: list, tuned: float, tuning: int, tra
 def replay_arm(s: Study, ppo: Arm, held_out: list) -> Arm:
     """The replay control: on each seed, the multipliers ppo's run on the next seed used, open loop."""
     arm = Arm(ppo.name.replace("ppo", "replay"), [], held_out, extra_steps=ppo.extra_steps)
-    for seed, other in zip(held_out, held_out[1:] + held_out[:1]):
+
+    def replay(pair: tuple) -> tuple:
+        seed, other = pair
         recorded, _ = s.run_seed(ppo.flags, other)
-        folder, key = s.run_seed([*ppo.flags[:-4], "--agent", "replay", "--agent_init", recorded], seed)
+        return s.run_seed([*ppo.flags[:-4], "--agent", "replay", "--agent_init", recorded], seed, beside=True)
+
+    pairs = list(zip(held_out, held_out[1:] + held_out[:1]))
+    for (seed, _), (folder, key) in zip(pairs, s.side_by_side(replay, pairs)):
         arm.values[seed] = study.ex.read_json(folder / "final_info.json")[s.dataset]["final_info_dict"][s.metric][0]
         arm.run_steps += key["config"]["max_iters"]
     return arm
