@@ -166,7 +166,7 @@ def replay_arm(s: Study, ppo: Arm, held_out: list) -> Arm:
 
     pairs = list(zip(held_out, held_out[1:] + held_out[:1]))
     for (seed, _), (folder, key) in zip(pairs, s.side_by_side(replay, pairs)):
-        arm.values[seed] = study.ex.read_json(folder / "final_info.json")[s.dataset]["final_info_dict"][s.metric][0]
+        arm.values[seed] = s.metric_of(folder)
         arm.run_steps += key["config"]["max_iters"]
     return arm
 

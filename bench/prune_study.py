@@ -68,8 +68,9 @@ def sources(s: Study, args) -> dict:
         run = Path(args.run).resolve()
         base = json.loads((run / "run.json").read_text())["configs"][DATASET]["seed_base"]
         return {base + i: (run, i) for i in range(args.seeds)}
-    trained = s.run(Arm("source", [], seeds("held_out", args.seeds)))  # (--jobs at a time)
-    return {seed: (s.run_seed([], seed)[0], 0) for seed in trained.seeds}
+    held_out = seeds("held_out", args.seeds)
+    trained = s.side_by_side(lambda seed: s.run_seed([], seed, beside=True), held_out)  # (--jobs at a time)
+    return {seed: (folder, 0) for seed, (folder, _) in zip(held_out, trained)}
 
 
 def folders(args) -> dict:

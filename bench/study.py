@@ -228,15 +228,16 @@ class Study:
     def run(self, arm: Arm) -> Arm:
         """Every seed of the arm (cached; --jobs at a time), its metric per seed and the optimizer steps its
         runs took."""
-        if self.jobs > 1:
-            self.side_by_side(lambda seed: self.run_seed(arm.flags, seed, beside=True), arm.seeds)
+        found = self.side_by_side(lambda seed: self.run_seed(arm.flags, seed, beside=True), arm.seeds)
         arm.values, arm.run_steps = {}, 0
-        for seed in arm.seeds:
-            folder, key = self.run_seed(arm.flags, seed)
-            entry = ex.read_json(folder / "final_info.json")[self.dataset]
-            arm.values[seed] = entry["final_info_dict"][self.metric][0]
+        for seed, (folder, key) in zip(arm.seeds, found):
+            arm.values[seed] = self.metric_of(folder)
             arm.run_steps += key["config"]["max_iters"]  # the budget: a run stopped as diverged took fewer
         return arm
+
+    def metric_of(self, folder: Path) -> float:
+        """The study's metric in a finished run folder (its dataset's first seed)."""
+        return ex.read_json(folder / "final_info.json")[self.dataset]["final_info_dict"][self.metric][0]
 
     def run_all(self, arms: Sequence[Arm]) -> dict[str, Arm]:
         return {arm.name: self.run(arm) for arm in arms}
