@@ -84,6 +84,7 @@ from torch.nn import functional as F
 
 import experiment as ex
 from harness.cli import dataclass_parser, entry_point, option
+from harness.controllers import logging_nowhere
 from harness.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
 from harness.records import environment_record
 from model import load_model
@@ -396,8 +397,8 @@ def ppo_search(space: PruneSpace, target: float, score, episodes: int, seed: int
     # SB3 seeds and draws from the global RNGs: leave the caller's alone. The policy is tiny: on one thread
     # (several threads on its small matmuls cost more than they save: x7 slower on 2 busy cores here).
     with own_global_rngs(), torch_threads(1):
-        agent = PPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps, policy_kwargs={"net_arch": [hidden]},
-                    seed=seed, device="cpu", verbose=0, **{**PPO_SETTINGS, **ppo_settings})
+        agent = logging_nowhere(PPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps, seed=seed, device="cpu",
+                                    policy_kwargs={"net_arch": [hidden]}, verbose=0, **{**PPO_SETTINGS, **ppo_settings}))
         agent.learn(total_timesteps=episodes * space.n_layer, callback=StopAfterEpisodes(), progress_bar=False)
         obs, _ = env.reset()
         done = False

@@ -44,6 +44,7 @@ import experiment as ex
 import plot
 from harness.cli import dataclass_parser, entry_point, option
 from harness.control import apply_control_factors, control_action, multi_control
+from harness.controllers import logging_nowhere
 from harness.observation import OBSERVATION_LIMIT
 from harness.policy_files import POLICY_MANIFEST, load_replay_buffer, load_sb3_policy, save_replay_buffer, sb3_spaces
 from harness.records import environment_record, settings_that_differ
@@ -536,6 +537,7 @@ def sb3_episodes(args: Args, cfg: ex.Config, data, rt, out: Path, log: "Log") ->
             load_replay_buffer(model.replay_buffer, buffer)
     else:
         model = sb3_controller(args, env, cfg)
+    logging_nowhere(model)
 
     def save():
         tmp = out / ".policy.zip.tmp.zip"

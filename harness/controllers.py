@@ -13,6 +13,15 @@ import torch.nn as nn
 from harness.errors import UserError
 
 
+def logging_nowhere(model):
+    """A stable-baselines3 model that keeps its training statistics in memory only. Left to itself, every
+    learn() without a tensorboard_log makes an empty folder /tmp/SB3-<date-time> (its logger.configure):
+    one per PPO update of a training, hundreds in a study."""
+    from stable_baselines3.common.logger import Logger
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
 def tensors_to_json(obj):
     """A (nested) state_dict with tensors -> JSON-safe lists, exactly (float32 survives a float repr)."""
     if isinstance(obj, torch.Tensor):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import types
 
 import numpy as np
@@ -297,6 +298,14 @@ def test_a_target_below_what_pruning_can_remove_is_refused():
 
 
 # --- the RL agent ---
+
+def test_the_ppo_search_leaves_no_log_folders_behind(tmp_path, monkeypatch):
+    """stable-baselines3 makes an empty /tmp/SB3-<time> folder per learn() unless given a logger."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    space = prune.PruneSpace(heads=[2, 2], neurons=[4, 4], head_flops=1.0, neuron_flops=0.25, fixed_flops=0.2,
+                             mlp_steps=2)
+    prune.ppo_search(space, 0.5, lambda allocation: float(sum(h + m for h, m in allocation)), episodes=4, seed=0)
+    assert list(tmp_path.glob("SB3-*")) == []
 
 def test_ppo_finds_the_known_best_allocation_of_a_synthetic_pruning_environment():
     """Two layers; layer 0's heads and layer 1's MLP matter, the rest barely. At half the FLOPs the best is

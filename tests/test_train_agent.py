@@ -22,8 +22,8 @@ def smoke_env(data_dir, agent="random", instance=None):
     return ta.LRControlEnv(cfg, ex.load_dataset(cfg, "shakespeare_char"), ex.Runtime.choose(cfg), instance=instance)
 
 
-def train_cli(args, **kw):
-    env = {k: v for k, v in os.environ.items() if k != "GPT_RL_DATA_SOURCE"}
+def train_cli(args, env_extra=None, **kw):
+    env = {**{k: v for k, v in os.environ.items() if k != "GPT_RL_DATA_SOURCE"}, **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "train_agent.py"), *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=600, **kw)
 
@@ -162,9 +162,13 @@ def test_train_agent_killed_mid_way_continues_where_it_stopped(prepared_data_dir
 def test_a_stable_baselines3_training_continues_from_its_last_saved_episode(prepared_data_dir, tmp_path):
     out = smoke_training(tmp_path, prepared_data_dir, "ppo", 2)
     first = json.loads((out / "learning_curve.json").read_text())
+    temp = tmp_path / "temp"  # and leaves no empty log folder per update there (SB3-<time>: its default logger)
+    temp.mkdir()
     more = train_cli(["--agent", "ppo", "--episodes", 4, "--profile", "smoke", "--out_dir", out,
-                      "--data_dir", prepared_data_dir, "--episodes_per_update", 1])  # (as smoke_training started it)
+                      "--data_dir", prepared_data_dir, "--episodes_per_update", 1],  # (as smoke_training started it)
+                     env_extra={"TMPDIR": str(temp)})
     assert more.returncode == 0, more.stderr
+    assert list(temp.glob("SB3-*")) == []
     curve = json.loads((out / "learning_curve.json").read_text())
     assert curve[:2] == first and [r["episode"] for r in curve] == [0, 1, 2, 3]
     assert [r["seed"] for r in curve] == [1_000_000 + e for e in range(4)]
