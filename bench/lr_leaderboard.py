@@ -11,8 +11,9 @@ the best simple alternative?
    decision interval (RULES), on the search seeds: how far a controller that knows T can recover under them.
    The controllers act under DESIGN, chosen from these figures (docs/lr_leaderboard.md says why).
 3. Train ppo, reinforce and qlearning with train_agent.py, base LR drawn from x0.1..x10 of T (--lr_center T),
-   bounds [1/16, 16]; and the anchored ppo (--reward vs_reference) at x1 with bounds [0.5, 2]. Each trains
-   --episodes (304), then on by half that while its learning curve still falls, up to --max_episodes (608).
+   bounds [1/16, 16]; and the anchored ppo (--reward vs_reference) at x1 with bounds [0.5, 2], trained last
+   (after step 5: twice the cost). Each trains --episodes (304), then on by half that while its learning curve
+   still falls, up to --max_episodes (608).
 4. Held-out seeds (1337...) at x0.1, x1 and x10 of T: cosine, schedule-free, the oracle, random, replay (ppo's
    actions of another seed, open loop), ppo, reinforce, qlearning; once: Prodigy, D-Adaptation, anchored ppo,
    tuned cosine. Paired differences against tuned cosine, Holm over the table, each arm's compute charged.
@@ -100,21 +101,29 @@ def mean_gap(a: Arm, b: Arm) -> float:
     return sum(a.values[k] - b.values[k] for k in a.values) / len(a.values)
 
 
-def train_controllers(s: Study, args, tuned: float) -> dict:
-    """name -> (policy folder, optimizer steps of its training): the learners on the centred task (bounds
-    [1/16, 16], train_agent.py's for x0.1..x10), and the anchored ppo (vs_reference reward, residual bounds
-    [0.5, 2], base LR at the tuned rate; its reference runs charged to it)."""
+def training_flags(args, tuned: float) -> tuple[list, int]:
+    """(what every controller training shares, its decision interval)."""
     actions, interval = rule_flags(DESIGN, args.profile)[1::2]
-    common = ["--profile", args.profile, "--lr_center", tuned, "--agent_actions", actions,
-              "--episodes_per_update", math.gcd(args.episodes, 8),  # batches of 8 (smoke: of what there is)
-              "--n_envs", args.n_envs]
-    trained = {agent: train_until_flat(s, args, tuned, agent, "--agent", agent, *common, "--lr_range", "0.1,10",
-                                       "--set", f"eval_interval={interval}")
-               for agent in LEARNERS}
-    trained["anchored_ppo"] = train_until_flat(
-        s, args, tuned, "anchored_ppo", "--agent", "ppo", *common, "--reward", "vs_reference",
-        "--set", f"eval_interval={interval},multiplier_min=0.5,multiplier_max=2")
-    return trained
+    return ["--profile", args.profile, "--lr_center", tuned, "--agent_actions", actions,
+            "--episodes_per_update", math.gcd(args.episodes, 8),  # batches of 8 (smoke: of what there is)
+            "--n_envs", args.n_envs], interval
+
+
+def train_learners(s: Study, args, tuned: float) -> dict:
+    """agent -> (policy folder, optimizer steps of its training): the learners on the centred task (bounds
+    [1/16, 16], train_agent.py's for x0.1..x10)."""
+    common, interval = training_flags(args, tuned)
+    return {agent: train_until_flat(s, args, tuned, agent, "--agent", agent, *common, "--lr_range", "0.1,10",
+                                    "--set", f"eval_interval={interval}")
+            for agent in LEARNERS}
+
+
+def train_anchored(s: Study, args, tuned: float) -> tuple[Path, int]:
+    """The anchored ppo: vs_reference reward, residual bounds [0.5, 2], base LR at the tuned rate; its
+    reference runs (one per episode: twice a learner's cost) charged to it."""
+    common, interval = training_flags(args, tuned)
+    return train_until_flat(s, args, tuned, "anchored_ppo", "--agent", "ppo", *common, "--reward", "vs_reference",
+                            "--set", f"eval_interval={interval},multiplier_min=0.5,multiplier_max=2")
 
 
 def train_until_flat(s: Study, args, tuned: float, name: str, *flags) -> tuple[Path, int]:
@@ -149,10 +158,13 @@ def held_out_arms(s: Study, args, held_out: list, tuned: float, tuning: int, tra
         arms[f"replay_{name}"] = replay_arm(s, arms[f"ppo_{name}"], held_out)
     for optimizer in ("prodigy", "dadapt_adam"):
         arms[optimizer] = s.run(Arm(optimizer, ["--optimizer", optimizer, *rules], held_out))
-    arms["anchored_ppo_x1"] = s.run(Arm("anchored_ppo_x1", [*rate_flags(tuned), *rules, "--agent", "ppo",
-                                                            "--agent_init", trained["anchored_ppo"][0]], held_out,
-                                        extra_steps=trained["anchored_ppo"][1] + tuning))
     return arms
+
+
+def anchored_arm(s: Study, args, held_out: list, tuned: float, tuning: int, anchored: tuple[Path, int]) -> Arm:
+    """The anchored ppo on the held-out seeds at x1: a residual controller on the tuned schedule."""
+    return s.run(Arm("anchored_ppo_x1", [*rate_flags(tuned), *rule_flags(DESIGN, args.profile), "--agent", "ppo",
+                                         "--agent_init", anchored[0]], held_out, extra_steps=anchored[1] + tuning))
 
 
 def replay_arm(s: Study, ppo: Arm, held_out: list) -> Arm:
@@ -297,9 +309,12 @@ def main(argv: list[str]) -> None:
     study.check_disjoint(training=seeds("training", args.max_episodes), search=search, held_out=held_out)
     tuned, tuning, sweep = tune(s, args.sweep, search)
     rules = oracle_rules(s, args, tuned, search)
-    trained = train_controllers(s, args, tuned)
+    # The anchored ppo, the costliest training, comes last: an interrupted study has the rest of the table.
+    trained = train_learners(s, args, tuned)
     arms = held_out_arms(s, args, held_out, tuned, tuning, trained)
     transfer = transfer_arms(args, held_out[:max(2, args.seeds // 2)], trained["ppo"][0])
+    trained["anchored_ppo"] = train_anchored(s, args, tuned)
+    arms["anchored_ppo_x1"] = anchored_arm(s, args, held_out, tuned, tuning, trained["anchored_ppo"])
     rows = study.table(comparisons(arms) + [p for d in args.transfer for p in comparisons(transfer, f"{d}_")])
     draw(arms, s.root)
     curves = {name: learning_curve(folder, tuned) for name, (folder, _) in trained.items()}

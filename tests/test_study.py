@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +263,46 @@ def test_the_learning_curve_takes_the_base_lr_luck_out_and_measures_distance_fro
     assert curve["distance_from_tuned"] == pytest.approx([1.0] * 200)  # its second half sits at 1.6e-2
     low, high = curve["last_slope"]["ci95"]
     assert low <= 0 <= high and "(flat)" in lr_leaderboard.curve_note("ppo", curve)
+
+
+class OrderStudy:
+    """Study played without running anything: every arm gets made-up losses; records what ran, in order."""
+    def __init__(self, root, common=(), dataset="shakespeare_char", data_dir=None, jobs=1, events=None):
+        self.root, self.dataset, self.events = Path(root), dataset, events
+
+    def run(self, arm):
+        self.events.append(("run", arm.name))
+        arm.values = {seed: 3.0 + 0.01 * (seed % 5) + 0.001 * len(arm.name) for seed in arm.seeds}
+        return arm
+
+    def run_all(self, arms):
+        return {arm.name: self.run(arm) for arm in arms}
+
+    def train_controller(self, name, episodes, *flags):
+        self.events.append(("train", name))
+        folder = self.root / "agents" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        ex.atomic_write_json(folder / "learning_curve.json", falling_curve(episodes, 0))
+        return folder, episodes
+
+    def side_by_side(self, work, items):
+        return [work(item) for item in items]
+
+    def run_seed(self, flags, seed, beside=False):
+        return self.root, {"config": {"max_iters": 10}}
+
+    def metric_of(self, folder):
+        return 3.0
+
+
+def test_the_leaderboard_trains_its_costliest_controller_after_the_rest_of_the_table(tmp_path, monkeypatch):
+    """The anchored ppo (a reference run per episode) comes last: an interrupted study has every other row."""
+    import lr_leaderboard
+    events = []
+    monkeypatch.setattr(lr_leaderboard, "Study", lambda *a, **kw: OrderStudy(*a, **kw, events=events))
+    lr_leaderboard.main(["--out", str(tmp_path), "--profile", "smoke", "--seeds", "2", "--episodes", "8"])
+    anchored = events.index(("train", "anchored_ppo"))
+    assert events[anchored:] == [("train", "anchored_ppo"), ("run", "anchored_ppo_x1")]
+    assert {("train", agent) for agent in ("ppo", "reinforce", "qlearning")} <= set(events[:anchored])
+    assert {"enwik8_ppo_x10", "prodigy", "ppo_x0.1"} <= {name for kind, name in events[:anchored]}
+    assert "anchored_ppo_x1" in json.loads((tmp_path / "summary.json").read_text())["arms"]
