@@ -20,7 +20,8 @@ the best simple alternative?
 5. Transfer: the shakespeare_char ppo, frozen, on enwik8 and text8 at x0.1/x1/x10 of each one's tuned rate,
    beside cosine and Prodigy there.
 Writes summary.json, summary.md, leaderboard.png and learning_curves.png (each controller's training: is it
-flat?) in --out; every run is cached by bench/study.py.
+flat?) in --out: first marked interim, before the anchored ppo trains, then whole; every run is cached by
+bench/study.py.
 """
 from __future__ import annotations
 
@@ -308,28 +309,42 @@ def main(argv: list[str]) -> None:
     held_out, search = seeds("held_out", args.seeds), seeds("search", args.search_seeds)
     study.check_disjoint(training=seeds("training", args.max_episodes), search=search, held_out=held_out)
     tuned, tuning, sweep = tune(s, args.sweep, search)
-    rules = oracle_rules(s, args, tuned, search)
-    # The anchored ppo, the costliest training, comes last: an interrupted study has the rest of the table.
+    tuning_facts = {"tuned": tuned, "steps": tuning, "sweep": sweep, "search": search,
+                    "rules": oracle_rules(s, args, tuned, search)}
+    # The anchored ppo, the costliest training, comes last: an interrupted study has the rest of the table,
+    # summarised (marked interim) before it starts.
     trained = train_learners(s, args, tuned)
     arms = held_out_arms(s, args, held_out, tuned, tuning, trained)
     transfer = transfer_arms(args, held_out[:max(2, args.seeds // 2)], trained["ppo"][0])
+    summarise(s, args, tuning_facts, trained, arms, transfer)
+    print(f"interim summary (every row but the anchored ppo's): {s.root / 'summary.md'}", flush=True)
     trained["anchored_ppo"] = train_anchored(s, args, tuned)
     arms["anchored_ppo_x1"] = anchored_arm(s, args, held_out, tuned, tuning, trained["anchored_ppo"])
+    print(summarise(s, args, tuning_facts, trained, arms, transfer))
+
+
+def summarise(s: Study, args, tuning: dict, trained: dict, arms: dict, transfer: dict) -> str:
+    """summary.json/.md, leaderboard.png and learning_curves.png of what is measured so far; the markdown.
+    Interim (said in both files) until the anchored ppo is in."""
+    tuned, search, complete = tuning["tuned"], tuning["search"], "anchored_ppo" in trained
     rows = study.table(comparisons(arms) + [p for d in args.transfer for p in comparisons(transfer, f"{d}_")])
     draw(arms, s.root)
     curves = {name: learning_curve(folder, tuned) for name, (folder, _) in trained.items()}
     draw_learning_curves(curves, s.root)
-    print(study.write_summary(s.root, QUESTION, [*arms.values(), *transfer.values()], rows, notes=[
+    interim = [] if complete else ["**Interim**: the anchored ppo is still to train and deploy; Holm will adjust "
+                                   "over its rows too when this summary is rewritten with them."]
+    return study.write_summary(s.root, QUESTION, [*arms.values(), *transfer.values()], rows, notes=[*interim,
         f"Tuned rate {tuned:g} (cosine on search seeds {search[0]}-{search[-1]}; mean by rate: "
-        + ", ".join(f"{lr:g} {loss:.4f}" for lr, loss in sweep.items()) + f"); {tuning:,} steps charged to tuned "
-        "and the oracle.", f"Controllers act under {DESIGN}: actions {RULES[DESIGN][0]}, a decision every "
-        f"{RULES[DESIGN][1]} steps (tiny). Oracle minus tuned on the search seeds, by rule: "
+        + ", ".join(f"{lr:g} {loss:.4f}" for lr, loss in tuning["sweep"].items()) + f"); {tuning['steps']:,} steps "
+        "charged to tuned and the oracle.", f"Controllers act under {DESIGN}: actions {RULES[DESIGN][0]}, a "
+        f"decision every {RULES[DESIGN][1]} steps (tiny). Oracle minus tuned on the search seeds, by rule: "
         + "; ".join(f"{k} {v['oracle_minus_tuned']:+.4f} (cosine {v['cosine_minus_tuned']:+.4f})"
-                    for k, v in rules.items()), "![final loss by arm](leaderboard.png)",
+                    for k, v in tuning["rules"].items()), "![final loss by arm](leaderboard.png)",
         *(curve_note(name, c) for name, c in curves.items()), "![learning curves](learning_curves.png)"],
-        extra={"tuned_lr": tuned, "sweep": {f"{lr:g}": v for lr, v in sweep.items()}, "sweep_steps": tuning,
-               "rules": rules, "design": DESIGN, "training_steps": {k: v[1] for k, v in trained.items()},
-               "learning_curves": {k: {f: c[f] for f in ("episodes", "last_slope")} for k, c in curves.items()}}))
+        extra={"complete": complete, "tuned_lr": tuned, "sweep": {f"{lr:g}": v for lr, v in tuning["sweep"].items()},
+               "sweep_steps": tuning["steps"], "rules": tuning["rules"], "design": DESIGN,
+               "training_steps": {k: v[1] for k, v in trained.items()},
+               "learning_curves": {k: {f: c[f] for f in ("episodes", "last_slope")} for k, c in curves.items()}})
 
 
 if __name__ == "__main__":

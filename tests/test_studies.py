@@ -111,6 +111,7 @@ def test_lr_leaderboard_smoke_names_every_arm_and_corrects_over_the_table(prepar
         assert {f"{a}_{factor}" for a in ("cosine", "schedulefree", "oracle", "random", "replay", "ppo",
                                           "reinforce", "qlearning")} <= arms
     assert {"tuned", "prodigy", "dadapt_adam", "anchored_ppo_x1", "enwik8_tuned", "enwik8_ppo_x10"} <= arms
+    assert summary["complete"] is True
     assert all(r["p_holm"] is None or r["p_holm"] >= r["p"] for r in summary["comparisons"])
     assert summary["arms"]["ppo_x1"]["extra_steps"] == summary["training_steps"]["ppo"] > 0
     assert set(summary["rules"]) == {f"{rule}_{f}" for rule in ("narrow_100", "wide_100", "wide_50")

@@ -295,14 +295,24 @@ class OrderStudy:
         return 3.0
 
 
-def test_the_leaderboard_trains_its_costliest_controller_after_the_rest_of_the_table(tmp_path, monkeypatch):
-    """The anchored ppo (a reference run per episode) comes last: an interrupted study has every other row."""
+def test_the_leaderboard_trains_its_costliest_controller_last_and_summarises_the_rest_first(tmp_path, monkeypatch):
+    """The anchored ppo (a reference run per episode) comes last: an interrupted study has every other row,
+    in an interim summary."""
     import lr_leaderboard
     events = []
     monkeypatch.setattr(lr_leaderboard, "Study", lambda *a, **kw: OrderStudy(*a, **kw, events=events))
+    train_anchored, interim = lr_leaderboard.train_anchored, {}
+
+    def anchored_after_an_interim_summary(*a):
+        interim.update(json.loads((tmp_path / "summary.json").read_text()))
+        return train_anchored(*a)
+    monkeypatch.setattr(lr_leaderboard, "train_anchored", anchored_after_an_interim_summary)
     lr_leaderboard.main(["--out", str(tmp_path), "--profile", "smoke", "--seeds", "2", "--episodes", "8"])
     anchored = events.index(("train", "anchored_ppo"))
     assert events[anchored:] == [("train", "anchored_ppo"), ("run", "anchored_ppo_x1")]
     assert {("train", agent) for agent in ("ppo", "reinforce", "qlearning")} <= set(events[:anchored])
     assert {"enwik8_ppo_x10", "prodigy", "ppo_x0.1"} <= {name for kind, name in events[:anchored]}
-    assert "anchored_ppo_x1" in json.loads((tmp_path / "summary.json").read_text())["arms"]
+    assert interim["complete"] is False and "anchored_ppo_x1" not in interim["arms"] and "ppo_x10" in interim["arms"]
+    final = json.loads((tmp_path / "summary.json").read_text())
+    assert final["complete"] is True and "anchored_ppo_x1" in final["arms"]
+    assert "Interim" not in (tmp_path / "summary.md").read_text()
