@@ -67,7 +67,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def rate_flags(lr: float) -> list:
-    return ["--learning_rate", lr, "--min_lr", lr / 10]
+    """A cosine schedule from lr to lr/10. A rate above experiment.py's lr_ceiling (0.1) lifts the ceiling to it,
+    or x10 of a tuned rate above 1e-2 (text8's) would be refused; below it the ceiling stays, and so do the
+    cached runs' keys."""
+    ceiling = study.config_defaults()["lr_ceiling"]
+    return ["--learning_rate", lr, "--min_lr", lr / 10, *(["--lr_ceiling", lr] if lr > ceiling else [])]
 
 
 def rule_flags(rule: str, profile: str) -> list:

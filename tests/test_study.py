@@ -316,3 +316,15 @@ def test_the_leaderboard_trains_its_costliest_controller_last_and_summarises_the
     final = json.loads((tmp_path / "summary.json").read_text())
     assert final["complete"] is True and "anchored_ppo_x1" in final["arms"]
     assert "Interim" not in (tmp_path / "summary.md").read_text()
+
+
+def test_a_leaderboard_rate_above_the_lr_ceiling_lifts_it_and_one_below_leaves_the_flags_as_they_were():
+    import lr_leaderboard
+    assert lr_leaderboard.rate_flags(0.08) == ["--learning_rate", 0.08, "--min_lr", 0.008]
+    assert lr_leaderboard.rate_flags(0.16) == ["--learning_rate", 0.16, "--min_lr", 0.016, "--lr_ceiling", 0.16]
+    from harness.validation import check_rate_bounds
+    with pytest.raises(ex.UserError, match="above --lr_ceiling"):  # what x10 of text8's tuned 1.6e-2 met
+        check_rate_bounds(study.resolved_config(["--learning_rate", 0.16, "--min_lr", 0.016], "text8", 1337))
+    cfg = study.resolved_config(lr_leaderboard.rate_flags(0.16), "text8", 1337)
+    check_rate_bounds(cfg)  # experiment.py accepts it
+    assert cfg.learning_rate == cfg.lr_ceiling == 0.16
