@@ -188,22 +188,24 @@ def replay_arm(s: Study, ppo: Arm, held_out: list) -> Arm:
     return arm
 
 
-def transfer_arms(args, held_out: list, ppo_folder: Path) -> dict:
-    """The shakespeare_char ppo, frozen, on each other dataset at x0.1/x1/x10 of its own tuned rate."""
-    arms = {}
+def transfer_arms(args, held_out: list, ppo: tuple[Path, int]) -> tuple[dict, dict]:
+    """(arms, dataset -> its tuned rate): the shakespeare_char ppo, frozen and charged its training, on each
+    other dataset at x0.1/x1/x10 of that dataset's own tuned rate."""
+    arms, rates = {}, {}
     for dataset in args.transfer:
         s = Study(args.out, ["--profile", args.profile], dataset=dataset, data_dir=args.data_dir, jobs=args.jobs)
         tuned, tuning, _ = tune(s, args.sweep, seeds("search", args.search_seeds))
-        rules = rule_flags(DESIGN, args.profile)
+        rates[dataset], rules = tuned, rule_flags(DESIGN, args.profile)
         arms[f"{dataset}_tuned"] = s.run(Arm(f"{dataset}_tuned", [*rate_flags(tuned), *rules], held_out,
                                              extra_steps=tuning))
         arms[f"{dataset}_prodigy"] = s.run(Arm(f"{dataset}_prodigy", ["--optimizer", "prodigy", *rules], held_out))
         for name, factor in FACTORS.items():
             base = [*rate_flags(tuned * factor), *rules]
             arms[f"{dataset}_cosine_{name}"] = s.run(Arm(f"{dataset}_cosine_{name}", base, held_out))
-            arms[f"{dataset}_ppo_{name}"] = s.run(Arm(f"{dataset}_ppo_{name}",
-                                                      [*base, "--agent", "ppo", "--agent_init", ppo_folder], held_out))
-    return arms
+            arms[f"{dataset}_ppo_{name}"] = s.run(Arm(f"{dataset}_ppo_{name}", [*base, "--agent", "ppo",
+                                                                               "--agent_init", ppo[0]], held_out,
+                                                      extra_steps=ppo[1]))
+    return arms, rates
 
 
 def learning_curve(agent_dir: Path, tuned: float) -> dict:
@@ -319,7 +321,7 @@ def main(argv: list[str]) -> None:
     # summarised (marked interim) before it starts.
     trained = train_learners(s, args, tuned)
     arms = held_out_arms(s, args, held_out, tuned, tuning, trained)
-    transfer = transfer_arms(args, held_out[:max(2, args.seeds // 2)], trained["ppo"][0])
+    transfer, tuning_facts["transfer_rates"] = transfer_arms(args, held_out[:max(2, args.seeds // 2)], trained["ppo"])
     summarise(s, args, tuning_facts, trained, arms, transfer)
     print(f"interim summary (every row but the anchored ppo's): {s.root / 'summary.md'}", flush=True)
     trained["anchored_ppo"] = train_anchored(s, args, tuned)
@@ -330,25 +332,35 @@ def main(argv: list[str]) -> None:
 def summarise(s: Study, args, tuning: dict, trained: dict, arms: dict, transfer: dict) -> str:
     """summary.json/.md, leaderboard.png and learning_curves.png of what is measured so far; the markdown.
     Interim (said in both files) until the anchored ppo is in."""
-    tuned, search, complete = tuning["tuned"], tuning["search"], "anchored_ppo" in trained
+    complete = "anchored_ppo" in trained
     rows = study.table(comparisons(arms) + [p for d in args.transfer for p in comparisons(transfer, f"{d}_")])
     draw(arms, s.root)
-    curves = {name: learning_curve(folder, tuned) for name, (folder, _) in trained.items()}
+    curves = {name: learning_curve(folder, tuning["tuned"]) for name, (folder, _) in trained.items()}
     draw_learning_curves(curves, s.root)
+    return study.write_summary(
+        s.root, QUESTION, [*arms.values(), *transfer.values()], rows, notes=summary_notes(tuning, curves, complete),
+        extra={"complete": complete, "tuned_lr": tuning["tuned"], "transfer_tuned_lr": tuning["transfer_rates"],
+               "sweep": {f"{lr:g}": v for lr, v in tuning["sweep"].items()}, "sweep_steps": tuning["steps"],
+               "rules": tuning["rules"], "design": DESIGN, "training_steps": {k: v[1] for k, v in trained.items()},
+               "learning_curves": {k: {f: c[f] for f in ("episodes", "last_slope")} for k, c in curves.items()}})
+
+
+def summary_notes(tuning: dict, curves: dict, complete: bool) -> list[str]:
+    """The summary's lines after its tables: the tuning, the rules' figures, each learner's curve."""
+    search = tuning["search"]
     interim = [] if complete else ["**Interim**: the anchored ppo is still to train and deploy; Holm will adjust "
                                    "over its rows too when this summary is rewritten with them."]
-    return study.write_summary(s.root, QUESTION, [*arms.values(), *transfer.values()], rows, notes=[*interim,
-        f"Tuned rate {tuned:g} (cosine on search seeds {search[0]}-{search[-1]}; mean by rate: "
-        + ", ".join(f"{lr:g} {loss:.4f}" for lr, loss in tuning["sweep"].items()) + f"); {tuning['steps']:,} steps "
-        "charged to tuned and the oracle.", f"Controllers act under {DESIGN}: actions {RULES[DESIGN][0]}, a "
-        f"decision every {RULES[DESIGN][1]} steps (tiny). Oracle minus tuned on the search seeds, by rule: "
-        + "; ".join(f"{k} {v['oracle_minus_tuned']:+.4f} (cosine {v['cosine_minus_tuned']:+.4f})"
-                    for k, v in tuning["rules"].items()), "![final loss by arm](leaderboard.png)",
-        *(curve_note(name, c) for name, c in curves.items()), "![learning curves](learning_curves.png)"],
-        extra={"complete": complete, "tuned_lr": tuned, "sweep": {f"{lr:g}": v for lr, v in tuning["sweep"].items()},
-               "sweep_steps": tuning["steps"], "rules": tuning["rules"], "design": DESIGN,
-               "training_steps": {k: v[1] for k, v in trained.items()},
-               "learning_curves": {k: {f: c[f] for f in ("episodes", "last_slope")} for k, c in curves.items()}})
+    return [*interim,
+            f"Tuned rate {tuning['tuned']:g} (cosine on search seeds {search[0]}-{search[-1]}; mean by rate: "
+            + ", ".join(f"{lr:g} {loss:.4f}" for lr, loss in tuning["sweep"].items())
+            + f"); {tuning['steps']:,} steps charged to tuned and the oracle. Transfer, each dataset's own tuned "
+            "rate (the same sweep and search seeds): "
+            + ", ".join(f"{d} {lr:g}" for d, lr in tuning["transfer_rates"].items()) + ".",
+            f"Controllers act under {DESIGN}: actions {RULES[DESIGN][0]}, a decision every {RULES[DESIGN][1]} "
+            "steps (tiny). Oracle minus tuned on the search seeds, by rule: "
+            + "; ".join(f"{k} {v['oracle_minus_tuned']:+.4f} (cosine {v['cosine_minus_tuned']:+.4f})"
+                        for k, v in tuning["rules"].items()), "![final loss by arm](leaderboard.png)",
+            *(curve_note(name, c) for name, c in curves.items()), "![learning curves](learning_curves.png)"]
 
 
 if __name__ == "__main__":

@@ -315,6 +315,8 @@ def test_the_leaderboard_trains_its_costliest_controller_last_and_summarises_the
     assert interim["complete"] is False and "anchored_ppo_x1" not in interim["arms"] and "ppo_x10" in interim["arms"]
     final = json.loads((tmp_path / "summary.json").read_text())
     assert final["complete"] is True and "anchored_ppo_x1" in final["arms"]
+    assert final["arms"]["enwik8_ppo_x10"]["extra_steps"] == final["training_steps"]["ppo"] > 0  # transfer: charged
+    assert set(final["transfer_tuned_lr"]) == {"enwik8"}
     assert "Interim" not in (tmp_path / "summary.md").read_text()
 
 
