@@ -69,7 +69,7 @@ def sources(s: Study, args) -> dict:
         base = json.loads((run / "run.json").read_text())["configs"][DATASET]["seed_base"]
         return {base + i: (run, i) for i in range(args.seeds)}
     held_out = seeds("held_out", args.seeds)
-    trained = s.side_by_side(lambda seed: s.run_seed([], seed, beside=True), held_out)  # (--jobs at a time)
+    trained = s.run_seeds([], held_out)  # (--jobs at a time)
     return {seed: (folder, 0) for seed, (folder, _) in zip(held_out, trained)}
 
 

@@ -225,10 +225,14 @@ class Study:
             ex.atomic_write_json(folder / KEY_FILE, key)
         return folder, key
 
+    def run_seeds(self, flags: Sequence, seeds: Sequence[int]) -> list[tuple[Path, dict]]:
+        """run_seed of every seed, --jobs at a time: [(finished run folder, key)] in the seeds' order."""
+        return self.side_by_side(lambda seed: self.run_seed(flags, seed, beside=True), seeds)
+
     def run(self, arm: Arm) -> Arm:
         """Every seed of the arm (cached; --jobs at a time), its metric per seed and the optimizer steps its
         runs took."""
-        found = self.side_by_side(lambda seed: self.run_seed(arm.flags, seed, beside=True), arm.seeds)
+        found = self.run_seeds(arm.flags, arm.seeds)
         arm.values, arm.run_steps = {}, 0
         for seed, (folder, key) in zip(arm.seeds, found):
             arm.values[seed] = self.metric_of(folder)

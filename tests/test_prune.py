@@ -307,6 +307,7 @@ def test_the_ppo_search_leaves_no_log_folders_behind(tmp_path, monkeypatch):
     prune.ppo_search(space, 0.5, lambda allocation: float(sum(h + m for h, m in allocation)), episodes=4, seed=0)
     assert list(tmp_path.glob("SB3-*")) == []
 
+
 def test_ppo_finds_the_known_best_allocation_of_a_synthetic_pruning_environment():
     """Two layers; layer 0's heads and layer 1's MLP matter, the rest barely. At half the FLOPs the best is
     found by enumeration; asking for everything (the first layer takes the budget) or a uniform split is worse."""
