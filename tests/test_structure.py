@@ -91,11 +91,21 @@ def test_the_readme_fits_a_screen_and_starts_with_the_two_commands():
     assert "python experiment.py" in commands[1] and "pytest" in commands[2]
 
 
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a markdown page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_the_docs_index_links_every_page_and_every_link_resolves():
     index = (ROOT / "docs" / "README.md").read_text()
     pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"README.md"}
     assert not [page for page in pages if f"({page}" not in index]
     for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
-        for target in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
-            if not target.startswith("http"):
-                assert (page.parent / target).exists(), f"{page.name} links a missing {target}"
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", page.read_text()):
+            if target.startswith("http"):
+                continue
+            linked = page.parent / target if target else page
+            assert linked.exists(), f"{page.name} links a missing {target}"
+            if anchor and linked.suffix == ".md":
+                assert anchor in heading_anchors(linked), f"{page.name} links a missing heading {target}#{anchor}"
