@@ -17,6 +17,8 @@ the best simple alternative?
 4. Held-out seeds (1337...) at x0.1, x1 and x10 of T: cosine, schedule-free, the oracle, random, replay (ppo's
    actions of another seed, open loop), ppo, reinforce, qlearning; once: Prodigy, D-Adaptation, anchored ppo,
    tuned cosine. Paired differences against tuned cosine, Holm over the table, each arm's compute charged.
+   The anchored ppo also against its own replay and against cosine re-tuned at quarter octaves over its reach
+   (x0.5..x2 of T, the search seeds): does it beat a better constant rate, or only the coarse sweep?
 5. Transfer: the shakespeare_char ppo, frozen, on enwik8 and text8 at x0.1/x1/x10 of each one's tuned rate,
    beside cosine and Prodigy there.
 Writes summary.json, summary.md, leaderboard.png and learning_curves.png (each controller's training: is it
@@ -172,6 +174,20 @@ def anchored_arm(s: Study, args, held_out: list, tuned: float, tuning: int, anch
                                          "--agent_init", anchored[0]], held_out, extra_steps=anchored[1] + tuning))
 
 
+def anchored_controls(s: Study, args, held_out: list, search: list, tuning: dict, anchored: Arm) -> dict:
+    """What the anchored ppo must beat besides tuned cosine: its replay (its multipliers of another seed, open
+    loop), and cosine re-tuned at quarter octaves over its whole reach, x0.5..x2 of T (the coarse sweep is x2
+    apart: a controller that only found a better constant rate would beat it). Adds the finer sweep to tuning."""
+    rates = [tuning["tuned"] * 2 ** (k / 4) for k in (-3, -2, -1, 1, 2, 3)]  # x0.5, x1, x2: the coarse sweep's
+    _, steps, mean = tune(s, rates, search)
+    mean.update({lr: v for lr, v in tuning["sweep"].items() if tuning["tuned"] / 2 <= lr <= 2 * tuning["tuned"]})
+    best = min(mean, key=mean.get)
+    tuning.update(fine_sweep=dict(sorted(mean.items())), fine_steps=steps, fine_tuned=best)
+    fine = Arm("tuned_fine", [*rate_flags(best), *rule_flags(DESIGN, args.profile)], held_out,
+               extra_steps=tuning["steps"] + steps)
+    return {"tuned_fine": s.run(fine), "anchored_replay_x1": replay_arm(s, anchored, held_out)}
+
+
 def replay_arm(s: Study, ppo: Arm, held_out: list) -> Arm:
     """The replay control: on each seed, the multipliers ppo's run on the next seed used, open loop."""
     arm = Arm(ppo.name.replace("ppo", "replay"), [], held_out, extra_steps=ppo.extra_steps)
@@ -278,6 +294,8 @@ def comparisons(arms: dict, prefix: str = "") -> list:
         for factor in FACTORS:
             pairs += [(arms[f"{agent}_{factor}"], arms[f"random_{factor}"]) for agent in LEARNERS]
             pairs += [(arms[f"ppo_{factor}"], arms["prodigy"]), (arms[f"ppo_{factor}"], arms[f"cosine_{factor}"])]
+        if "tuned_fine" in arms:
+            pairs += [(arms["anchored_ppo_x1"], arms[name]) for name in ("tuned_fine", "anchored_replay_x1")]
     return pairs
 
 
@@ -298,7 +316,7 @@ def draw(arms: dict, out: Path) -> None:
             half = (interval[1] - interval[0]) / 2 if interval else 0.0
             ax.errorbar(k + 0.08 * (j - len(groups) / 2), mean, yerr=half, fmt="o", color=f"C{j % 10}",
                         label=group if k == 0 else None, capsize=2)
-    for j, name in enumerate(("tuned", "prodigy", "dadapt_adam")):
+    for j, name in enumerate(("tuned", "prodigy", "dadapt_adam", "tuned_fine")):
         if name in arms and arms[name].values:
             ax.axhline(sum(arms[name].values.values()) / len(arms[name].values), ls="--", color=f"C{j + 7}", label=name)
     ax.set_xticks(range(len(FACTORS)), [f"base LR {f} of tuned" for f in FACTORS])
@@ -326,6 +344,7 @@ def main(argv: list[str]) -> None:
     print(f"interim summary (every row but the anchored ppo's): {s.root / 'summary.md'}", flush=True)
     trained["anchored_ppo"] = train_anchored(s, args, tuned)
     arms["anchored_ppo_x1"] = anchored_arm(s, args, held_out, tuned, tuning, trained["anchored_ppo"])
+    arms.update(anchored_controls(s, args, held_out, search, tuning_facts, arms["anchored_ppo_x1"]))
     print(summarise(s, args, tuning_facts, trained, arms, transfer))
 
 
@@ -341,6 +360,8 @@ def summarise(s: Study, args, tuning: dict, trained: dict, arms: dict, transfer:
         s.root, QUESTION, [*arms.values(), *transfer.values()], rows, notes=summary_notes(tuning, curves, complete),
         extra={"complete": complete, "tuned_lr": tuning["tuned"], "transfer_tuned_lr": tuning["transfer_rates"],
                "sweep": {f"{lr:g}": v for lr, v in tuning["sweep"].items()}, "sweep_steps": tuning["steps"],
+               "fine_sweep": {f"{lr:.3g}": v for lr, v in tuning.get("fine_sweep", {}).items()},
+               "fine_sweep_steps": tuning.get("fine_steps"), "fine_tuned_lr": tuning.get("fine_tuned"),
                "rules": tuning["rules"], "design": DESIGN, "training_steps": {k: v[1] for k, v in trained.items()},
                "learning_curves": {k: {f: c[f] for f in ("episodes", "last_slope")} for k, c in curves.items()}})
 
@@ -356,6 +377,11 @@ def summary_notes(tuning: dict, curves: dict, complete: bool) -> list[str]:
             + f"); {tuning['steps']:,} steps charged to tuned and the oracle. Transfer, each dataset's own tuned "
             "rate (the same sweep and search seeds): "
             + ", ".join(f"{d} {lr:g}" for d, lr in tuning["transfer_rates"].items()) + ".",
+            *([f"Re-tuned at quarter octaves over the anchored ppo's reach (x0.5..x2 of {tuning['tuned']:g}, the "
+               f"same search seeds; {tuning['fine_steps']:,} more steps, charged to tuned_fine): best "
+               f"{tuning['fine_tuned']:.3g}; mean by rate: "
+               + ", ".join(f"{lr:.3g} {loss:.4f}" for lr, loss in tuning["fine_sweep"].items()) + "."]
+              if "fine_sweep" in tuning else []),
             f"Controllers act under {DESIGN}: actions {RULES[DESIGN][0]}, a decision every {RULES[DESIGN][1]} "
             "steps (tiny). Oracle minus tuned on the search seeds, by rule: "
             + "; ".join(f"{k} {v['oracle_minus_tuned']:+.4f} (cosine {v['cosine_minus_tuned']:+.4f})"

@@ -273,6 +273,7 @@ class OrderStudy:
     def run(self, arm):
         self.events.append(("run", arm.name))
         arm.values = {seed: 3.0 + 0.01 * (seed % 5) + 0.001 * len(arm.name) for seed in arm.seeds}
+        arm.run_steps = 10 * len(arm.seeds)
         return arm
 
     def run_all(self, arms):
@@ -309,12 +310,20 @@ def test_the_leaderboard_trains_its_costliest_controller_last_and_summarises_the
     monkeypatch.setattr(lr_leaderboard, "train_anchored", anchored_after_an_interim_summary)
     lr_leaderboard.main(["--out", str(tmp_path), "--profile", "smoke", "--seeds", "2", "--episodes", "8"])
     anchored = events.index(("train", "anchored_ppo"))
-    assert events[anchored:] == [("train", "anchored_ppo"), ("run", "anchored_ppo_x1")]
+    assert events[anchored:anchored + 2] == [("train", "anchored_ppo"), ("run", "anchored_ppo_x1")]
+    assert events[-1] == ("run", "tuned_fine")  # its controls come after it (the replay runs seed by seed)
     assert {("train", agent) for agent in ("ppo", "reinforce", "qlearning")} <= set(events[:anchored])
     assert {"enwik8_ppo_x10", "prodigy", "ppo_x0.1"} <= {name for kind, name in events[:anchored]}
     assert interim["complete"] is False and "anchored_ppo_x1" not in interim["arms"] and "ppo_x10" in interim["arms"]
     final = json.loads((tmp_path / "summary.json").read_text())
-    assert final["complete"] is True and "anchored_ppo_x1" in final["arms"]
+    assert final["complete"] is True and {"anchored_ppo_x1", "anchored_replay_x1", "tuned_fine"} <= set(final["arms"])
+    compared = {(row["a"], row["b"]) for row in final["comparisons"]}
+    assert {("anchored_ppo_x1", "tuned_fine"), ("anchored_ppo_x1", "anchored_replay_x1")} <= compared
+    assert final["arms"]["tuned_fine"]["extra_steps"] == final["sweep_steps"] + final["fine_sweep_steps"] > 0
+    # quarter octaves over x0.5..x2 of the tuned rate: 6 new ones, and the coarse sweep's within that reach (at
+    # the smoke profile both of its rates, 1e-3 and 2e-3; on the real sweep x0.5, x1 and x2)
+    assert len(final["fine_sweep"]) == 8
+    assert final["fine_tuned_lr"] == 0.001 and min(final["fine_sweep"], key=final["fine_sweep"].get) == "0.001"
     assert final["arms"]["enwik8_ppo_x10"]["extra_steps"] == final["training_steps"]["ppo"] > 0  # transfer: charged
     assert set(final["transfer_tuned_lr"]) == {"enwik8"}
     assert "Interim" not in (tmp_path / "summary.md").read_text()
