@@ -306,6 +306,7 @@ def draw(arms: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
     groups = sorted({name.rsplit("_", 1)[0] for name in arms if name.endswith(tuple(FACTORS))})
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    labelled = set()  # each group named once, where it first appears (the anchored ones only at x1)
     for k, factor in enumerate(FACTORS):
         for j, group in enumerate(groups):
             arm = arms.get(f"{group}_{factor}")
@@ -314,11 +315,15 @@ def draw(arms: dict, out: Path) -> None:
             values = list(arm.values.values())
             mean, interval = stats.mean_and_stderr(values)[0], stats.mean_interval(values)
             half = (interval[1] - interval[0]) / 2 if interval else 0.0
-            ax.errorbar(k + 0.08 * (j - len(groups) / 2), mean, yerr=half, fmt="o", color=f"C{j % 10}",
-                        label=group if k == 0 else None, capsize=2)
-    for j, name in enumerate(("tuned", "prodigy", "dadapt_adam", "tuned_fine")):
+            marker = "s" if j >= 10 else "o"  # more groups than colours: the rest square
+            offset = 0.7 * (j / max(1, len(groups) - 1) - 0.5)  # each factor's groups side by side
+            ax.errorbar(k + offset, mean, yerr=half, fmt=marker, color=f"C{j % 10}",
+                        label=None if group in labelled else group, capsize=2)
+            labelled.add(group)
+    for name, style in (("tuned", "--"), ("prodigy", "-."), ("dadapt_adam", ":"), ("tuned_fine", (0, (1, 3)))):
         if name in arms and arms[name].values:
-            ax.axhline(sum(arms[name].values.values()) / len(arms[name].values), ls="--", color=f"C{j + 7}", label=name)
+            ax.axhline(sum(arms[name].values.values()) / len(arms[name].values), ls=style, color="black", lw=1,
+                       label=name)
     ax.set_xticks(range(len(FACTORS)), [f"base LR {f} of tuned" for f in FACTORS])
     ax.set_ylabel("full_val_loss (held-out seeds)")
     ax.legend(fontsize=7, ncol=3)
