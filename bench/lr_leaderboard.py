@@ -178,7 +178,7 @@ def anchored_controls(s: Study, args, held_out: list, search: list, tuning: dict
     """What the anchored ppo must beat besides tuned cosine: its replay (its multipliers of another seed, open
     loop), and cosine re-tuned at quarter octaves over its whole reach, x0.5..x2 of T (the coarse sweep is x2
     apart: a controller that only found a better constant rate would beat it). Adds the finer sweep to tuning."""
-    rates = [tuning["tuned"] * 2 ** (k / 4) for k in (-3, -2, -1, 1, 2, 3)]  # x0.5, x1, x2: the coarse sweep's
+    rates = [tuning["tuned"] * 2 ** (k / 4) for k in (-3, -2, -1, 1, 2, 3)]  # k = -4, 0, 4: the coarse sweep
     _, steps, mean = tune(s, rates, search)
     mean.update({lr: v for lr, v in tuning["sweep"].items() if tuning["tuned"] / 2 <= lr <= 2 * tuning["tuned"]})
     best = min(mean, key=mean.get)
