@@ -174,18 +174,19 @@ def anchored_arm(s: Study, args, held_out: list, tuned: float, tuning: int, anch
                                          "--agent_init", anchored[0]], held_out, extra_steps=anchored[1] + tuning))
 
 
-def anchored_controls(s: Study, args, held_out: list, search: list, tuning: dict, anchored: Arm) -> dict:
-    """What the anchored ppo must beat besides tuned cosine: its replay (its multipliers of another seed, open
-    loop), and cosine re-tuned at quarter octaves over its whole reach, x0.5..x2 of T (the coarse sweep is x2
-    apart: a controller that only found a better constant rate would beat it). Adds the finer sweep to tuning."""
+def anchored_controls(s: Study, args, held_out: list, search: list, tuning: dict, anchored: Arm) -> tuple[dict, dict]:
+    """(arms, the finer sweep's facts): what the anchored ppo must beat besides tuned cosine: its replay (its
+    multipliers of another seed, open loop), and cosine re-tuned at quarter octaves over its whole reach,
+    x0.5..x2 of T (the coarse sweep is x2 apart: a controller that only found a better constant rate would beat
+    it)."""
     rates = [tuning["tuned"] * 2 ** (k / 4) for k in (-3, -2, -1, 1, 2, 3)]  # k = -4, 0, 4: the coarse sweep
     _, steps, mean = tune(s, rates, search)
     mean.update({lr: v for lr, v in tuning["sweep"].items() if tuning["tuned"] / 2 <= lr <= 2 * tuning["tuned"]})
     best = min(mean, key=mean.get)
-    tuning.update(fine_sweep=dict(sorted(mean.items())), fine_steps=steps, fine_tuned=best)
     fine = Arm("tuned_fine", [*rate_flags(best), *rule_flags(DESIGN, args.profile)], held_out,
                extra_steps=tuning["steps"] + steps)
-    return {"tuned_fine": s.run(fine), "anchored_replay_x1": replay_arm(s, anchored, held_out)}
+    return ({"tuned_fine": s.run(fine), "anchored_replay_x1": replay_arm(s, anchored, held_out)},
+            {"fine_sweep": dict(sorted(mean.items())), "fine_steps": steps, "fine_tuned": best})
 
 
 def replay_arm(s: Study, ppo: Arm, held_out: list) -> Arm:
@@ -349,7 +350,9 @@ def main(argv: list[str]) -> None:
     print(f"interim summary (every row but the anchored ppo's): {s.root / 'summary.md'}", flush=True)
     trained["anchored_ppo"] = train_anchored(s, args, tuned)
     arms["anchored_ppo_x1"] = anchored_arm(s, args, held_out, tuned, tuning, trained["anchored_ppo"])
-    arms.update(anchored_controls(s, args, held_out, search, tuning_facts, arms["anchored_ppo_x1"]))
+    controls, fine = anchored_controls(s, args, held_out, search, tuning_facts, arms["anchored_ppo_x1"])
+    arms.update(controls)
+    tuning_facts.update(fine)
     print(summarise(s, args, tuning_facts, trained, arms, transfer))
 
 
