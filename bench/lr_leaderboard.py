@@ -120,8 +120,8 @@ def train_learners(s: Study, args, tuned: float) -> dict:
     """agent -> (policy folder, optimizer steps of its training): the learners on the centred task (bounds
     [1/16, 16], train_agent.py's for x0.1..x10)."""
     common, interval = training_flags(args, tuned)
-    return {agent: train_until_flat(s, args, tuned, agent, "--agent", agent, *common, "--lr_range", "0.1,10",
-                                    "--set", f"eval_interval={interval}")
+    return {agent: study.train_until_flat(s, args.episodes, args.max_episodes, tuned, agent, "--agent", agent,
+                                          *common, "--lr_range", "0.1,10", "--set", f"eval_interval={interval}")
             for agent in LEARNERS}
 
 
@@ -129,21 +129,9 @@ def train_anchored(s: Study, args, tuned: float) -> tuple[Path, int]:
     """The anchored ppo: vs_reference reward, residual bounds [0.5, 2], base LR at the tuned rate; its
     reference runs (one per episode: twice a learner's cost) charged to it."""
     common, interval = training_flags(args, tuned)
-    return train_until_flat(s, args, tuned, "anchored_ppo", "--agent", "ppo", *common, "--reward", "vs_reference",
-                            "--set", f"eval_interval={interval},multiplier_min=0.5,multiplier_max=2")
-
-
-def train_until_flat(s: Study, args, tuned: float, name: str, *flags) -> tuple[Path, int]:
-    """--episodes, then half as many more at a time while the learning curve still falls over its last 100
-    episodes (its slope's 95% interval below 0), up to --max_episodes: a learner is compared once it has
-    stopped improving or hit the cap, and the episodes it took are charged to it."""
-    episodes = args.episodes
-    while True:
-        folder, steps = s.train_controller(name, episodes, *flags)
-        interval = learning_curve(folder, tuned)["last_slope"]["ci95"]
-        if episodes >= args.max_episodes or interval is None or interval[1] >= 0:
-            return folder, steps
-        episodes = min(args.max_episodes, episodes + max(8, args.episodes // 2))
+    return study.train_until_flat(s, args.episodes, args.max_episodes, tuned, "anchored_ppo", "--agent", "ppo",
+                                  *common, "--reward", "vs_reference",
+                                  "--set", f"eval_interval={interval},multiplier_min=0.5,multiplier_max=2")
 
 
 def held_out_arms(s: Study, args, held_out: list, tuned: float, tuning: int, trained: dict) -> dict:
@@ -225,68 +213,6 @@ def transfer_arms(args, held_out: list, ppo: tuple[Path, int]) -> tuple[dict, di
     return arms, rates
 
 
-def learning_curve(agent_dir: Path, tuned: float) -> dict:
-    """Did a controller's training learn, and is it flat at the end? Its episodes' final losses with the luck of
-    the drawn base LR taken out (residuals of a cubic in log factor; raw losses if every episode had the same
-    base), and how far its rate sat from T over each episode's second half (mean |log2(lr / T)|). The slope of
-    the residuals per 100 episodes over the last 100, with its 95% interval: flat if the interval holds 0."""
-    import numpy as np
-    from scipy import stats as sps
-    curve = study.ex.read_json(Path(agent_dir) / "learning_curve.json")
-    loss = np.array([e["final_val_loss"] for e in curve], dtype=float)
-    factor = np.log([e["lr_factor"] for e in curve])
-    degree = min(3, len(set(factor.tolist())) - 2)  # a cubic where there are enough distinct base LRs
-    residual = loss - (np.polyval(np.polyfit(factor, loss, degree), factor) if degree >= 1 else loss.mean())
-    half = [max(it for it, _ in e["lr_trajectory"]) / 2 for e in curve]
-    distance = [float(np.mean([abs(math.log2(lr / tuned)) for it, lr in e["lr_trajectory"] if it >= h]))
-                for e, h in zip(curve, half)]
-    last = min(100, len(curve))
-    slope = {"per_100_episodes": None, "ci95": None}
-    if last >= 3:
-        fit_last = sps.linregress(np.arange(len(curve))[-last:], residual[-last:])
-        half_width = stats.t_quantile(last - 2) * fit_last.stderr
-        slope = {"per_100_episodes": float(100 * fit_last.slope),
-                 "ci95": [float(100 * (fit_last.slope - half_width)), float(100 * (fit_last.slope + half_width))]}
-    return {"episodes": len(curve), "residual": residual.tolist(), "distance_from_tuned": distance,
-            "last_slope": slope, "last_episodes": last}
-
-
-def draw_learning_curves(curves: dict, out: Path, block: int = 8) -> None:
-    """learning_curves.png: per controller, block means (one ppo update = 8 episodes) of the residual final loss
-    (left) and of the second-half distance from T in octaves (right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for j, (name, c) in enumerate(curves.items()):
-        for ax, key in zip(axes, ("residual", "distance_from_tuned")):
-            values = np.array(c[key])
-            n = len(values) // block * block or len(values)
-            means = values[:n].reshape(-1, min(block, n)).mean(axis=1)
-            ax.plot((np.arange(len(means)) + 0.5) * min(block, n), means, "o-", ms=3, color=f"C{j}", label=name)
-    axes[0].set_ylabel("final loss minus what its base LR predicts")
-    axes[1].set_ylabel("|log2(lr / tuned)|, second half")
-    for ax in axes:
-        ax.set_xlabel("training episode")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=120)
-    plt.close(fig)
-
-
-def curve_note(name: str, c: dict) -> str:
-    """One summary line for a controller's learning curve."""
-    slope, d = c["last_slope"], c["distance_from_tuned"]
-    k = max(1, len(d) // 4)
-    trend = ("too few episodes for a slope" if slope["ci95"] is None else
-             f"residual slope over the last {c['last_episodes']} episodes {slope['per_100_episodes']:+.3f} nats "
-             f"per 100 [{slope['ci95'][0]:+.3f}, {slope['ci95'][1]:+.3f}]"
-             + (" (flat)" if slope["ci95"][0] <= 0 <= slope["ci95"][1] else " (still moving)"))
-    return (f"{name}: {c['episodes']} episodes; {trend}; second-half distance from the tuned rate "
-            f"{sum(d[:k]) / k:.2f} octaves in the first quarter of its episodes, {sum(d[-k:]) / k:.2f} in the last.")
-
-
 def comparisons(arms: dict, prefix: str = "") -> list:
     """Every arm against tuned cosine on its dataset; each learner against the random control and its rivals."""
     tuned = arms[f"{prefix}tuned"]
@@ -362,8 +288,8 @@ def summarise(s: Study, args, tuning: dict, trained: dict, arms: dict, transfer:
     complete = "anchored_ppo" in trained
     rows = study.table(comparisons(arms) + [p for d in args.transfer for p in comparisons(transfer, f"{d}_")])
     draw(arms, s.root)
-    curves = {name: learning_curve(folder, tuning["tuned"]) for name, (folder, _) in trained.items()}
-    draw_learning_curves(curves, s.root)
+    curves = {name: study.learning_curve(folder, tuning["tuned"]) for name, (folder, _) in trained.items()}
+    study.draw_learning_curves(curves, s.root)
     return study.write_summary(
         s.root, QUESTION, [*arms.values(), *transfer.values()], rows, notes=summary_notes(tuning, curves, complete),
         extra={"complete": complete, "tuned_lr": tuning["tuned"], "transfer_tuned_lr": tuning["transfer_rates"],
@@ -394,7 +320,7 @@ def summary_notes(tuning: dict, curves: dict, complete: bool) -> list[str]:
             "steps (tiny). Oracle minus tuned on the search seeds, by rule: "
             + "; ".join(f"{k} {v['oracle_minus_tuned']:+.4f} (cosine {v['cosine_minus_tuned']:+.4f})"
                         for k, v in tuning["rules"].items()), "![final loss by arm](leaderboard.png)",
-            *(curve_note(name, c) for name, c in curves.items()), "![learning curves](learning_curves.png)"]
+            *(study.curve_note(name, c) for name, c in curves.items()), "![learning curves](learning_curves.png)"]
 
 
 if __name__ == "__main__":

@@ -14,14 +14,20 @@ At each budget of R runs' worth of steps (R = 8, 27):
    1,000,000+, its training charged to its arm;
 3. on the 10 held-out seeds 1337-1346: each search's best configuration re-run (charged its search), PBT's
    best lineage replayed (--agent replay on S/pbt/best_lineage: PBT's product is a schedule), the frozen
-   policy, and cosine at the profile's settings. Paired differences in full_val_loss with 95% t intervals,
-   Holm over the whole table (both budgets), each arm's compute: summary.json/.md; the best-so-far curves
+   policy, and cosine at the profile's settings.
+4. ppo given a fair chance, outside the equal-compute budgets: 8 or 27 episodes are 1 or 3 ppo updates, and the
+   lr leaderboard's ppo took about 450 episodes to flatten. ppo_until_flat trains the same controller centred
+   on the larger budget's tuned cosine rate (base rates drawn from x0.5..x2 of it) for --episodes, then on while
+   its learning curve still falls, up to --max_episodes; deployed at that rate, charged its training and that
+   tuning, and compared with every arm of the larger budget. Its curve: figures/learning_curves.png. Paired differences in full_val_loss with 95% t intervals,
+   Holm over the whole table (both budgets and ppo_until_flat), each arm's compute: summary.json/.md; the best-so-far curves
    of the three searches per budget: figures/best_so_far_<R>.png.
 
 Each budget's searches share one sweep folder: an interrupted sweep is continued by running the study again
 (sweep.py continues it), one started with other settings is refused; a partial sweep is never summarised.
 """
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -42,10 +48,18 @@ PPO_EPISODES_PER_UPDATE = 8  # train_agent.py's default
 def parse(argv: list[str]):
     parser = study.argument_parser(QUESTION, "sweep_study")
     parser.add_argument("--seeds", type=int, default=10, help="held-out seeds per arm")
+    parser.add_argument("--episodes", type=study.at_least_one, default=304,
+                        help="ppo_until_flat's first training episodes (a multiple of its 8 per update)")
+    parser.add_argument("--max_episodes", type=study.at_least_one, default=608,
+                        help="ppo_until_flat trains on, half --episodes at a time, while its curve still falls, "
+                             "up to this many")
+    parser.add_argument("--n_envs", type=study.at_least_one, default=1,
+                        help="train_agent.py --n_envs of ppo_until_flat's training")
     args = parser.parse_args(argv)
     args.profile, args.budgets = "tiny", BUDGETS
-    if args.smoke:  # smoke profile, one budget of 2 runs, 2 held-out seeds
-        args.profile, args.budgets, args.seeds = "smoke", (2,), 2
+    if args.smoke:  # smoke profile, one budget of 2 runs, 2 held-out seeds, 2 episodes
+        args.profile, args.budgets, args.seeds, args.episodes = "smoke", (2,), 2, 2
+    args.max_episodes = max(args.max_episodes, args.episodes) if not args.smoke else args.episodes
     return args
 
 
@@ -104,6 +118,20 @@ def budget_arms(s: Study, args, runs: int, held_out: list) -> tuple[list[Arm], d
     return arms, chosen
 
 
+def until_flat_arm(s: Study, args, held_out: list, tuning: dict) -> tuple[Arm, dict]:
+    """(ppo_until_flat, its learning curve): the equal-compute ppo's controller and flags, centred on the tuned
+    rate T of the larger budget, trained until flat (study.train_until_flat); deployed at T (min_lr T/10, as
+    the tuning ran it); that tuning's steps and its own training charged to it."""
+    rate = tuning["hp"]["learning_rate"]
+    agent, training = study.train_until_flat(
+        s, args.episodes, args.max_episodes, rate, "ppo_until_flat", "--agent", "ppo", "--control", CONTROL,
+        "--profile", args.profile, "--lr_center", rate, "--lr_range", "0.5,2", "--n_envs", args.n_envs,
+        "--episodes_per_update", math.gcd(args.episodes, PPO_EPISODES_PER_UPDATE))  # smoke: of what there is
+    arm = Arm("ppo_until_flat", ["--learning_rate", rate, "--min_lr", rate / 10, "--agent", "ppo", "--control",
+                                 CONTROL, "--agent_init", agent], held_out, extra_steps=training + tuning["steps"])
+    return arm, study.learning_curve(agent, rate)
+
+
 def pairs_of(runs: int) -> list[tuple[str, str]]:
     """One budget's comparisons: every arm against cosine, ppo against every search, PBT against random."""
     named = [f"{m}_{runs}" for m in (*SEARCHES, "tuned_cosine")]
@@ -111,6 +139,12 @@ def pairs_of(runs: int) -> list[tuple[str, str]]:
     return [(a, "cosine") for a in (*named, ppo)] + [(ppo, a) for a in named] + \
         [(f"pbt_{runs}", f"random_{runs}"), (f"random_{runs}", f"grid_{runs}"),
          (f"random_{runs}", f"tuned_cosine_{runs}")]
+
+
+def until_flat_pairs(runs: int) -> list[tuple[str, str]]:
+    """ppo_until_flat against cosine, the equal-compute ppo and every search of the larger budget."""
+    return [("ppo_until_flat", a) for a in ("cosine", f"ppo_{runs}", *(f"{m}_{runs}" for m in (*SEARCHES,
+                                                                                               "tuned_cosine")))]
 
 
 def chosen_lines(chosen: dict) -> list[str]:
@@ -135,11 +169,18 @@ def main(argv: list[str]) -> None:
         arms += budget
         chosen.update(picked)
         pairs += pairs_of(runs)
-    ran = s.run_all(arms)
-    rows = study.table([(ran[a], ran[b]) for a, b in pairs])
-    notes = [*chosen_lines(chosen), "", "Best-so-far curves of the searches: figures/best_so_far_<R>.png."]
+    largest = max(args.budgets)
+    tuned = next(a for a in arms if a.name == f"tuned_cosine_{largest}")
+    tuning = {**chosen[tuned.name], "steps": tuned.extra_steps}
+    flat, curve = until_flat_arm(s, args, held_out, tuning)
+    ran = s.run_all([*arms, flat])
+    rows = study.table([(ran[a], ran[b]) for a, b in pairs + until_flat_pairs(largest)])
+    study.draw_learning_curves({"ppo_until_flat": curve}, s.root / "figures")
+    notes = [*chosen_lines(chosen), "", "Best-so-far curves of the searches: figures/best_so_far_<R>.png.", "",
+             study.curve_note("ppo_until_flat", curve) + " Its curve: figures/learning_curves.png."]
     print(study.write_summary(s.root, QUESTION, list(ran.values()), rows, notes=notes,
-                              extra={"chosen": chosen, "budgets": list(args.budgets)}))
+                              extra={"chosen": chosen, "budgets": list(args.budgets),
+                                     "until_flat": {f: curve[f] for f in ("episodes", "last_slope")}}))
 
 
 if __name__ == "__main__":

@@ -81,13 +81,19 @@ def test_sweep_study_smoke_charges_each_search_its_steps_and_replays_pbts_lineag
     run_study("sweep_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
     summary = json.loads((tmp_path / "summary.json").read_text())
     arms = summary["arms"]
-    assert set(arms) == {"cosine", "grid_2", "random_2", "pbt_2", "tuned_cosine_2", "ppo_2"}
+    assert set(arms) == {"cosine", "grid_2", "random_2", "pbt_2", "tuned_cosine_2", "ppo_2", "ppo_until_flat"}
     assert all(arms[m]["extra_steps"] > 0 for m in ("grid_2", "random_2", "pbt_2", "tuned_cosine_2", "ppo_2"))
+    # ppo given its fair chance is charged the tuning it is centred on as well as its own training
+    assert arms["ppo_until_flat"]["extra_steps"] > arms["tuned_cosine_2"]["extra_steps"]
+    tuned_lr = summary["chosen"]["tuned_cosine_2"]["hp"]["learning_rate"]
+    assert arms["ppo_until_flat"]["flags"][:2] == ["--learning_rate", str(tuned_lr)]
+    assert {r["b"] for r in summary["comparisons"] if r["a"] == "ppo_until_flat"} == \
+        {"cosine", "ppo_2", "grid_2", "random_2", "pbt_2", "tuned_cosine_2"}
     pbt = arms["pbt_2"]["flags"]  # PBT's product, its best member's lineage, replayed on the held-out seeds
     assert pbt[-6:-3] == ["--agent", "replay", "--agent_init"] and pbt[-3].endswith("pbt/best_lineage")
     assert pbt[-2:] == ["--control", "lr,weight_decay,grad_clip"]
     assert all(r["p_holm"] is None or r["p_holm"] >= r["p"] for r in summary["comparisons"])
-    assert (tmp_path / "figures" / "best_so_far_2.png").stat().st_size > 0
+    assert all((tmp_path / "figures" / f).stat().st_size > 0 for f in ("best_so_far_2.png", "learning_curves.png"))
     assert started(tmp_path, "sweep.py") == 4  # grid, random, pbt, tuned cosine: once each
     run_study("sweep_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
     assert started(tmp_path, "sweep.py") == 4  # finished sweeps are reused, never run again

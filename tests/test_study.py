@@ -248,21 +248,18 @@ class CurveStudy:
 
 @pytest.mark.parametrize("falls_for, requests", [(0, [304]), (10_000, [304, 456, 608]), (300, [304, 456])])
 def test_a_learner_trains_on_by_half_its_episodes_while_its_curve_still_falls(tmp_path, falls_for, requests):
-    import lr_leaderboard
-    args = lr_leaderboard.parse(["--episodes", "304", "--max_episodes", "608"])
     s = CurveStudy(tmp_path, falls_for)
-    assert lr_leaderboard.train_until_flat(s, args, 8e-3, "ppo") == (tmp_path, requests[-1])
+    assert study.train_until_flat(s, 304, 608, 8e-3, "ppo") == (tmp_path, requests[-1])
     assert s.requests == requests
 
 
 def test_the_learning_curve_takes_the_base_lr_luck_out_and_measures_distance_from_the_tuned_rate(tmp_path):
-    import lr_leaderboard
     ex.atomic_write_json(tmp_path / "learning_curve.json", falling_curve(200, 0))
-    curve = lr_leaderboard.learning_curve(tmp_path, 8e-3)
+    curve = study.learning_curve(tmp_path, 8e-3)
     assert max(abs(r) for r in curve["residual"]) < 0.1  # the 0.1 * log(factor)^2 spread (up to 0.53) is gone
     assert curve["distance_from_tuned"] == pytest.approx([1.0] * 200)  # its second half sits at 1.6e-2
     low, high = curve["last_slope"]["ci95"]
-    assert low <= 0 <= high and "(flat)" in lr_leaderboard.curve_note("ppo", curve)
+    assert low <= 0 <= high and "(flat)" in study.curve_note("ppo", curve)
 
 
 class OrderStudy:
