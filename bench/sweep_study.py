@@ -133,12 +133,13 @@ def until_flat_arm(s: Study, args, held_out: list, tuning: dict) -> tuple[Arm, d
 
 
 def pairs_of(runs: int) -> list[tuple[str, str]]:
-    """One budget's comparisons: every arm against cosine, ppo against every search, PBT against random."""
+    """One budget's comparisons: every arm against cosine, ppo against every search, every search of three
+    hyperparameters against tuned cosine (the rate alone), PBT against random, random against grid."""
     named = [f"{m}_{runs}" for m in (*SEARCHES, "tuned_cosine")]
     ppo = f"ppo_{runs}"
     return [(a, "cosine") for a in (*named, ppo)] + [(ppo, a) for a in named] + \
-        [(f"pbt_{runs}", f"random_{runs}"), (f"random_{runs}", f"grid_{runs}"),
-         (f"random_{runs}", f"tuned_cosine_{runs}")]
+        [(f"{m}_{runs}", f"tuned_cosine_{runs}") for m in SEARCHES] + \
+        [(f"pbt_{runs}", f"random_{runs}"), (f"random_{runs}", f"grid_{runs}")]
 
 
 def until_flat_pairs(runs: int) -> list[tuple[str, str]]:

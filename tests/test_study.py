@@ -336,3 +336,14 @@ def test_a_leaderboard_rate_above_the_lr_ceiling_lifts_it_and_one_below_leaves_t
     cfg = study.resolved_config(lr_leaderboard.rate_flags(0.16), "text8", 1337)
     check_rate_bounds(cfg)  # experiment.py accepts it
     assert cfg.learning_rate == cfg.lr_ceiling == 0.16
+
+
+def test_the_sweep_study_compares_every_search_with_tuned_cosine_and_ppo_with_every_rival():
+    import sweep_study
+    pairs = sweep_study.pairs_of(8)
+    assert len(pairs) == len(set(pairs))
+    assert {("grid_8", "tuned_cosine_8"), ("random_8", "tuned_cosine_8"), ("pbt_8", "tuned_cosine_8"),
+            ("pbt_8", "random_8"), ("random_8", "grid_8")} <= set(pairs)
+    assert {b for a, b in pairs if a == "ppo_8"} == {"cosine", "grid_8", "random_8", "pbt_8", "tuned_cosine_8"}
+    assert {b for a, b in sweep_study.until_flat_pairs(27)} == {"cosine", "ppo_27", "grid_27", "random_27",
+                                                               "pbt_27", "tuned_cosine_27"}
