@@ -19,7 +19,8 @@ At each budget of R runs' worth of steps (R = 8, 27):
    lr leaderboard's ppo took about 450 episodes to flatten. ppo_until_flat trains the same controller centred
    on the larger budget's tuned cosine rate (base rates drawn from x0.5..x2 of it) for --episodes, then on while
    its learning curve still falls, up to --max_episodes; deployed at that rate, charged its training and that
-   tuning, and compared with every arm of the larger budget. Its curve: figures/learning_curves.png. Paired differences in full_val_loss with 95% t intervals,
+   tuning, and compared with every arm of the larger budget. Its curve: figures/learning_curves.png. It trains
+   last: the summary is first written without it (marked interim, `complete: false`), then whole. Paired differences in full_val_loss with 95% t intervals,
    Holm over the whole table (both budgets and ppo_until_flat), each arm's compute: summary.json/.md; the best-so-far curves
    of the three searches per budget: figures/best_so_far_<R>.png.
 
@@ -31,6 +32,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import study
 from study import Arm, Study, digest, seeds
@@ -170,18 +172,32 @@ def main(argv: list[str]) -> None:
         arms += budget
         chosen.update(picked)
         pairs += pairs_of(runs)
+    ran = s.run_all(arms)
+    # ppo_until_flat trains for hours: an interrupted study has every other row summarised (marked interim).
+    summarise(s, ran, pairs, chosen, args.budgets, curve=None)
+    print(f"interim summary (every row but ppo_until_flat's): {s.root / 'summary.md'}", flush=True)
     largest = max(args.budgets)
-    tuned = next(a for a in arms if a.name == f"tuned_cosine_{largest}")
-    tuning = {**chosen[tuned.name], "steps": tuned.extra_steps}
-    flat, curve = until_flat_arm(s, args, held_out, tuning)
-    ran = s.run_all([*arms, flat])
-    rows = study.table([(ran[a], ran[b]) for a, b in pairs + until_flat_pairs(largest)])
-    study.draw_learning_curves({"ppo_until_flat": curve}, s.root / "figures")
-    notes = [*chosen_lines(chosen), "", "Best-so-far curves of the searches: figures/best_so_far_<R>.png.", "",
-             study.curve_note("ppo_until_flat", curve) + " Its curve: figures/learning_curves.png."]
-    print(study.write_summary(s.root, QUESTION, list(ran.values()), rows, notes=notes,
-                              extra={"chosen": chosen, "budgets": list(args.budgets),
-                                     "until_flat": {f: curve[f] for f in ("episodes", "last_slope")}}))
+    tuned = ran[f"tuned_cosine_{largest}"]
+    flat, curve = until_flat_arm(s, args, held_out, {**chosen[tuned.name], "steps": tuned.extra_steps})
+    ran[flat.name] = s.run(flat)
+    print(summarise(s, ran, [*pairs, *until_flat_pairs(largest)], chosen, args.budgets, curve))
+
+
+def summarise(s: Study, ran: dict, pairs: list, chosen: dict, budgets: tuple, curve: Optional[dict]) -> str:
+    """summary.json/.md of the arms run so far: interim (complete: false) until ppo_until_flat's curve and row
+    are in it; Holm over the pairs given."""
+    rows = study.table([(ran[a], ran[b]) for a, b in pairs])
+    notes = [*chosen_lines(chosen), "", "Best-so-far curves of the searches: figures/best_so_far_<R>.png.", ""]
+    if curve is None:
+        notes.append("**Interim**: ppo_until_flat is still to train and deploy; Holm will adjust over its rows too "
+                     "when this summary is rewritten with them.")
+    else:
+        study.draw_learning_curves({"ppo_until_flat": curve}, s.root / "figures")
+        notes.append(study.curve_note("ppo_until_flat", curve) + " Its curve: figures/learning_curves.png.")
+    until_flat = None if curve is None else {f: curve[f] for f in ("episodes", "last_slope")}
+    return study.write_summary(s.root, QUESTION, list(ran.values()), rows, notes=notes,
+                               extra={"chosen": chosen, "budgets": list(budgets), "complete": curve is not None,
+                                      "until_flat": until_flat})
 
 
 if __name__ == "__main__":

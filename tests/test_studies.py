@@ -78,9 +78,11 @@ def test_prune_study_smoke_compares_the_methods_on_each_source_model(prepared_da
 
 def test_sweep_study_smoke_charges_each_search_its_steps_and_replays_pbts_lineage(prepared_data_dir, tmp_path):
     pytest.importorskip("ray")
-    run_study("sweep_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
+    proc = run_study("sweep_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
+    assert "interim summary (every row but ppo_until_flat's)" in proc.stdout  # before its hours of training
     summary = json.loads((tmp_path / "summary.json").read_text())
     arms = summary["arms"]
+    assert summary["complete"] is True and summary["until_flat"]["episodes"] == 2
     assert set(arms) == {"cosine", "grid_2", "random_2", "pbt_2", "tuned_cosine_2", "ppo_2", "ppo_until_flat"}
     assert all(arms[m]["extra_steps"] > 0 for m in ("grid_2", "random_2", "pbt_2", "tuned_cosine_2", "ppo_2"))
     # ppo given its fair chance is charged the tuning it is centred on as well as its own training
