@@ -20,9 +20,10 @@ At each budget of R runs' worth of steps (R = 8, 27):
    on the larger budget's tuned cosine rate (base rates drawn from x0.5..x2 of it) for --episodes, then on while
    its learning curve still falls, up to --max_episodes; deployed at that rate, charged its training and that
    tuning, and compared with every arm of the larger budget. Its curve: figures/learning_curves.png. It trains
-   last: the summary is first written without it (marked interim, `complete: false`), then whole. Paired differences in full_val_loss with 95% t intervals,
-   Holm over the whole table (both budgets and ppo_until_flat), each arm's compute: summary.json/.md; the best-so-far curves
-   of the three searches per budget: figures/best_so_far_<R>.png.
+   last: the summary is first written without it (marked interim, `complete: false`), then whole.
+5. Paired differences in full_val_loss with 95% t intervals, Holm over the whole table (both budgets and
+   ppo_until_flat), each arm's compute: summary.json/.md; the best-so-far curves of the three searches per
+   budget: figures/best_so_far_<R>.png.
 
 Each budget's searches share one sweep folder: an interrupted sweep is continued by running the study again
 (sweep.py continues it), one started with other settings is refused; a partial sweep is never summarised.
@@ -146,8 +147,8 @@ def pairs_of(runs: int) -> list[tuple[str, str]]:
 
 def until_flat_pairs(runs: int) -> list[tuple[str, str]]:
     """ppo_until_flat against cosine, the equal-compute ppo and every search of the larger budget."""
-    return [("ppo_until_flat", a) for a in ("cosine", f"ppo_{runs}", *(f"{m}_{runs}" for m in (*SEARCHES,
-                                                                                               "tuned_cosine")))]
+    rivals = ["cosine", f"ppo_{runs}", *(f"{m}_{runs}" for m in (*SEARCHES, "tuned_cosine"))]
+    return [("ppo_until_flat", a) for a in rivals]
 
 
 def chosen_lines(chosen: dict) -> list[str]:
