@@ -121,17 +121,16 @@ def budget_arms(s: Study, args, runs: int, held_out: list) -> tuple[list[Arm], d
     return arms, chosen
 
 
-def until_flat_arm(s: Study, args, held_out: list, tuning: dict) -> tuple[Arm, dict]:
-    """(ppo_until_flat, its learning curve): the equal-compute ppo's controller and flags, centred on the tuned
-    rate T of the larger budget, trained until flat (study.train_until_flat); deployed at T (min_lr T/10, as
-    the tuning ran it); that tuning's steps and its own training charged to it."""
-    rate = tuning["hp"]["learning_rate"]
+def until_flat_arm(s: Study, args, tuned: Arm, rate: float) -> tuple[Arm, dict]:
+    """(ppo_until_flat, its learning curve): the equal-compute ppo's controller and flags, centred on the rate
+    of the larger budget's tuned cosine, trained until flat (study.train_until_flat); deployed with that arm's
+    flags (the rate, min_lr as the tuning ran it) on its seeds; that tuning's steps and its own training charged."""
     agent, training = study.train_until_flat(
         s, args.episodes, args.max_episodes, rate, "ppo_until_flat", "--agent", "ppo", "--control", CONTROL,
         "--profile", args.profile, "--lr_center", rate, "--lr_range", "0.5,2", "--n_envs", args.n_envs,
         "--episodes_per_update", math.gcd(args.episodes, PPO_EPISODES_PER_UPDATE))  # smoke: of what there is
-    arm = Arm("ppo_until_flat", ["--learning_rate", rate, "--min_lr", rate / 10, "--agent", "ppo", "--control",
-                                 CONTROL, "--agent_init", agent], held_out, extra_steps=training + tuning["steps"])
+    arm = Arm("ppo_until_flat", [*tuned.flags, "--agent", "ppo", "--control", CONTROL, "--agent_init", agent],
+              tuned.seeds, extra_steps=training + tuned.extra_steps)
     return arm, study.learning_curve(agent, rate)
 
 
@@ -179,7 +178,7 @@ def main(argv: list[str]) -> None:
     print(f"interim summary (every row but ppo_until_flat's): {s.root / 'summary.md'}", flush=True)
     largest = max(args.budgets)
     tuned = ran[f"tuned_cosine_{largest}"]
-    flat, curve = until_flat_arm(s, args, held_out, {**chosen[tuned.name], "steps": tuned.extra_steps})
+    flat, curve = until_flat_arm(s, args, tuned, chosen[tuned.name]["hp"]["learning_rate"])
     ran[flat.name] = s.run(flat)
     print(summarise(s, ran, [*pairs, *until_flat_pairs(largest)], chosen, args.budgets, curve))
 
