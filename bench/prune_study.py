@@ -14,7 +14,8 @@ the same architectures trained from scratch (Liu et al. 2019's control).
 2. Per source model and search seed (0 .. --search_seeds - 1): prune.py at every target by every method, once per
    --finetune_iters (the longest also trains each architecture at --distill_target from scratch, --scratch), and
    every method at --distill_target again with --distill. One prune folder per command (cached: a re-run reuses
-   every finished folder).
+   every finished folder). The shortest length's folders run first and are summarised at once (interim,
+   `complete: false`): the longest's take hours.
 3. A source model's number for a key is its mean over the search seeds: the source model is what the comparisons
    pair on (n = source models), since its search seeds share it. Compute per arm: its own training steps
    (fine-tuning, or the whole from-scratch run) plus its search_steps (the reward's forward passes and the Taylor
@@ -22,6 +23,7 @@ the same architectures trained from scratch (Liu et al. 2019's control).
 4. Paired differences on full_val_loss (same source model), 95% t intervals, Holm over every test in the table:
    summary.json, summary.md; figures/pareto_<iters>.png (loss against FLOPs, means over everything).
 """
+import argparse
 import json
 import math
 import sys
@@ -59,7 +61,13 @@ def parse(argv: list[str]):
     if args.seeds < 2 or args.search_seeds < 1 or min(args.lengths) < 1:
         parser.error("--seeds must be at least 2 (the paired intervals need two source models), --search_seeds "
                      "and --finetune_iters at least 1")
+    args.longest = max(args.lengths)  # whose plain folders hold the from-scratch control, whatever is summarised
     return args
+
+
+def only(args, lengths: list[int]):
+    """args for the folders, arms and comparisons of these fine-tuning lengths alone (an interim summary)."""
+    return argparse.Namespace(**{**vars(args), "lengths": lengths})
 
 
 def sources(s: Study, args) -> dict:
@@ -75,10 +83,10 @@ def sources(s: Study, args) -> dict:
 
 def folders(args) -> dict:
     """Each prune folder a source model and search seed get, by name: its prune.py flags."""
-    longest, target = max(args.lengths), f"{args.distill_target:g}"
+    target = f"{args.distill_target:g}"
     plan = {}
     for iters in args.lengths:
-        scratch = ["--scratch", target] if iters == longest else []
+        scratch = ["--scratch", target] if iters == args.longest else []
         plan[f"plain_{iters}"] = ["--flops_target", ",".join(map(str, TARGETS)), "--finetune_iters", iters, *scratch]
         plan[f"distilled_{iters}"] = ["--flops_target", target, "--finetune_iters", iters, "--distill", args.distill]
     return plan
@@ -125,7 +133,7 @@ def arm(name: str, pruned: dict, folder: str, key: str, metric: str = "full_val_
 
 def arms_of(pruned: dict, args) -> dict:
     """Every arm of the table: each key of each fine-tuning length, distilled, from scratch, before fine-tuning."""
-    first, longest, t = min(args.lengths), max(args.lengths), f"{args.distill_target:g}"
+    first, longest, t = min(args.lengths), args.longest, f"{args.distill_target:g}"
     arms = {"unpruned": arm("unpruned", pruned, f"plain_{first}", "unpruned")}
     for iters in args.lengths:
         arms[f"unpruned_finetuned @{iters}"] = arm(f"unpruned_finetuned @{iters}", pruned, f"plain_{iters}",
@@ -135,7 +143,7 @@ def arms_of(pruned: dict, args) -> dict:
         for m in METHODS:
             name = f"{m}_{t} distilled @{iters}"
             arms[name] = arm(name, pruned, f"distilled_{iters}", f"{m}_{t}")
-    for m in METHODS[:4]:  # (random's architecture is uniform's: trained from scratch once)
+    for m in METHODS[:4] if longest in args.lengths else ():  # (random's architecture is uniform's: trained once)
         arms[f"{m}_{t}_scratch"] = arm(f"{m}_{t}_scratch", pruned, f"plain_{longest}", f"{m}_{t}_scratch")
     for key in (f"{m}_{target:g}" for target in TARGETS for m in METHODS):  # the allocation as chosen
         arms[key + BEFORE] = arm(key + BEFORE, pruned, f"plain_{first}", key, "full_val_loss_before", charged=False)
@@ -143,7 +151,7 @@ def arms_of(pruned: dict, args) -> dict:
 
 
 def comparisons(arms: dict, args) -> list[tuple[Arm, Arm]]:
-    t, longest = f"{args.distill_target:g}", max(args.lengths)
+    t, longest = f"{args.distill_target:g}", args.longest
     pairs = []
     for iters in args.lengths:
         pairs += [(arms[f"{a}_{target:g} @{iters}"], arms[f"{b}_{target:g} @{iters}"])
@@ -153,7 +161,7 @@ def comparisons(arms: dict, args) -> list[tuple[Arm, Arm]]:
     pairs += [(arms[f"{m}_{t} distilled @{iters}"], arms[f"{m}_{t} @{iters}"])
               for iters in args.lengths for m in METHODS]
     # Liu et al. 2019: the pruned and fine-tuned model against its architecture trained as long from scratch
-    pairs += [(arms[f"{m}_{t} @{longest}"], arms[f"{m}_{t}_scratch"]) for m in METHODS[:4]]
+    pairs += [(arms[f"{m}_{t} @{longest}"], arms[f"{m}_{t}_scratch"]) for m in METHODS[:4] if longest in args.lengths]
     return pairs
 
 
@@ -210,19 +218,33 @@ def pareto_figures(root: Path, pruned: dict, args) -> list[str]:
     return written
 
 
+def summarise(s: Study, args, models: dict, pruned: dict) -> str:
+    """summary.json/.md and the figures of args.lengths' folders; complete (not interim) when that is every length
+    (the longest's folders, with the from-scratch control, take hours)."""
+    arms = arms_of(pruned, args)
+    rows = study.table(comparisons(arms, args))
+    figures = pareto_figures(s.root, pruned, args)
+    complete = args.longest in args.lengths
+    interim = [] if complete else [f"**Interim**: only the {', '.join(map(str, args.lengths))}-step folders, Holm "
+                                   f"over their tests alone; the {args.longest}-step folders are still to run.", ""]
+    return study.write_summary(s.root, QUESTION, list(arms.values()), rows,
+                               notes=interim + metric_lines(pruned, models, args),
+                               extra={"models": {seed: f"{run}#{i}" for seed, (run, i) in models.items()},
+                                      "search_seeds": list(range(args.search_seeds)), "episodes": args.episodes,
+                                      "finetune_iters": args.lengths, "distill": args.distill,
+                                      "distill_target": args.distill_target, "figures": figures,
+                                      "complete": complete})
+
+
 def main(argv: list[str]) -> None:
     args = parse(argv)
     s = Study(args.out, ["--profile", args.profile], DATASET, data_dir=args.data_dir, jobs=args.jobs)
     models = sources(s, args)
-    pruned = prune_all(s, args, models)
-    arms = arms_of(pruned, args)
-    rows = study.table(comparisons(arms, args))
-    figures = pareto_figures(s.root, pruned, args)
-    print(study.write_summary(s.root, QUESTION, list(arms.values()), rows, notes=metric_lines(pruned, models, args),
-                              extra={"models": {seed: f"{run}#{i}" for seed, (run, i) in models.items()},
-                                     "search_seeds": list(range(args.search_seeds)), "episodes": args.episodes,
-                                     "finetune_iters": args.lengths, "distill": args.distill,
-                                     "distill_target": args.distill_target, "figures": figures}))
+    if len(args.lengths) > 1:
+        first = only(args, args.lengths[:1])
+        summarise(s, first, models, prune_all(s, first, models))
+        print(f"interim summary ({first.lengths[0]} fine-tuning steps only): {s.root / 'summary.md'}", flush=True)
+    print(summarise(s, args, models, prune_all(s, args, models)))
 
 
 if __name__ == "__main__":

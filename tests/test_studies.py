@@ -56,9 +56,11 @@ def test_layer_study_smoke_shares_the_controller_studys_runs(controller_study, p
 
 
 def test_prune_study_smoke_compares_the_methods_on_each_source_model(prepared_data_dir, tmp_path):
-    run_study("prune_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
+    proc = run_study("prune_study.py", "--out", tmp_path, "--data_dir", prepared_data_dir)
+    assert "interim summary (4 fine-tuning steps only)" in proc.stdout  # before the longest's hours
     summary = json.loads((tmp_path / "summary.json").read_text())
     arms, rows = summary["arms"], summary["comparisons"]
+    assert summary["complete"] is True
     assert summary["search_seeds"] == [0, 1] and summary["finetune_iters"] == [4, 8]
     assert arms["rl_0.5 @8"]["n"] == 2 and len(rows) == 50  # 2 lengths x 3 targets x 5, 6 before, 10 distilled, 4
     assert {"rl_0.5 @8 - random_search_0.5 @8", "rl_0.5 distilled @4 - rl_0.5 @4", "uniform_0.5 @8 - "

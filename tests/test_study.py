@@ -347,3 +347,32 @@ def test_the_sweep_study_compares_every_search_with_tuned_cosine_and_ppo_with_ev
     assert {b for a, b in pairs if a == "ppo_8"} == {"cosine", "grid_8", "random_8", "pbt_8", "tuned_cosine_8"}
     assert {b for a, b in sweep_study.until_flat_pairs(27)} == {"cosine", "ppo_27", "grid_27", "random_27",
                                                                "pbt_27", "tuned_cosine_27"}
+
+
+def fake_prune_folder(keys: list[str], rng) -> dict:
+    """A prune folder's final_info.json as the study reads it: each key's loss, steps and search steps."""
+    def entry(steps: int, search: float) -> dict:
+        loss = float(2 + rng.random())
+        return {"final_info_dict": {"full_val_loss": [loss], "full_val_loss_before": [loss + 0.1],
+                                    "steps_trained": [steps], "search_steps": [search]}}
+    return {"unpruned": entry(2000, 0), **{key: entry(2004, 3.0) for key in keys}}
+
+
+def test_the_prune_studys_interim_summary_holds_the_shortest_fine_tuning_alone(tmp_path):
+    import prune_study
+    args = prune_study.parse(["--smoke", "--out", str(tmp_path)])  # fine-tuning lengths 4 and 8
+    first = prune_study.only(args, [4])
+    assert prune_study.folders(first) == {k: v for k, v in prune_study.folders(args).items() if k.endswith("_4")}
+    rng = np.random.default_rng(0)
+    keys = [f"{m}_{t:g}" for m in prune_study.METHODS for t in prune_study.TARGETS]
+    held = {"plain_4": keys + ["unpruned_finetuned"], "distilled_4": keys[1::3]}  # distilled: at 0.5 alone
+    pruned = {(name, seed, search_seed): fake_prune_folder(held[name], rng)
+              for name in held for seed in (1337, 1338, 1339) for search_seed in (0, 1)}
+    arms = prune_study.arms_of(pruned, first)
+    assert not [name for name in arms if "@8" in name or "scratch" in name]
+    assert arms["rl_0.5 @4"].run_steps == 4 * 6 and arms["rl_0.5 @4"].extra_steps == 3 * 6  # 3 models x 2 seeds
+    rows = study.table(prune_study.comparisons(arms, first))  # 3 targets x 5, 6 before fine-tuning, 5 distilled
+    assert len(rows) == 26 and all(r["n"] == 3 for r in rows)
+    # the full study's longest folders hold the from-scratch control; the interim has none of it
+    assert "--scratch" in prune_study.folders(args)["plain_8"]
+    assert "--scratch" not in prune_study.folders(first)["plain_4"]
