@@ -62,7 +62,9 @@ nothing removed, fine-tuned as the pruned ones are: the like-for-like reference,
 model_<key>_0.pt (the fine-tuned pruned model: experiment.load_model reads it, prune.py --key prunes it again),
 all_results.npy/.json (fine-tuning logs), run.json (arguments, command, source model, its hash and training
 config, versions), pareto.png (loss against FLOPs, when several targets are given) and a section in notes.txt
-beside the folder. A folder holding results is not overwritten without --overwrite.
+beside the folder. A folder holding results is not overwritten without --overwrite; an interrupted one is
+continued by the same command with --resume (the keys it finished are kept, the rest computed as they would
+have been).
 """
 from __future__ import annotations
 
@@ -136,6 +138,8 @@ class Args:
     data_dir: str = option("", "folder holding <dataset>/ (default: where the run's data was)")
     notes: str = option("", "notes file for the prune section (default notes.txt beside --out_dir; 'off' to skip)")
     overwrite: bool = option(False, "replace the results in --out_dir")
+    resume: bool = option(False, "continue an interrupted --out_dir with the same arguments: the keys it finished "
+                                 "are kept as they are, the rest computed")
     debug: bool = option(False, "full tracebacks")
 
 
@@ -809,6 +813,7 @@ class Pruning:
     methods: list
     scratch: list          # the targets whose architectures are also trained from scratch
     results: dict = field(default_factory=dict)
+    resumed: dict = field(default_factory=dict)  # --resume: the keys an interrupted attempt finished, as saved
 
 
 def choose(p: Pruning, method: str, target: float) -> dict:
@@ -977,6 +982,44 @@ def save_key(p: Pruning, key: str, r: dict, chosen: Optional[dict] = None) -> No
               f"evaluations, {i['search_time']:.1f}s", flush=True)
 
 
+def kept(p: Pruning, key: str) -> bool:
+    """--resume: whether the interrupted attempt finished key; if so its results go back in their place (the
+    attempt saved the same keys in the same order), with its search in run.json."""
+    if key not in p.resumed:
+        return False
+    r = p.results[key] = p.resumed.pop(key)
+    if "search" in r["info"]:
+        p.record["search"][key] = {"seconds": r["info"]["search_time"],
+                                   **{k: v for k, v in r["info"]["search"].items() if k != "seconds"}}
+    print(f"[{key}] kept: finished by the interrupted attempt", flush=True)
+    return True
+
+
+def finished_keys(out: Path, args: Args, source: Source) -> dict:
+    """--resume: the keys an interrupted prune.py of the same model and settings saved in out (final_info_<key>_0.json
+    and its logs in all_results.json: a key saved without its logs is computed again), by key. Paths may differ
+    (the folder moved); the model pruned is compared by its sha256."""
+    if (out / "final_info.json").exists():
+        raise ex.UserError(f"{out} is finished: nothing to resume (--overwrite replaces it)")
+    record, defaults = read_json(out / "run.json"), dataclasses.asdict(Args())
+    old = {**record.get("args", {}), "model_sha256": record.get("source", {}).get("model_sha256")}
+    new = {**dataclasses.asdict(args), "model_sha256": sha256_file(source.model_path)}
+    paths = ("run", "out_dir", "data_dir", "notes", "resume", "overwrite", "debug")
+    differ = sorted(k for k, v in new.items() if k not in paths and old.get(k, defaults.get(k)) != v)
+    if differ:
+        raise ex.UserError(f"--resume: {out} was started with other settings ({', '.join(differ)}); run its own "
+                           f"command again, or --overwrite")
+    logs = read_json(out / "all_results.json") if (out / "all_results.json").exists() else {}
+    resumed = {}
+    for path in out.glob("final_info_*_0.json"):
+        saved = read_json(path)
+        key, sample = saved.pop("key"), saved.pop("sample")
+        if f"{key}_0_train_info" in logs:
+            resumed[key] = {"info": saved, "model": None, "train_info": logs[f"{key}_0_train_info"],
+                            "val_info": logs[f"{key}_0_val_info"], "sample": sample}
+    return resumed
+
+
 def train_from_scratch(p: Pruning, target: float, chosen: dict) -> None:
     """--scratch: each distinct architecture chosen at this target also trained from scratch, key
     <key>_scratch (random's architecture is uniform's: trained once)."""
@@ -988,7 +1031,8 @@ def train_from_scratch(p: Pruning, target: float, chosen: dict) -> None:
                   flush=True)
             continue
         done[architecture] = key
-        save_key(p, f"{key}_scratch", scratch_result(p, p.results[key]["info"]["method"], target, c["allocation"]))
+        if not kept(p, f"{key}_scratch"):
+            save_key(p, f"{key}_scratch", scratch_result(p, p.results[key]["info"]["method"], target, c["allocation"]))
 
 
 def notes_lines(final_infos: dict, record: dict) -> list[str]:
@@ -1019,32 +1063,43 @@ def prepare(args: Args, argv: list[str]) -> Pruning:
     if not source.cfg.block_size + 1 < args.reward_tokens <= len(train) // 2:
         raise ex.UserError(f"--reward_tokens must exceed block_size + 1 ({source.cfg.block_size + 1}) and be at most "
                            f"half the train split ({len(train) // 2}); got {args.reward_tokens}")
-    ex.prepare_run_folder(out, args.overwrite)
+    resuming = args.resume and (out / "run.json").exists()
+    resumed = finished_keys(out, args, source) if resuming else {}
+    if not resumed:  # (a resume before any key finished starts the folder again)
+        ex.prepare_run_folder(out, args.overwrite or resuming)
 
     record = prune_record(args, argv, source, ft_cfg, targets, methods)
+    if resumed:
+        record.update(started=read_json(out / "run.json")["started"], resumed=sorted(resumed))
     atomic_write_json(out / "run.json", record)
     print(f"pruning {source.model_path} ({flops_per_token(source.model.config)['total']:,} FLOPs/token, "
           f"{source.model.num_params():,} params) | targets {targets} | {', '.join(methods)} | "
           f"importance {args.importance} | device {source.rt.device.type} | out_dir {out}", flush=True)
     importances = importance_scores(source, args, methods, train[:-args.reward_tokens])
     scorer = RewardScorer(source, importances["scores"][args.importance], train[-args.reward_tokens:])
-    return Pruning(args, source, space, ft_cfg, importances, scorer, out, record, targets, methods, scratch)
+    return Pruning(args, source, space, ft_cfg, importances, scorer, out, record, targets, methods, scratch,
+                   resumed=resumed)
 
 
 def prune(args: Args, argv: list[str]) -> dict:
     p = prepare(args, argv)
-    save_key(p, "unpruned", unpruned_result(p.source, p.ft_cfg, args))
+    if not kept(p, "unpruned"):
+        save_key(p, "unpruned", unpruned_result(p.source, p.ft_cfg, args))
     # The like-for-like reference: the pruned models train --finetune_iters steps more than the source model did,
     # so the source model, nothing removed, is fine-tuned the same way (a model still improving gains from it too).
     space = p.space
     everything = {"allocation": [[h, m] for h, m in zip(space.heads, space.neurons)], "search_time": 0.0,
                   "search": {}, "importance": "none", "heads": [list(range(h)) for h in space.heads],
                   "neurons": [list(range(m)) for m in space.neurons]}
-    save_key(p, UNPRUNED_FINETUNED, pruned_result(p, UNPRUNED_FINETUNED, 1.0, everything), everything)
+    if not kept(p, UNPRUNED_FINETUNED):
+        save_key(p, UNPRUNED_FINETUNED, pruned_result(p, UNPRUNED_FINETUNED, 1.0, everything), everything)
     for target in p.targets:
         chosen = {}
         for method in p.methods:
             key = key_of(method, target, args.importance)
+            if kept(p, key):
+                chosen[key] = {"allocation": p.results[key]["info"]["allocation"]}
+                continue
             chosen[key] = choose(p, method, target)
             save_key(p, key, pruned_result(p, method, target, chosen[key]), chosen[key])
         if target in p.scratch:
@@ -1097,7 +1152,8 @@ def report(out: Path, final_infos: dict, record: dict, targets: list[float], arg
 
 def main(argv: Optional[list[str]] = None) -> int:
     return entry_point(lambda argv: prune(parse_args(argv), argv), sys.argv[1:] if argv is None else argv,
-                       "interrupted: the methods finished so far are in the folder (no final_info.json)")
+                       "interrupted: the keys finished so far are in the folder (no final_info.json); the same command "
+                       "with --resume continues it")
 
 
 if __name__ == "__main__":

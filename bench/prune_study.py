@@ -14,8 +14,9 @@ the same architectures trained from scratch (Liu et al. 2019's control).
 2. Per source model and search seed (0 .. --search_seeds - 1): prune.py at every target by every method, once per
    --finetune_iters (the longest also trains each architecture at --distill_target from scratch, --scratch), and
    every method at --distill_target again with --distill. One prune folder per command (cached: a re-run reuses
-   every finished folder). The shortest length's folders run first and are summarised at once (interim,
-   `complete: false`): the longest's take hours.
+   every finished folder and continues an interrupted one with prune.py --resume, keeping the keys it finished).
+   The shortest length's folders run first and are summarised at once (interim, `complete: false`): the
+   longest's take hours.
 3. A source model's number for a key is its mean over the search seeds: the source model is what the comparisons
    pair on (n = source models), since its search seeds share it. Compute per arm: its own training steps
    (fine-tuning, or the whole from-scratch run) plus its search_steps (the reward's forward passes and the Taylor
@@ -103,7 +104,7 @@ def prune_all(s: Study, args, models: dict) -> dict:
         folder = s.run_script(f"prune_{seed}_{search_seed}_{name}", "prune.py", "--run", run, "--dataset", DATASET,
                               "--seed", index, "--method", ",".join(METHODS), "--episodes", args.episodes,
                               "--search_seed", search_seed, *flags, "--notes", "off", done="final_info.json",
-                              again=["--overwrite"], beside=True)
+                              again=["--resume"], beside=True)
         return json.loads((folder / "final_info.json").read_text())
 
     return {(name, seed, search_seed): final

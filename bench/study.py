@@ -250,7 +250,7 @@ class Study:
     def run_script(self, name: str, script: str, *args, done: str, again: Sequence = (), beside: bool = False) -> Path:
         """The output folder of a script that is not one experiment.py run (sweep.py, prune.py), keyed by its
         whole command: root/<name>_<hash>, run unless it holds `done` (another command, another folder).
-        again: flags that let the script replace what an interrupted attempt left (prune.py's --overwrite);
+        again: flags that let the script continue what an interrupted attempt left (prune.py's --resume);
         beside: other scripts (see `beside`)."""
         folder = self.root / f"{name}_{digest(script, *args, *self.data)}"
         if not (folder / done).exists():

@@ -5,10 +5,12 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -464,9 +466,7 @@ def test_several_targets_and_methods_give_one_entry_each_and_the_pareto_figure(s
 def every_method(smoke_run):
     """Every method at half the FLOPs with the from-scratch control, a few episodes and steps."""
     out = smoke_run.parent / "every"
-    proc = run_prune(["--run", smoke_run, "--flops_target", "0.5", "--method", ",".join(prune.METHODS),
-                      "--episodes", "3", "--finetune_iters", "4", "--scratch", "0.5", "--notes", "off",
-                      "--out_dir", out])
+    proc = run_prune(["--run", smoke_run, *EVERY_METHOD_ARGS, "--out_dir", out])
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -486,6 +486,58 @@ def test_every_method_lands_on_the_target_and_is_charged_its_search(every_method
     assert info["rl"]["search_flops"] >= info["rl"]["flops_per_token"] * (16384 - 32)
     record = json.loads((every_method / "run.json").read_text())
     assert record["search"]["random_search_0.5"]["evaluations"] == 4
+
+
+EVERY_METHOD_ARGS = ["--flops_target", "0.5", "--method", ",".join(prune.METHODS), "--episodes", "3",
+                     "--finetune_iters", "4", "--scratch", "0.5", "--notes", "off"]
+
+
+def interrupted_copy(folder: Path, out: Path, finished: int) -> Path:
+    """What an attempt interrupted after its first `finished` keys leaves: their files (saved in order), no
+    final_info.json; the later keys' files never written."""
+    shutil.copytree(folder, out)
+    order = list(json.loads((folder / "final_info.json").read_text()))
+    (out / "final_info.json").unlink()
+    for key in order[finished:]:
+        for name in (f"final_info_{key}_0.json", f"model_{key}_0.pt"):
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def test_an_interrupted_prune_folder_is_continued_with_resume_keeping_what_it_finished(every_method, smoke_run,
+                                                                                       tmp_path):
+    out = interrupted_copy(every_method, tmp_path / "cut", finished=4)  # unpruned, unpruned_finetuned, rl, random_s.
+    kept = {name: (out / name).read_bytes() for name in ("final_info_rl_0.5_0.json", "model_rl_0.5_0.pt")}
+    proc = run_prune(["--run", smoke_run, *EVERY_METHOD_ARGS, "--out_dir", out, "--resume"])
+    assert proc.returncode == 0, proc.stderr
+    assert "[random_search_0.5] kept" in proc.stdout and "[global_0.5] kept" not in proc.stdout
+    assert {name: (out / name).read_bytes() for name in kept} == kept  # not computed again
+    whole, resumed = (json.loads((f / "final_info.json").read_text()) for f in (every_method, out))
+    assert list(resumed) == list(whole)  # every key, in its place
+    for key in whole:  # the keys computed now are those an uninterrupted run computed, bit for bit
+        assert resumed[key]["final_info_dict"]["full_val_loss"] == whole[key]["final_info_dict"]["full_val_loss"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "finished" and record["resumed"] == sorted(list(whole)[:4])
+    assert record["search"]["rl_0.5"]["evaluations"] == 4  # the kept search, back in the record
+
+
+def test_a_resume_before_any_key_finished_starts_the_folder_again(every_method, smoke_run, tmp_path):
+    out = interrupted_copy(every_method, tmp_path / "cut", finished=0)  # run.json written, no key yet
+    proc = run_prune(["--run", smoke_run, *EVERY_METHOD_ARGS, "--out_dir", out, "--resume"])
+    assert proc.returncode == 0, proc.stderr
+    assert "kept" not in proc.stdout and "resumed" not in json.loads((out / "run.json").read_text())
+    assert set(json.loads((out / "final_info.json").read_text())) == \
+        set(json.loads((every_method / "final_info.json").read_text()))
+
+
+@pytest.mark.parametrize("args, fragment", [(["--finetune_iters", "5"], "other settings (finetune_iters)"),
+                                            ([], "is finished")])
+def test_resume_refuses_other_settings_and_a_finished_folder(every_method, smoke_run, tmp_path, args, fragment):
+    out = interrupted_copy(every_method, tmp_path / "cut", finished=3) if args else every_method
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    proc = run_prune(["--run", smoke_run, *EVERY_METHOD_ARGS, *args, "--out_dir", out, "--resume"])
+    assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_the_scratch_control_trains_each_chosen_architecture_from_scratch_for_the_same_steps(every_method,
