@@ -462,6 +462,10 @@ def test_several_targets_and_methods_give_one_entry_each_and_the_pareto_figure(s
     assert (out / "pareto.png").stat().st_size > 0
 
 
+EVERY_METHOD_ARGS = ["--flops_target", "0.5", "--method", ",".join(prune.METHODS), "--episodes", "3",
+                     "--finetune_iters", "4", "--scratch", "0.5", "--notes", "off"]
+
+
 @pytest.fixture(scope="module")
 def every_method(smoke_run):
     """Every method at half the FLOPs with the from-scratch control, a few episodes and steps."""
@@ -486,10 +490,6 @@ def test_every_method_lands_on_the_target_and_is_charged_its_search(every_method
     assert info["rl"]["search_flops"] >= info["rl"]["flops_per_token"] * (16384 - 32)
     record = json.loads((every_method / "run.json").read_text())
     assert record["search"]["random_search_0.5"]["evaluations"] == 4
-
-
-EVERY_METHOD_ARGS = ["--flops_target", "0.5", "--method", ",".join(prune.METHODS), "--episodes", "3",
-                     "--finetune_iters", "4", "--scratch", "0.5", "--notes", "off"]
 
 
 def interrupted_copy(folder: Path, out: Path, finished: int) -> Path:
