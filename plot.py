@@ -967,6 +967,30 @@ def plot_pareto(final_info: dict, path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def plot_search_curves(panels: dict, path: Path, title: str, block: int = 4) -> None:
+    """prune.py's searches (rl, random_search): each scored episode's reward loss (solid: means of `block`
+    episodes, one PPO update) and the best so far (dashed), one panel per target, one colour per method.
+    panels: panel title -> {method: [one search's scores, ...]}; several searches are averaged episode by episode."""
+    fig = _new_figure(width=1.0 + 4.0 * len(panels), height=4.0)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, methods) in zip(axes, panels.items()):
+        for (method, searches), colour in zip(methods.items(), run_colours(len(methods))):
+            n = min(len(s) for s in searches)
+            scores = np.array([s[:n] for s in searches], dtype=float)
+            size = min(block, n)
+            blocks = scores.mean(axis=0)[:n // size * size].reshape(-1, size).mean(axis=1)
+            ax.plot((np.arange(len(blocks)) + 0.5) * size, blocks, ".-", color=colour, label=f"{method}: episode")
+            ax.plot(np.arange(1, n + 1), np.minimum.accumulate(scores, axis=1).mean(axis=0), "--", color=colour,
+                    label=f"{method}: best so far")
+        ax.set_title(f"{name} ({len(searches)} search{'es' if len(searches) > 1 else ''})", fontsize=10)
+        ax.set_xlabel("scored episode")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("reward loss (train slice, not fine-tuned)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title}: the searches")
+    save_figure(fig, path)
+
+
 def update_notes_section(notes_path: Path, header: str, body: Sequence[str]) -> None:
     """Replace (or append) a section `header` + body lines in notes.txt, locked and atomic like the runs'."""
     def edit(lines: list[str]) -> list[str]:

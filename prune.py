@@ -61,8 +61,8 @@ nothing removed, fine-tuned as the pruned ones are: the like-for-like reference,
 --finetune_iters steps more); final_info_<key>_0.json (numbers, allocation, the units kept, a sample),
 model_<key>_0.pt (the fine-tuned pruned model: experiment.load_model reads it, prune.py --key prunes it again),
 all_results.npy/.json (fine-tuning logs), run.json (arguments, command, source model, its hash and training
-config, versions), pareto.png (loss against FLOPs, when several targets are given) and a section in notes.txt
-beside the folder. A folder holding results is not overwritten without --overwrite; an interrupted one is
+config, versions), pareto.png (loss against FLOPs, when several targets are given), search.png (rl's and
+random_search's reward loss per scored episode and the best so far) and a section in notes.txt beside the folder. A folder holding results is not overwritten without --overwrite; an interrupted one is
 continued by the same command with --resume (the keys it finished are kept, the rest computed as they would
 have been).
 """
@@ -89,6 +89,7 @@ from harness.cli import dataclass_parser, entry_point, option
 from harness.controllers import logging_nowhere
 from harness.files import atomic_save_npy, atomic_write_json, read_json, sha256_file
 from harness.records import environment_record
+from harness.runtime import Progress
 from model import load_model
 
 METHODS = ("rl", "random_search", "global", "uniform", "random")
@@ -816,16 +817,32 @@ class Pruning:
     resumed: dict = field(default_factory=dict)  # --resume: the keys an interrupted attempt finished, as saved
 
 
+def reporting(score: Callable[[list], float], label: str, episodes: int) -> Callable[[list], float]:
+    """score, showing a search's progress: episodes scored and the best score so far (a bar on a terminal,
+    else a line every 15 s): a search of a thousand episodes takes minutes."""
+    progress = Progress(f"{label} search", episodes, 0, sys.stderr.isatty(), unit="episode", metric="best")
+    scores: list = []
+
+    def scored(allocation: list) -> float:
+        scores.append(score(allocation))
+        progress.update(len(scores), min(scores), force=len(scores) == episodes)
+        if len(scores) == episodes:
+            progress.close()
+        return scores[-1]
+    return scored
+
+
 def choose(p: Pruning, method: str, target: float) -> dict:
     """The allocation and the units kept for one method at one target, and how long choosing took (the Taylor
     scores' time included where it ranks by them)."""
     args, space, t0 = p.args, p.space, time.time()
     search, ranking = {}, importance_of(method, args.importance)
     if method == "rl":
-        search = ppo_search(space, target, p.scorer, args.episodes, args.search_seed, args.hidden,
-                            args.episodes_per_update)
+        search = ppo_search(space, target, reporting(p.scorer, f"rl_{target:g}", args.episodes + 1),
+                            args.episodes, args.search_seed, args.hidden, args.episodes_per_update)
     elif method == "random_search":  # as many scored episodes as rl: its --episodes and its greedy one
-        search = random_search(space, target, p.scorer, args.episodes + 1, args.search_seed)
+        search = random_search(space, target, reporting(p.scorer, f"random_search_{target:g}", args.episodes + 1),
+                               args.episodes + 1, args.search_seed)
     if search:
         allocation = search.pop("allocation")
     elif method == "global":
@@ -1134,12 +1151,25 @@ def prune_record(args: Args, argv: list[str], source: Source, ft_cfg: ex.Config,
             **environment_record(source.rt)}
 
 
+def search_panels(final_infos: dict, searches: dict) -> dict:
+    """search.png's panels: per target, the scores of each method that searched (rl, random_search)."""
+    panels: dict = {}
+    for key, search in searches.items():
+        if search.get("scores") and key in final_infos:
+            entry = final_infos[key]
+            panels.setdefault(f"{entry['flops_target']:g} of the FLOPs", {})[entry["method"]] = [search["scores"]]
+    return panels
+
+
 def report(out: Path, final_infos: dict, record: dict, targets: list[float], args: Args) -> None:
     """pareto.png (several targets) and the notes section: after final_info.json, so a failure costs nothing."""
     import plot
     if len(targets) > 1:
         plot.plot_pareto(final_infos, out / "pareto.png", record["title"])
         print(f"wrote {out / 'pareto.png'}", flush=True)
+    if search_panels(final_infos, record["search"]):
+        plot.plot_search_curves(search_panels(final_infos, record["search"]), out / "search.png", record["title"])
+        print(f"wrote {out / 'search.png'}", flush=True)
     if args.notes != "off":
         notes = Path(args.notes) if args.notes else out.resolve().parent / "notes.txt"
         try:

@@ -13,7 +13,9 @@ the same architectures trained from scratch (Liu et al. 2019's control).
    bench/study.py), or the first --seeds seeds of an existing run (--run).
 2. Per source model and search seed (0 .. --search_seeds - 1): prune.py at every target by every method, once per
    --finetune_iters (the longest also trains each architecture at --distill_target from scratch, --scratch), and
-   every method at --distill_target again with --distill. One prune folder per command (cached: a re-run reuses
+   every method at --distill_target again with --distill; and at --distill_target rl with --long_episodes (1,000)
+   and random_search with as many evaluations, fine-tuned for the shortest length: PPO given the episodes its
+   learning curve needs to flatten, which 100 do not give it. One prune folder per command (cached: a re-run reuses
    every finished folder and continues an interrupted one with prune.py --resume, keeping the keys it finished).
    The shortest length's folders run first and are summarised at once (interim, `complete: false`): the
    longest's take hours.
@@ -22,7 +24,8 @@ the same architectures trained from scratch (Liu et al. 2019's control).
    (fine-tuning, or the whole from-scratch run) plus its search_steps (the reward's forward passes and the Taylor
    scores, in training steps of the source model), summed over every folder.
 4. Paired differences on full_val_loss (same source model), 95% t intervals, Holm over every test in the table:
-   summary.json, summary.md; figures/pareto_<iters>.png (loss against FLOPs, means over everything).
+   summary.json, summary.md; figures/pareto_<iters>.png (loss against FLOPs, means over everything) and
+   figures/search_curves.png (the searches' reward loss per episode, with the slope of PPO's over its last 100).
 """
 import argparse
 import json
@@ -50,18 +53,22 @@ def parse(argv: list[str]):
     parser.add_argument("--finetune_iters", default="200,1000", help="fine-tuning lengths, comma-separated")
     parser.add_argument("--distill", type=float, default=0.5, help="prune.py --distill ALPHA of the distilled arms")
     parser.add_argument("--distill_target", type=float, default=0.5, choices=TARGETS,
-                        help="the target of the distilled and from-scratch arms")
+                        help="the target of the distilled, from-scratch and long-search arms")
+    parser.add_argument("--long_episodes", type=int, default=1000,
+                        help="rl's episodes (random_search's evaluations) in the long-search arms at the distill "
+                             "target, so that PPO's learning curve can flatten (0: none)")
     args = parser.parse_args(argv)
     args.profile = "cpu"
     if args.smoke:  # smoke-profile source models, 2 of them, 2 search seeds, 2 rl episodes, a few fine-tuning steps
         args.profile, args.seeds, args.search_seeds, args.episodes, args.finetune_iters = "smoke", 2, 2, 2, "4,8"
+        args.long_episodes = min(args.long_episodes, 6)
     try:
         args.lengths = sorted({int(n) for n in args.finetune_iters.split(",")})
     except ValueError:
         parser.error(f"argument --finetune_iters: not whole numbers: {args.finetune_iters!r}")
-    if args.seeds < 2 or args.search_seeds < 1 or min(args.lengths) < 1:
+    if args.seeds < 2 or args.search_seeds < 1 or min(args.lengths) < 1 or args.long_episodes < 0:
         parser.error("--seeds must be at least 2 (the paired intervals need two source models), --search_seeds "
-                     "and --finetune_iters at least 1")
+                     "and --finetune_iters at least 1, --long_episodes at least 0")
     args.longest = max(args.lengths)  # whose plain folders hold the from-scratch control, whatever is summarised
     return args
 
@@ -83,32 +90,41 @@ def sources(s: Study, args) -> dict:
 
 
 def folders(args) -> dict:
-    """Each prune folder a source model and search seed get, by name: its prune.py flags."""
-    target = f"{args.distill_target:g}"
+    """Each prune folder a source model and search seed get, by name: (its methods, rl's episodes, its other
+    prune.py flags). long_<iters>: rl and random_search alone at the distill target, args.long_episodes each,
+    fine-tuned for the shortest length: PPO given the episodes to learn, its rival as many evaluations."""
+    target, first = f"{args.distill_target:g}", min(args.lengths)
     plan = {}
     for iters in args.lengths:
         scratch = ["--scratch", target] if iters == args.longest else []
-        plan[f"plain_{iters}"] = ["--flops_target", ",".join(map(str, TARGETS)), "--finetune_iters", iters, *scratch]
-        plan[f"distilled_{iters}"] = ["--flops_target", target, "--finetune_iters", iters, "--distill", args.distill]
+        plan[f"plain_{iters}"] = (METHODS, args.episodes,
+                                  ["--flops_target", ",".join(map(str, TARGETS)), "--finetune_iters", iters, *scratch])
+        plan[f"distilled_{iters}"] = (METHODS, args.episodes,
+                                      ["--flops_target", target, "--finetune_iters", iters, "--distill", args.distill])
+        if iters == first and args.long_episodes:
+            plan[f"long_{iters}"] = (METHODS[:2], args.long_episodes, ["--flops_target", target, "--finetune_iters",
+                                                                       iters])
     return plan
 
 
-def prune_all(s: Study, args, models: dict) -> dict:
-    """(folder name, source seed, search seed) -> the final_info.json of that prune folder."""
-    plan = [(name, flags, seed, search_seed) for name, flags in folders(args).items() for seed in models
+def prune_all(s: Study, args, models: dict) -> tuple[dict, dict]:
+    """(folder name, source seed, search seed) -> the final_info.json of that prune folder, and -> its searches
+    (run.json's: each rl and random_search key's scores)."""
+    plan = [(name, what, seed, search_seed) for name, what in folders(args).items() for seed in models
             for search_seed in range(args.search_seeds)]
 
-    def prune(job) -> dict:
-        name, flags, seed, search_seed = job
+    def prune(job) -> tuple[dict, dict]:
+        name, (methods, episodes, flags), seed, search_seed = job
         run, index = models[seed]
         folder = s.run_script(f"prune_{seed}_{search_seed}_{name}", "prune.py", "--run", run, "--dataset", DATASET,
-                              "--seed", index, "--method", ",".join(METHODS), "--episodes", args.episodes,
+                              "--seed", index, "--method", ",".join(methods), "--episodes", episodes,
                               "--search_seed", search_seed, *flags, "--notes", "off", done="final_info.json",
                               again=["--resume"], beside=True)
-        return json.loads((folder / "final_info.json").read_text())
+        return (json.loads((folder / "final_info.json").read_text()),
+                json.loads((folder / "run.json").read_text())["search"])
 
-    return {(name, seed, search_seed): final
-            for (name, _, seed, search_seed), final in zip(plan, s.side_by_side(prune, plan))}
+    done = dict(zip([(name, seed, search_seed) for name, _, seed, search_seed in plan], s.side_by_side(prune, plan)))
+    return {job: final for job, (final, _) in done.items()}, {job: search for job, (_, search) in done.items()}
 
 
 def number(entry: dict, metric: str):
@@ -148,6 +164,11 @@ def arms_of(pruned: dict, args) -> dict:
         arms[f"{m}_{t}_scratch"] = arm(f"{m}_{t}_scratch", pruned, f"plain_{longest}", f"{m}_{t}_scratch")
     for key in (f"{m}_{target:g}" for target in TARGETS for m in METHODS):  # the allocation as chosen
         arms[key + BEFORE] = arm(key + BEFORE, pruned, f"plain_{first}", key, "full_val_loss_before", charged=False)
+    if f"long_{first}" in folders(args):  # the searches given args.long_episodes
+        for m in METHODS[:2]:
+            for suffix, metric in ((f" @{first}", "full_val_loss"), (BEFORE, "full_val_loss_before")):
+                name = f"{m}_{t} x{args.long_episodes}{suffix}"
+                arms[name] = arm(name, pruned, f"long_{first}", f"{m}_{t}", metric, charged=suffix != BEFORE)
     return arms
 
 
@@ -163,6 +184,13 @@ def comparisons(arms: dict, args) -> list[tuple[Arm, Arm]]:
               for iters in args.lengths for m in METHODS]
     # Liu et al. 2019: the pruned and fine-tuned model against its architecture trained as long from scratch
     pairs += [(arms[f"{m}_{t} @{longest}"], arms[f"{m}_{t}_scratch"]) for m in METHODS[:4] if longest in args.lengths]
+    first, many = min(args.lengths), f"x{args.long_episodes}"
+    if f"long_{first}" in folders(args):  # rl given the episodes to learn: against its rival and its shorter self
+        rl, rs = f"rl_{t} {many}", f"random_search_{t} {many}"
+        pairs += [(arms[f"{rl} @{first}"], arms[f"{rs} @{first}"]), (arms[rl + BEFORE], arms[rs + BEFORE]),
+                  (arms[f"{rl} @{first}"], arms[f"rl_{t} @{first}"]),
+                  (arms[f"{rs} @{first}"], arms[f"random_search_{t} @{first}"]),
+                  (arms[f"{rl} @{first}"], arms[f"global_{t} @{first}"])]
     return pairs
 
 
@@ -219,21 +247,63 @@ def pareto_figures(root: Path, pruned: dict, args) -> list[str]:
     return written
 
 
-def summarise(s: Study, args, models: dict, pruned: dict) -> str:
+def search_panels(searches: dict, args) -> dict:
+    """The searches' scores by panel (target and episodes) and method, rl's greedy episode left out, so that
+    each curve holds the episodes searched: the shortest length's plain folders and the long-search ones."""
+    first, panels = min(args.lengths), {}
+    for name, episodes, targets in ((f"plain_{first}", args.episodes, TARGETS),
+                                    (f"long_{first}", args.long_episodes, (args.distill_target,))):
+        for target in targets:
+            for m in METHODS[:2]:
+                key = f"{m}_{target:g}"
+                runs = [found[key]["scores"][:episodes] for (name_, _, _), found in searches.items()
+                        if name_ == name and key in found]
+                if runs:
+                    panels.setdefault(f"{target:g} of the FLOPs, {episodes} episodes", {})[m] = runs
+    return panels
+
+
+def search_notes(panels: dict) -> list[str]:
+    """Did PPO's policy improve over its episodes, and has it stopped improving? Per panel and method, the
+    mean reward loss per episode (over every search) early and late, the slope of that mean over the last 100
+    episodes (flat where its interval holds 0) and the best found."""
+    import numpy as np
+    lines = ["Searches (figures/search_curves.png): reward loss per scored episode, the mean over every source "
+             "model and search seed; the slope is that mean's over its last 100 episodes, per 100 episodes."]
+    for panel, methods in panels.items():
+        for m, runs in methods.items():
+            mean, w = np.mean(runs, axis=0), max(1, min(100, len(runs[0]) // 5))
+            slope = stats.trend(mean, 100)
+            flat = slope["ci95"] is not None and slope["ci95"][0] <= 0 <= slope["ci95"][1]
+            trend = ("–" if slope["ci95"] is None else f"{slope['per_100_episodes']:+.3f} [{slope['ci95'][0]:+.3f}, "
+                     f"{slope['ci95'][1]:+.3f}] ({'flat' if flat else 'still moving'})")
+            lines.append(f"- {m}, {panel} ({len(runs)} searches): {mean[:w].mean():.3f} over the first {w} episodes, "
+                         f"{mean[-w:].mean():.3f} over the last {w}; slope {trend}; the best of them "
+                         f"{np.mean([min(r) for r in runs]):.4f}")
+    return lines
+
+
+def summarise(s: Study, args, models: dict, pruned: dict, searches: dict) -> str:
     """summary.json/.md and the figures of args.lengths' folders; complete (not interim) when that is every length
     (the longest's folders, with the from-scratch control, take hours)."""
+    import plot
     arms = arms_of(pruned, args)
     rows = study.table(comparisons(arms, args))
     figures = pareto_figures(s.root, pruned, args)
+    panels = search_panels(searches, args)
+    if panels:
+        figures.append(str(s.root / "figures" / "search_curves.png"))
+        plot.plot_search_curves(panels, Path(figures[-1]), f"{args.profile} model, mean over every search")
     complete = args.longest in args.lengths
     interim = [] if complete else [f"**Interim**: only the {', '.join(map(str, args.lengths))}-step folders, Holm "
                                    f"over their tests alone; the {args.longest}-step folders are still to run.", ""]
     return study.write_summary(s.root, QUESTION, list(arms.values()), rows,
-                               notes=interim + metric_lines(pruned, models, args),
+                               notes=interim + search_notes(panels) + [""] + metric_lines(pruned, models, args),
                                extra={"models": {seed: f"{run}#{i}" for seed, (run, i) in models.items()},
                                       "search_seeds": list(range(args.search_seeds)), "episodes": args.episodes,
                                       "finetune_iters": args.lengths, "distill": args.distill,
-                                      "distill_target": args.distill_target, "figures": figures,
+                                      "distill_target": args.distill_target, "long_episodes": args.long_episodes,
+                                      "figures": figures,
                                       "complete": complete})
 
 
@@ -243,9 +313,9 @@ def main(argv: list[str]) -> None:
     models = sources(s, args)
     if len(args.lengths) > 1:
         first = only(args, args.lengths[:1])
-        summarise(s, first, models, prune_all(s, first, models))
+        summarise(s, first, models, *prune_all(s, first, models))
         print(f"interim summary ({first.lengths[0]} fine-tuning steps only): {s.root / 'summary.md'}", flush=True)
-    print(summarise(s, args, models, prune_all(s, args, models)))
+    print(summarise(s, args, models, *prune_all(s, args, models)))
 
 
 if __name__ == "__main__":

@@ -299,7 +299,6 @@ def learning_curve(agent_dir: Path, tuned: float) -> dict:
     base), and how far its rate sat from T over each episode's second half (mean |log2(lr / T)|). The slope of
     the residuals per 100 episodes over the last 100, with its 95% interval: flat if the interval holds 0."""
     import numpy as np
-    from scipy import stats as sps
     curve = ex.read_json(Path(agent_dir) / "learning_curve.json")
     loss = np.array([e["final_val_loss"] for e in curve], dtype=float)
     factor = np.log([e["lr_factor"] for e in curve])
@@ -308,15 +307,8 @@ def learning_curve(agent_dir: Path, tuned: float) -> dict:
     half = [max(it for it, _ in e["lr_trajectory"]) / 2 for e in curve]
     distance = [float(np.mean([abs(math.log2(lr / tuned)) for it, lr in e["lr_trajectory"] if it >= h]))
                 for e, h in zip(curve, half)]
-    last = min(100, len(curve))
-    slope = {"per_100_episodes": None, "ci95": None}
-    if last >= 3:
-        fit_last = sps.linregress(np.arange(len(curve))[-last:], residual[-last:])
-        half_width = stats.t_quantile(last - 2) * fit_last.stderr
-        slope = {"per_100_episodes": float(100 * fit_last.slope),
-                 "ci95": [float(100 * (fit_last.slope - half_width)), float(100 * (fit_last.slope + half_width))]}
     return {"episodes": len(curve), "residual": residual.tolist(), "distance_from_tuned": distance,
-            "last_slope": slope, "last_episodes": last}
+            "last_slope": stats.trend(residual, 100), "last_episodes": min(100, len(curve))}
 
 
 def draw_learning_curves(curves: dict, out: Path, block: int = 8) -> None:

@@ -114,25 +114,29 @@ class FaultInjector:
 
 
 class Progress:
-    """A live bar on a terminal; plain periodic lines when stderr is a file or CI log."""
+    """A live bar on a terminal; plain periodic lines when stderr is a file or CI log. unit and metric name what
+    is counted and what is shown (a training run: iter and its loss; a search: episode and the best score)."""
 
-    def __init__(self, label: str, total: int, start: int, interactive: bool, every_s: float = 15.0):
+    def __init__(self, label: str, total: int, start: int, interactive: bool, every_s: float = 15.0,
+                 unit: str = "iter", metric: str = "loss"):
         self.label, self.total, self.start, self.every_s = label, total, start, every_s
+        self.unit, self.metric = unit, metric
         self.t0 = self.last_print = time.time()
         self.bar = None
         if interactive:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True, file=sys.stderr)
 
-    def update(self, it: int, loss: float, lr: float, force: bool = False) -> None:
+    def update(self, it: int, loss: float, lr: Optional[float] = None, force: bool = False) -> None:
         elapsed = time.time() - self.t0
         eta = elapsed / max(it - self.start, 1) * (self.total - it)
+        shown = f"{self.metric} {loss:.4f}" + (f" lr {lr:.2e}" if lr is not None else "")
         if self.bar is not None:
             self.bar.n = it
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e}", refresh=True)
+            self.bar.set_postfix_str(shown, refresh=True)
         elif force or time.time() - self.last_print >= self.every_s:
             self.last_print = time.time()
-            print(f"[{self.label}] iter {it}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+            print(f"[{self.label}] {self.unit} {it}/{self.total} {shown} "
                   f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}", file=sys.stderr, flush=True)
 
     def write(self, line: str) -> None:

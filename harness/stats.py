@@ -54,6 +54,20 @@ def mean_interval(values) -> Optional[tuple[float, float]]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
+def trend(values, last: int = 100) -> dict:
+    """The least-squares slope of the last `last` values against their index (an episode each), per 100
+    episodes, with its 95% t interval (None under 3 values): a learning curve is flat where the interval
+    holds 0."""
+    from scipy import stats
+    values = np.asarray(values, dtype=float)[-last:]
+    if len(values) < 3:
+        return {"per_100_episodes": None, "ci95": None}
+    fit = stats.linregress(np.arange(len(values)), values)
+    half = t_quantile(len(values) - 2) * fit.stderr
+    return {"per_100_episodes": float(100 * fit.slope),
+            "ci95": [float(100 * (fit.slope - half)), float(100 * (fit.slope + half))]}
+
+
 def paired_difference(a, b) -> Difference:
     """a - b paired element by element (the same seed in both): mean, 95% t interval and paired t-test p.
 

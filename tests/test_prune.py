@@ -490,6 +490,13 @@ def test_every_method_lands_on_the_target_and_is_charged_its_search(every_method
     assert info["rl"]["search_flops"] >= info["rl"]["flops_per_token"] * (16384 - 32)
     record = json.loads((every_method / "run.json").read_text())
     assert record["search"]["random_search_0.5"]["evaluations"] == 4
+    assert (every_method / "search.png").stat().st_size > 0  # rl's and random_search's episodes, drawn
+
+
+def test_a_search_shows_its_progress_and_the_best_score_so_far(capsys):
+    scored = prune.reporting(lambda allocation: float(sum(allocation)), "rl_0.5", 3)
+    assert [scored([x]) for x in (3, 1, 2)] == [3.0, 1.0, 2.0]  # the scores themselves pass through
+    assert "[rl_0.5 search] episode 3/3 best 1.0000" in capsys.readouterr().err  # no terminal: a plain line
 
 
 def interrupted_copy(folder: Path, out: Path, finished: int) -> Path:

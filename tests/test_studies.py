@@ -62,7 +62,8 @@ def test_prune_study_smoke_compares_the_methods_on_each_source_model(prepared_da
     arms, rows = summary["arms"], summary["comparisons"]
     assert summary["complete"] is True
     assert summary["search_seeds"] == [0, 1] and summary["finetune_iters"] == [4, 8]
-    assert arms["rl_0.5 @8"]["n"] == 2 and len(rows) == 50  # 2 lengths x 3 targets x 5, 6 before, 10 distilled, 4
+    # 2 lengths x 3 targets x 5, 6 before, 10 distilled, 4 from scratch, 5 long searches
+    assert arms["rl_0.5 @8"]["n"] == 2 and len(rows) == 55 and summary["long_episodes"] == 6
     assert {"rl_0.5 @8 - random_search_0.5 @8", "rl_0.5 distilled @4 - rl_0.5 @4", "uniform_0.5 @8 - "
             "uniform_0.5_scratch"} <= {r["comparison"] for r in rows}
     assert all(r["p_holm"] >= r["p"] for r in rows if r["p"] is not None)  # Holm over the whole table
@@ -76,6 +77,8 @@ def test_prune_study_smoke_compares_the_methods_on_each_source_model(prepared_da
     assert arms["rl_0.5 @8"]["values"]["1337"] == pytest.approx(mean)
     assert "FLOPs ratio" in (tmp_path / "summary.md").read_text()
     assert all((tmp_path / "figures" / f"pareto_{n}.png").stat().st_size > 0 for n in (4, 8))
+    assert (tmp_path / "figures" / "search_curves.png").stat().st_size > 0
+    assert "- rl, 0.5 of the FLOPs, 6 episodes (4 searches)" in (tmp_path / "summary.md").read_text()
 
 
 def test_sweep_study_smoke_charges_each_search_its_steps_and_replays_pbts_lineage(prepared_data_dir, tmp_path):

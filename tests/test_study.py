@@ -365,14 +365,43 @@ def test_the_prune_studys_interim_summary_holds_the_shortest_fine_tuning_alone(t
     assert prune_study.folders(first) == {k: v for k, v in prune_study.folders(args).items() if k.endswith("_4")}
     rng = np.random.default_rng(0)
     keys = [f"{m}_{t:g}" for m in prune_study.METHODS for t in prune_study.TARGETS]
-    held = {"plain_4": keys + ["unpruned_finetuned"], "distilled_4": keys[1::3]}  # distilled: at 0.5 alone
+    held = {"plain_4": keys + ["unpruned_finetuned"], "distilled_4": keys[1::3],  # distilled: at 0.5 alone
+            "long_4": ["rl_0.5", "random_search_0.5"]}  # the searches given more episodes
     pruned = {(name, seed, search_seed): fake_prune_folder(held[name], rng)
               for name in held for seed in (1337, 1338, 1339) for search_seed in (0, 1)}
     arms = prune_study.arms_of(pruned, first)
     assert not [name for name in arms if "@8" in name or "scratch" in name]
     assert arms["rl_0.5 @4"].run_steps == 4 * 6 and arms["rl_0.5 @4"].extra_steps == 3 * 6  # 3 models x 2 seeds
-    rows = study.table(prune_study.comparisons(arms, first))  # 3 targets x 5, 6 before fine-tuning, 5 distilled
-    assert len(rows) == 26 and all(r["n"] == 3 for r in rows)
+    # 3 targets x 5, 6 before fine-tuning, 5 distilled, 5 with the long searches
+    rows = study.table(prune_study.comparisons(arms, first))
+    assert len(rows) == 31 and all(r["n"] == 3 for r in rows)
+    assert "rl_0.5 x6 @4 - random_search_0.5 x6 @4" in {r["comparison"] for r in rows}
     # the full study's longest folders hold the from-scratch control; the interim has none of it
-    assert "--scratch" in prune_study.folders(args)["plain_8"]
-    assert "--scratch" not in prune_study.folders(first)["plain_4"]
+    assert "--scratch" in prune_study.folders(args)["plain_8"][2]
+    assert "--scratch" not in prune_study.folders(first)["plain_4"][2]
+    assert prune_study.folders(args)["long_4"][:2] == (("rl", "random_search"), 6)
+
+
+def test_the_prune_studys_search_notes_say_whether_ppos_episodes_still_improve():
+    import prune_study
+    args = prune_study.parse(["--smoke", "--out", "unused"])
+    args.episodes, args.long_episodes = 100, 400
+    rng = np.random.default_rng(0)
+
+    def learning(n: int) -> list:  # falls for 200 episodes, then flat; the last score is the greedy episode's
+        return list(3 - np.minimum(np.arange(n), 200) / 200 + rng.normal(0, 0.05, n))
+
+    def flat(n: int) -> list:
+        return list(3 + rng.normal(0, 0.05, n))
+
+    searches = {(name, seed, 0): {"rl_0.5": {"scores": learning(n + 1)}, "random_search_0.5": {"scores": flat(n + 1)}}
+                for name, n in (("plain_4", 100), ("long_4", 400)) for seed in (1337, 1338)}
+    panels = prune_study.search_panels(searches, args)
+    assert set(panels) == {"0.5 of the FLOPs, 100 episodes", "0.5 of the FLOPs, 400 episodes"}
+    assert [len(s) for s in panels["0.5 of the FLOPs, 100 episodes"]["rl"]] == [100, 100]  # greedy left out
+    notes = prune_study.search_notes(panels)
+
+    def line(method: str, episodes: int) -> str:
+        return next(n for n in notes if n.startswith(f"- {method}, 0.5 of the FLOPs, {episodes} episodes"))
+    assert "(still moving)" in line("rl", 100) and "(flat)" in line("rl", 400)
+    assert "(flat)" in line("random_search", 100) and "(flat)" in line("random_search", 400)
