@@ -969,7 +969,8 @@ def plot_pareto(final_info: dict, path: Path, title: str) -> None:
 
 def plot_search_curves(panels: dict, path: Path, title: str, block: int = 4) -> None:
     """prune.py's searches (rl, random_search): each scored episode's reward loss (solid: means of `block`
-    episodes, one PPO update) and the best so far (dashed), one panel per target, one colour per method.
+    episodes, one PPO update, or of whole updates making about 50 points on a long search) and the best so far
+    (dashed), one panel per target, one colour per method.
     panels: panel title -> {method: [one search's scores, ...]}; several searches are averaged episode by episode."""
     fig = _new_figure(width=1.0 + 4.0 * len(panels), height=4.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -977,9 +978,9 @@ def plot_search_curves(panels: dict, path: Path, title: str, block: int = 4) -> 
         for (method, searches), colour in zip(methods.items(), run_colours(len(methods))):
             n = min(len(s) for s in searches)
             scores = np.array([s[:n] for s in searches], dtype=float)
-            size = min(block, n)
+            size = min(n, max(block, n // 50 // block * block))
             blocks = scores.mean(axis=0)[:n // size * size].reshape(-1, size).mean(axis=1)
-            ax.plot((np.arange(len(blocks)) + 0.5) * size, blocks, ".-", color=colour, label=f"{method}: episode")
+            ax.plot((np.arange(len(blocks)) + 0.5) * size, blocks, ".-", color=colour, label=f"{method}: episodes")
             ax.plot(np.arange(1, n + 1), np.minimum.accumulate(scores, axis=1).mean(axis=0), "--", color=colour,
                     label=f"{method}: best so far")
         ax.set_title(f"{name} ({len(searches)} search{'es' if len(searches) > 1 else ''})", fontsize=10)
