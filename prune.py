@@ -62,9 +62,9 @@ nothing removed, fine-tuned as the pruned ones are: the like-for-like reference,
 model_<key>_0.pt (the fine-tuned pruned model: experiment.load_model reads it, prune.py --key prunes it again),
 all_results.npy/.json (fine-tuning logs), run.json (arguments, command, source model, its hash and training
 config, versions), pareto.png (loss against FLOPs, when several targets are given), search.png (rl's and
-random_search's reward loss per scored episode and the best so far) and a section in notes.txt beside the folder. A folder holding results is not overwritten without --overwrite; an interrupted one is
-continued by the same command with --resume (the keys it finished are kept, the rest computed as they would
-have been).
+random_search's reward loss per scored episode and the best so far) and a section in notes.txt beside the
+folder. A folder holding results is not overwritten without --overwrite; an interrupted one is continued by the
+same command with --resume (the keys it finished are kept, the rest computed as they would have been).
 """
 from __future__ import annotations
 
@@ -1162,13 +1162,15 @@ def search_panels(final_infos: dict, searches: dict) -> dict:
 
 
 def report(out: Path, final_infos: dict, record: dict, targets: list[float], args: Args) -> None:
-    """pareto.png (several targets) and the notes section: after final_info.json, so a failure costs nothing."""
+    """pareto.png (several targets), search.png (where a method searched) and the notes section: after
+    final_info.json, so a failure costs nothing."""
     import plot
     if len(targets) > 1:
         plot.plot_pareto(final_infos, out / "pareto.png", record["title"])
         print(f"wrote {out / 'pareto.png'}", flush=True)
-    if search_panels(final_infos, record["search"]):
-        plot.plot_search_curves(search_panels(final_infos, record["search"]), out / "search.png", record["title"])
+    panels = search_panels(final_infos, record["search"])
+    if panels:
+        plot.plot_search_curves(panels, out / "search.png", record["title"])
         print(f"wrote {out / 'search.png'}", flush=True)
     if args.notes != "off":
         notes = Path(args.notes) if args.notes else out.resolve().parent / "notes.txt"

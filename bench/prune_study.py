@@ -247,7 +247,7 @@ def pareto_figures(root: Path, pruned: dict, args) -> list[str]:
     return written
 
 
-def search_panels(searches: dict, args) -> dict:
+def curves_by_panel(searches: dict, args) -> dict:
     """The searches' scores by panel (target and episodes) and method, rl's greedy episode left out, so that
     each curve holds the episodes searched: the shortest length's plain folders and the long-search ones."""
     first, panels = min(args.lengths), {}
@@ -290,7 +290,7 @@ def summarise(s: Study, args, models: dict, pruned: dict, searches: dict) -> str
     arms = arms_of(pruned, args)
     rows = study.table(comparisons(arms, args))
     figures = pareto_figures(s.root, pruned, args)
-    panels = search_panels(searches, args)
+    panels = curves_by_panel(searches, args)
     if panels:
         figures.append(str(s.root / "figures" / "search_curves.png"))
         plot.plot_search_curves(panels, Path(figures[-1]), f"{args.profile} model, mean over every search")

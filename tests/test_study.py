@@ -396,7 +396,7 @@ def test_the_prune_studys_search_notes_say_whether_ppos_episodes_still_improve()
 
     searches = {(name, seed, 0): {"rl_0.5": {"scores": learning(n + 1)}, "random_search_0.5": {"scores": flat(n + 1)}}
                 for name, n in (("plain_4", 100), ("long_4", 400)) for seed in (1337, 1338)}
-    panels = prune_study.search_panels(searches, args)
+    panels = prune_study.curves_by_panel(searches, args)
     assert set(panels) == {"0.5 of the FLOPs, 100 episodes", "0.5 of the FLOPs, 400 episodes"}
     assert [len(s) for s in panels["0.5 of the FLOPs, 100 episodes"]["rl"]] == [100, 100]  # greedy left out
     notes = prune_study.search_notes(panels)
