@@ -977,14 +977,19 @@ def write_results(out: Path, results: dict) -> dict:
     return final_infos
 
 
+def record_search(p: Pruning, key: str, seconds: float, search: dict) -> None:
+    """run.json's record of how key's allocation was chosen: the whole choosing time (Taylor scores included)
+    in place of the search's own."""
+    p.record["search"][key] = {"seconds": seconds, **{k: v for k, v in search.items() if k != "seconds"}}
+
+
 def save_key(p: Pruning, key: str, r: dict, chosen: Optional[dict] = None) -> None:
     """One key's results into the folder as soon as it has them: its model, final_info_<key>_0.json, the
     search in run.json's record, all_results so far."""
     if chosen:
         r["info"].update(allocation=chosen["allocation"], heads=chosen["heads"], neurons=chosen["neurons"],
                          search=chosen["search"])
-        p.record["search"][key] = {"seconds": chosen["search_time"],
-                                   **{k: v for k, v in chosen["search"].items() if k != "seconds"}}
+        record_search(p, key, chosen["search_time"], chosen["search"])
     p.results[key] = r
     if r["model"] is not None:
         ex.save_model(ex.model_file(p.out, key, 0), r["model"])
@@ -1006,8 +1011,7 @@ def kept(p: Pruning, key: str) -> bool:
         return False
     r = p.results[key] = p.resumed.pop(key)
     if "search" in r["info"]:
-        p.record["search"][key] = {"seconds": r["info"]["search_time"],
-                                   **{k: v for k, v in r["info"]["search"].items() if k != "seconds"}}
+        record_search(p, key, r["info"]["search_time"], r["info"]["search"])
     print(f"[{key}] kept: finished by the interrupted attempt", flush=True)
     return True
 

@@ -274,9 +274,7 @@ def search_notes(panels: dict) -> list[str]:
         for m, runs in methods.items():
             mean, w = np.mean(runs, axis=0), max(1, min(100, len(runs[0]) // 5))
             slope = stats.trend(mean, 100)
-            flat = slope["ci95"] is not None and slope["ci95"][0] <= 0 <= slope["ci95"][1]
-            trend = ("–" if slope["ci95"] is None else f"{slope['per_100_episodes']:+.3f} [{slope['ci95'][0]:+.3f}, "
-                     f"{slope['ci95'][1]:+.3f}] ({'flat' if flat else 'still moving'})")
+            trend = "–" if slope["ci95"] is None else study.slope_text(slope)
             lines.append(f"- {m}, {panel} ({len(runs)} searches): {mean[:w].mean():.3f} over the first {w} episodes, "
                          f"{mean[-w:].mean():.3f} over the last {w}; slope {trend}; the best of them "
                          f"{np.mean([min(r) for r in runs]):.4f}")

@@ -335,14 +335,20 @@ def draw_learning_curves(curves: dict, out: Path, block: int = 8) -> None:
     plt.close(fig)
 
 
+def slope_text(slope: dict, unit: str = "") -> str:
+    """A learning curve's slope (stats.trend) as text: '+0.012<unit> [-0.003, +0.027] (flat)', flat where its
+    interval holds 0 (the caller says what it means when there is no slope)."""
+    low, high = slope["ci95"]
+    return (f"{slope['per_100_episodes']:+.3f}{unit} [{low:+.3f}, {high:+.3f}] "
+            f"({'flat' if low <= 0 <= high else 'still moving'})")
+
+
 def curve_note(name: str, c: dict) -> str:
     """One summary line for a controller's learning curve."""
     slope, d = c["last_slope"], c["distance_from_tuned"]
     k = max(1, len(d) // 4)
     trend = ("too few episodes for a slope" if slope["ci95"] is None else
-             f"residual slope over the last {c['last_episodes']} episodes {slope['per_100_episodes']:+.3f} nats "
-             f"per 100 [{slope['ci95'][0]:+.3f}, {slope['ci95'][1]:+.3f}]"
-             + (" (flat)" if slope["ci95"][0] <= 0 <= slope["ci95"][1] else " (still moving)"))
+             f"residual slope over the last {c['last_episodes']} episodes {slope_text(slope, ' nats per 100')}")
     return (f"{name}: {c['episodes']} episodes; {trend}; second-half distance from the tuned rate "
             f"{sum(d[:k]) / k:.2f} octaves in the first quarter of its episodes, {sum(d[-k:]) / k:.2f} in the last.")
 
