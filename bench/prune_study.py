@@ -19,6 +19,10 @@ the same architectures trained from scratch (Liu et al. 2019's control).
    every finished folder and continues an interrupted one with prune.py --resume, keeping the keys it finished).
    The shortest length's folders run first and are summarised at once (interim, `complete: false`): the
    longest's take hours.
+   The fine-tuning rate: prune.py's default (the run's rate / 10) is not tuned, so every method at --distill_target
+   is also fine-tuned for the longest length at a tuned rate (tuned_<iters> folders): the rate of --finetune_rates
+   (x2 apart) with the lowest mean loss of global and uniform on a tuning model (seed 2000, never a held-out one),
+   the sweep's fine-tuning steps charged to every tuned arm.
 3. A source model's number for a key is its mean over the search seeds: the source model is what the comparisons
    pair on (n = source models), since its search seeds share it. Compute per arm: its own training steps
    (fine-tuning, or the whole from-scratch run) plus its search_steps (the reward's forward passes and the Taylor
@@ -57,19 +61,28 @@ def parse(argv: list[str]):
     parser.add_argument("--long_episodes", type=int, default=1000,
                         help="rl's episodes (random_search's evaluations) in the long-search arms at the distill "
                              "target, so that PPO's learning curve can flatten (0: none)")
+    parser.add_argument("--finetune_rates", default="1.25e-4,2.5e-4,5e-4,1e-3,2e-3,4e-3",
+                        help="fine-tuning rates (prune.py --finetune_lr) swept on a tuning model at the longest "
+                             "length; the best fine-tunes the tuned arms ('': no tuned arms)")
     args = parser.parse_args(argv)
     args.profile = "cpu"
     if args.smoke:  # smoke-profile source models, 2 of them, 2 search seeds, 2 rl episodes, a few fine-tuning steps
         args.profile, args.seeds, args.search_seeds, args.episodes, args.finetune_iters = "smoke", 2, 2, 2, "4,8"
         args.long_episodes = min(args.long_episodes, 6)
+        args.finetune_rates = ",".join(args.finetune_rates.split(",")[3:5])
     try:
         args.lengths = sorted({int(n) for n in args.finetune_iters.split(",")})
+        args.rates = [float(r) for r in args.finetune_rates.split(",") if r.strip()]
     except ValueError:
-        parser.error(f"argument --finetune_iters: not whole numbers: {args.finetune_iters!r}")
+        parser.error(f"argument --finetune_iters or --finetune_rates: not numbers: {args.finetune_iters!r}, "
+                     f"{args.finetune_rates!r}")
+    if not all(0 < r < 1 for r in args.rates):
+        parser.error(f"argument --finetune_rates: each must be in (0, 1), got {args.finetune_rates!r}")
     if args.seeds < 2 or args.search_seeds < 1 or min(args.lengths) < 1 or args.long_episodes < 0:
         parser.error("--seeds must be at least 2 (the paired intervals need two source models), --search_seeds "
                      "and --finetune_iters at least 1, --long_episodes at least 0")
     args.longest = max(args.lengths)  # whose plain folders hold the from-scratch control, whatever is summarised
+    args.tuning = None  # the fine-tuning rate's sweep (tune_finetune_rate), once it has run
     return args
 
 
@@ -89,10 +102,33 @@ def sources(s: Study, args) -> dict:
     return {seed: (folder, 0) for seed, (folder, _) in zip(held_out, trained)}
 
 
+def tune_finetune_rate(s: Study, args) -> dict:
+    """The tuned arms' fine-tuning rate: global and uniform at the distill target fine-tuned for the longest
+    length at each of args.rates, on a tuning model (the first search seed's: never a held-out one); the rate of
+    the lowest mean loss of the two. Its steps: the sweep's fine-tunings (unpruned_finetuned's included)."""
+    (run, _), = s.run_seeds([], seeds("search", 1))
+    target = f"{args.distill_target:g}"
+
+    def prune(rate: float) -> dict:
+        folder = s.run_script(f"tune_{rate:g}", "prune.py", "--run", run, "--dataset", DATASET, "--seed", 0,
+                              "--method", "global,uniform", "--flops_target", target, "--finetune_iters",
+                              args.longest, "--finetune_lr", rate, "--notes", "off", done="final_info.json",
+                              again=["--resume"], beside=True)
+        return json.loads((folder / "final_info.json").read_text())
+
+    finals = dict(zip(args.rates, s.side_by_side(prune, args.rates)))
+    loss = {rate: sum(number(f[f"{m}_{target}"], "full_val_loss") for m in ("global", "uniform")) / 2
+            for rate, f in finals.items()}
+    steps = sum(number(f[key], "steps_trained") - number(f["unpruned"], "steps_trained")
+                for f in finals.values() for key in f if key != "unpruned")
+    return {"model": str(run), "rate": min(loss, key=loss.get), "loss_by_rate": loss, "steps": steps}
+
+
 def folders(args) -> dict:
     """Each prune folder a source model and search seed get, by name: (its methods, rl's episodes, its other
     prune.py flags). long_<iters>: rl and random_search alone at the distill target, args.long_episodes each,
-    fine-tuned for the shortest length: PPO given the episodes to learn, its rival as many evaluations."""
+    fine-tuned for the shortest length: PPO given the episodes to learn, its rival as many evaluations.
+    tuned_<iters>: every method at the distill target, fine-tuned at the tuned rate (once it is known)."""
     target, first = f"{args.distill_target:g}", min(args.lengths)
     plan = {}
     for iters in args.lengths:
@@ -104,6 +140,9 @@ def folders(args) -> dict:
         if iters == first and args.long_episodes:
             plan[f"long_{iters}"] = (METHODS[:2], args.long_episodes, ["--flops_target", target, "--finetune_iters",
                                                                        iters])
+        if iters == args.longest and args.tuning:
+            plan[f"tuned_{iters}"] = (METHODS, args.episodes, ["--flops_target", target, "--finetune_iters", iters,
+                                                               "--finetune_lr", args.tuning["rate"]])
     return plan
 
 
@@ -132,11 +171,13 @@ def number(entry: dict, metric: str):
     return values[0] if values else None
 
 
-def arm(name: str, pruned: dict, folder: str, key: str, metric: str = "full_val_loss", charged: bool = True) -> Arm:
+def arm(name: str, pruned: dict, folder: str, key: str, metric: str = "full_val_loss", charged: bool = True,
+        tuning_steps: int = 0) -> Arm:
     """One key of one kind of folder: per source model the mean over its search seeds; charged: its own
-    training steps (fine-tuning, or a from-scratch run) and its search steps, summed over every folder."""
+    training steps (fine-tuning, or a from-scratch run) and its search steps, summed over every folder, and the
+    tuning its settings came from."""
     per_model: dict = {}
-    run_steps = extra_steps = 0
+    run_steps, extra_steps = 0, tuning_steps
     for (name_, seed, _), final in pruned.items():
         if name_ == folder and key in final and number(final[key], metric) is not None:
             per_model.setdefault(seed, []).append(number(final[key], metric))
@@ -169,6 +210,10 @@ def arms_of(pruned: dict, args) -> dict:
             for suffix, metric in ((f" @{first}", "full_val_loss"), (BEFORE, "full_val_loss_before")):
                 name = f"{m}_{t} x{args.long_episodes}{suffix}"
                 arms[name] = arm(name, pruned, f"long_{first}", f"{m}_{t}", metric, charged=suffix != BEFORE)
+    if f"tuned_{longest}" in folders(args):  # fine-tuned at the tuned rate, its sweep charged to each
+        for key in ("unpruned_finetuned", *(f"{m}_{t}" for m in METHODS)):
+            name = f"{key} tuned @{longest}"
+            arms[name] = arm(name, pruned, f"tuned_{longest}", key, tuning_steps=args.tuning["steps"])
     return arms
 
 
@@ -191,6 +236,11 @@ def comparisons(arms: dict, args) -> list[tuple[Arm, Arm]]:
                   (arms[f"{rl} @{first}"], arms[f"rl_{t} @{first}"]),
                   (arms[f"{rs} @{first}"], arms[f"random_search_{t} @{first}"]),
                   (arms[f"{rl} @{first}"], arms[f"global_{t} @{first}"])]
+    if f"tuned_{longest}" in folders(args):  # at the tuned rate: against the default's, each other, from scratch
+        tuned = {m: arms[f"{m}_{t} tuned @{longest}"] for m in METHODS}
+        pairs += [(tuned[m], arms[f"{m}_{t} @{longest}"]) for m in METHODS]
+        pairs += [(tuned[a], tuned[b]) for a, b in PAIRS]
+        pairs += [(tuned[m], arms[f"{m}_{t}_scratch"]) for m in METHODS[:4]]
     return pairs
 
 
@@ -281,6 +331,20 @@ def search_notes(panels: dict) -> list[str]:
     return lines
 
 
+def tuning_notes(args) -> list[str]:
+    """The fine-tuning rate's sweep, where the summary holds its tuned arms."""
+    if not (args.tuning and args.longest in args.lengths):
+        return []
+    losses = ", ".join(f"{rate:g}: {loss:.4f}" for rate, loss in args.tuning["loss_by_rate"].items())
+    rate = args.tuning["rate"]
+    at_edge = rate in (min(args.rates), max(args.rates))
+    edge = " (the sweep's edge: a wider one may find a better rate)" if at_edge else ""
+    return [f"Fine-tuning rate of the tuned arms: {rate:g}{edge}, the lowest mean full_val_loss of global "
+            f"and uniform at {args.distill_target:g} after {args.longest} steps on the tuning model "
+            f"{args.tuning['model']} ({losses}); prune.py's default is the run's rate / 10. The sweep's "
+            f"{args.tuning['steps']:,} steps are charged to every tuned arm.", ""]
+
+
 def summarise(s: Study, args, models: dict, pruned: dict, searches: dict) -> str:
     """summary.json/.md and the figures of args.lengths' folders; complete (not interim) when that is every length
     (the longest's folders, with the from-scratch control, take hours)."""
@@ -296,12 +360,13 @@ def summarise(s: Study, args, models: dict, pruned: dict, searches: dict) -> str
     interim = [] if complete else [f"**Interim**: only the {', '.join(map(str, args.lengths))}-step folders, Holm "
                                    f"over their tests alone; the {args.longest}-step folders are still to run.", ""]
     return study.write_summary(s.root, QUESTION, list(arms.values()), rows,
-                               notes=interim + search_notes(panels) + [""] + metric_lines(pruned, models, args),
+                               notes=interim + tuning_notes(args) + search_notes(panels) + [""]
+                               + metric_lines(pruned, models, args),
                                extra={"models": {seed: f"{run}#{i}" for seed, (run, i) in models.items()},
                                       "search_seeds": list(range(args.search_seeds)), "episodes": args.episodes,
                                       "finetune_iters": args.lengths, "distill": args.distill,
                                       "distill_target": args.distill_target, "long_episodes": args.long_episodes,
-                                      "figures": figures,
+                                      "figures": figures, "finetune_rate": args.tuning if complete else None,
                                       "complete": complete})
 
 
@@ -313,6 +378,9 @@ def main(argv: list[str]) -> None:
         first = only(args, args.lengths[:1])
         summarise(s, first, models, *prune_all(s, first, models))
         print(f"interim summary ({first.lengths[0]} fine-tuning steps only): {s.root / 'summary.md'}", flush=True)
+    if args.rates:
+        study.check_disjoint(held_out=list(models), tuning=seeds("search", 1))
+        args.tuning = tune_finetune_rate(s, args)
     print(summarise(s, args, models, *prune_all(s, args, models)))
 
 

@@ -62,8 +62,14 @@ def test_prune_study_smoke_compares_the_methods_on_each_source_model(prepared_da
     arms, rows = summary["arms"], summary["comparisons"]
     assert summary["complete"] is True
     assert summary["search_seeds"] == [0, 1] and summary["finetune_iters"] == [4, 8]
-    # 2 lengths x 3 targets x 5, 6 before, 10 distilled, 4 from scratch, 5 long searches
-    assert arms["rl_0.5 @8"]["n"] == 2 and len(rows) == 55 and summary["long_episodes"] == 6
+    # 2 lengths x 3 targets x 5, 6 before, 10 distilled, 4 from scratch, 5 long searches, 14 at the tuned rate
+    assert arms["rl_0.5 @8"]["n"] == 2 and len(rows) == 69 and summary["long_episodes"] == 6
+    # the fine-tuning rate swept on a tuning model (not a held-out one), its steps charged to the tuned arms
+    tuning = summary["finetune_rate"]
+    assert tuning["rate"] in (1e-3, 2e-3) and set(tuning["loss_by_rate"]) == {"0.001", "0.002"}
+    assert "_2000_" in tuning["model"] and tuning["steps"] > 0
+    assert arms["uniform_0.5 tuned @8"]["extra_steps"] == tuning["steps"]
+    assert "uniform_0.5 tuned @8 - uniform_0.5 @8" in {r["comparison"] for r in rows}
     assert {"rl_0.5 @8 - random_search_0.5 @8", "rl_0.5 distilled @4 - rl_0.5 @4", "uniform_0.5 @8 - "
             "uniform_0.5_scratch"} <= {r["comparison"] for r in rows}
     assert all(r["p_holm"] >= r["p"] for r in rows if r["p"] is not None)  # Holm over the whole table

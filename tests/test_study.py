@@ -382,6 +382,40 @@ def test_the_prune_studys_interim_summary_holds_the_shortest_fine_tuning_alone(t
     assert prune_study.folders(args)["long_4"][:2] == (("rl", "random_search"), 6)
 
 
+def test_the_prune_studys_tuned_arms_fine_tune_at_the_swept_rate_and_are_charged_the_sweep():
+    import prune_study
+    args = prune_study.parse(["--smoke", "--out", "unused"])  # lengths 4 and 8, two rates of the sweep
+    assert args.rates == [1e-3, 2e-3]
+    assert not [name for name in prune_study.folders(args) if name.startswith("tuned")]  # not before the sweep
+    args.tuning = {"model": "tuning_run", "rate": 2e-3, "loss_by_rate": {1e-3: 2.1, 2e-3: 2.0}, "steps": 100}
+    plan = prune_study.folders(args)
+    assert plan["tuned_8"][2][-2:] == ["--finetune_lr", 2e-3] and "tuned_4" not in plan
+    rng = np.random.default_rng(0)
+    keys = [f"{m}_{t:g}" for m in prune_study.METHODS for t in prune_study.TARGETS]
+    at_half = [k for k in keys if k.endswith("_0.5")]
+    scratch = [f"{m}_0.5_scratch" for m in prune_study.METHODS[:4]]
+    held = {"plain_4": keys + ["unpruned_finetuned"], "plain_8": keys + scratch + ["unpruned_finetuned"],
+            "distilled_4": at_half, "distilled_8": at_half, "long_4": ["rl_0.5", "random_search_0.5"],
+            "tuned_8": at_half + ["unpruned_finetuned"]}
+    pruned = {(name, seed, search_seed): fake_prune_folder(held[name], rng)
+              for name in held for seed in (1337, 1338, 1339) for search_seed in (0, 1)}
+    arms = prune_study.arms_of(pruned, args)
+    # the sweep is charged to every tuned arm, on top of the arm's own search
+    assert arms["rl_0.5 tuned @8"].extra_steps == 3 * 6 + 100 and arms["rl_0.5 @8"].extra_steps == 3 * 6
+    assert "unpruned_finetuned tuned @8" in arms
+    rows = {r["comparison"]: r for r in study.table(prune_study.comparisons(arms, args))}
+    # 55, and per method against the default rate (5), the pairs at the tuned rate (5), against scratch (4)
+    assert len(rows) == 55 + 14
+    assert {"rl_0.5 tuned @8 - rl_0.5 @8", "rl_0.5 tuned @8 - random_search_0.5 tuned @8",
+            "global_0.5 tuned @8 - global_0.5_scratch"} <= set(rows)
+    assert "Fine-tuning rate of the tuned arms: 0.002 (the sweep's edge" in prune_study.tuning_notes(args)[0]
+    assert prune_study.tuning_notes(prune_study.only(args, [4])) == []  # the interim has no tuned arms
+    with pytest.raises(ex.UserError, match="--finetune_rates"):
+        prune_study.parse(["--out", "unused", "--finetune_rates", "1e-3,fast"])
+    with pytest.raises(ex.UserError, match="--finetune_rates"):
+        prune_study.parse(["--out", "unused", "--finetune_rates", "0,1e-3"])
+
+
 def test_the_prune_studys_search_notes_say_whether_ppos_episodes_still_improve():
     import prune_study
     args = prune_study.parse(["--smoke", "--out", "unused"])
