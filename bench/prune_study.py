@@ -331,6 +331,22 @@ def search_notes(panels: dict) -> list[str]:
     return lines
 
 
+def grid_lines(arms: dict) -> list[str]:
+    """The arms' full_val_loss at a glance: mean ± stderr over the source models, a row per kind of arm (its name
+    without the target), a column per FLOPs target (1: nothing pruned)."""
+    columns = ["1", *(f"{t:g}" for t in TARGETS)]
+    grid: dict = {}
+    for name, a in arms.items():
+        column = next((c for c in columns[1:] if f"_{c} " in f"{name} " or f"_{c}_" in name), "1")
+        mean, se = stats.mean_and_stderr(list(a.values.values())) if a.values else (None, None)
+        text = "–" if mean is None else f"{mean:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+        grid.setdefault(name.replace(f"_{column}", "", 1) if column != "1" else name, {})[column] = text
+    lines = ["full_val_loss by FLOPs target, mean ± stderr over the source models:", "",
+             "| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {row} | " + " | ".join(cells.get(c, "") for c in columns) + " |" for row, cells in grid.items()]
+    return lines + [""]
+
+
 def tuning_notes(args) -> list[str]:
     """The fine-tuning rate's sweep, where the summary holds its tuned arms."""
     if not (args.tuning and args.longest in args.lengths):
@@ -360,7 +376,7 @@ def summarise(s: Study, args, models: dict, pruned: dict, searches: dict) -> str
     interim = [] if complete else [f"**Interim**: only the {', '.join(map(str, args.lengths))}-step folders, Holm "
                                    f"over their tests alone; the {args.longest}-step folders are still to run.", ""]
     return study.write_summary(s.root, QUESTION, list(arms.values()), rows,
-                               notes=interim + tuning_notes(args) + search_notes(panels) + [""]
+                               notes=interim + grid_lines(arms) + tuning_notes(args) + search_notes(panels) + [""]
                                + metric_lines(pruned, models, args),
                                extra={"models": {seed: f"{run}#{i}" for seed, (run, i) in models.items()},
                                       "search_seeds": list(range(args.search_seeds)), "episodes": args.episodes,

@@ -410,6 +410,17 @@ def test_the_prune_studys_tuned_arms_fine_tune_at_the_swept_rate_and_are_charged
             "global_0.5 tuned @8 - global_0.5_scratch"} <= set(rows)
     assert "Fine-tuning rate of the tuned arms: 0.002 (the sweep's edge" in prune_study.tuning_notes(args)[0]
     assert prune_study.tuning_notes(prune_study.only(args, [4])) == []  # the interim has no tuned arms
+    # the grid: a row per kind of arm, its targets as columns
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in prune_study.grid_lines(arms)
+            if line.startswith("| ")]
+    grid = {row[0]: row[1:] for row in rows}
+    assert grid["arm"] == ["1", "0.75", "0.5", "0.3"]
+    assert all(" ± " in cell for cell in grid["rl @8"][1:]) and grid["rl @8"][0] == ""
+    assert [bool(cell) for cell in grid["rl tuned @8"]] == [False, False, True, False]
+    assert [bool(cell) for cell in grid["unpruned_finetuned tuned @8"]] == [True, False, False, False]
+    assert grid["global_scratch"][2] and grid["rl before fine-tuning"][3]
+    rl_half = list(arms["rl_0.5 @8"].values.values())
+    assert grid["rl @8"][2] == "{:.4f} ± {:.4f}".format(*stats.mean_and_stderr(rl_half))
     with pytest.raises(ex.UserError, match="--finetune_rates"):
         prune_study.parse(["--out", "unused", "--finetune_rates", "1e-3,fast"])
     with pytest.raises(ex.UserError, match="--finetune_rates"):
