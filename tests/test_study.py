@@ -382,14 +382,9 @@ def test_the_prune_studys_interim_summary_holds_the_shortest_fine_tuning_alone(t
     assert prune_study.folders(args)["long_4"][:2] == (("rl", "random_search"), 6)
 
 
-def test_the_prune_studys_tuned_arms_fine_tune_at_the_swept_rate_and_are_charged_the_sweep():
+def fake_prune_study_arms(args) -> dict:
+    """arms_of a whole smoke-sized study (3 models x 2 search seeds) whose folders hold fake numbers."""
     import prune_study
-    args = prune_study.parse(["--smoke", "--out", "unused"])  # lengths 4 and 8, two rates of the sweep
-    assert args.rates == [1e-3, 2e-3]
-    assert not [name for name in prune_study.folders(args) if name.startswith("tuned")]  # not before the sweep
-    args.tuning = {"model": "tuning_run", "rate": 2e-3, "loss_by_rate": {1e-3: 2.1, 2e-3: 2.0}, "steps": 100}
-    plan = prune_study.folders(args)
-    assert plan["tuned_8"][2][-2:] == ["--finetune_lr", 2e-3] and "tuned_4" not in plan
     rng = np.random.default_rng(0)
     keys = [f"{m}_{t:g}" for m in prune_study.METHODS for t in prune_study.TARGETS]
     at_half = [k for k in keys if k.endswith("_0.5")]
@@ -399,7 +394,26 @@ def test_the_prune_studys_tuned_arms_fine_tune_at_the_swept_rate_and_are_charged
             "tuned_8": at_half + ["unpruned_finetuned"]}
     pruned = {(name, seed, search_seed): fake_prune_folder(held[name], rng)
               for name in held for seed in (1337, 1338, 1339) for search_seed in (0, 1)}
-    arms = prune_study.arms_of(pruned, args)
+    return prune_study.arms_of(pruned, args)
+
+
+def tuned_smoke_args():
+    """The smoke study's arguments (lengths 4 and 8, two rates) once its rate sweep chose 2e-3."""
+    import prune_study
+    args = prune_study.parse(["--smoke", "--out", "unused"])
+    args.tuning = {"model": "tuning_run", "rate": 2e-3, "loss_by_rate": {1e-3: 2.1, 2e-3: 2.0}, "steps": 100}
+    return args
+
+
+def test_the_prune_studys_tuned_arms_fine_tune_at_the_swept_rate_and_are_charged_the_sweep():
+    import prune_study
+    untuned = prune_study.parse(["--smoke", "--out", "unused"])
+    assert untuned.rates == [1e-3, 2e-3]
+    assert not [name for name in prune_study.folders(untuned) if name.startswith("tuned")]  # not before the sweep
+    args = tuned_smoke_args()
+    plan = prune_study.folders(args)
+    assert plan["tuned_8"][2][-2:] == ["--finetune_lr", 2e-3] and "tuned_4" not in plan
+    arms = fake_prune_study_arms(args)
     # the sweep is charged to every tuned arm, on top of the arm's own search
     assert arms["rl_0.5 tuned @8"].extra_steps == 3 * 6 + 100 and arms["rl_0.5 @8"].extra_steps == 3 * 6
     assert "unpruned_finetuned tuned @8" in arms
@@ -410,21 +424,25 @@ def test_the_prune_studys_tuned_arms_fine_tune_at_the_swept_rate_and_are_charged
             "global_0.5 tuned @8 - global_0.5_scratch"} <= set(rows)
     assert "Fine-tuning rate of the tuned arms: 0.002 (the sweep's edge" in prune_study.tuning_notes(args)[0]
     assert prune_study.tuning_notes(prune_study.only(args, [4])) == []  # the interim has no tuned arms
-    # the grid: a row per kind of arm, its targets as columns
+    with pytest.raises(ex.UserError, match="--finetune_rates"):
+        prune_study.parse(["--out", "unused", "--finetune_rates", "1e-3,fast"])
+    with pytest.raises(ex.UserError, match="--finetune_rates"):
+        prune_study.parse(["--out", "unused", "--finetune_rates", "0,1e-3"])
+
+
+def test_the_prune_studys_grid_puts_each_kind_of_arm_on_a_row_and_each_target_in_a_column():
+    import prune_study
+    arms = fake_prune_study_arms(tuned_smoke_args())
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in prune_study.grid_lines(arms)
             if line.startswith("| ")]
     grid = {row[0]: row[1:] for row in rows}
-    assert grid["arm"] == ["1", "0.75", "0.5", "0.3"]
+    assert grid["arm"] == ["1", "0.75", "0.5", "0.3"]  # 1: nothing pruned
     assert all(" ± " in cell for cell in grid["rl @8"][1:]) and grid["rl @8"][0] == ""
     assert [bool(cell) for cell in grid["rl tuned @8"]] == [False, False, True, False]
     assert [bool(cell) for cell in grid["unpruned_finetuned tuned @8"]] == [True, False, False, False]
     assert grid["global_scratch"][2] and grid["rl before fine-tuning"][3]
     rl_half = list(arms["rl_0.5 @8"].values.values())
     assert grid["rl @8"][2] == "{:.4f} ± {:.4f}".format(*stats.mean_and_stderr(rl_half))
-    with pytest.raises(ex.UserError, match="--finetune_rates"):
-        prune_study.parse(["--out", "unused", "--finetune_rates", "1e-3,fast"])
-    with pytest.raises(ex.UserError, match="--finetune_rates"):
-        prune_study.parse(["--out", "unused", "--finetune_rates", "0,1e-3"])
 
 
 def test_the_prune_studys_search_notes_say_whether_ppos_episodes_still_improve():
