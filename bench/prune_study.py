@@ -102,6 +102,13 @@ def sources(s: Study, args) -> dict:
     return {seed: (folder, 0) for seed, (folder, _) in zip(held_out, trained)}
 
 
+def prune_folder(s: Study, name: str, run: Path, index: int, *flags) -> Path:
+    """The finished folder of one prune.py command on a source model (cached by its whole command; an interrupted
+    one continued with --resume), run beside the study's other jobs."""
+    return s.run_script(name, "prune.py", "--run", run, "--dataset", DATASET, "--seed", index, *flags,
+                        "--notes", "off", done="final_info.json", again=["--resume"], beside=True)
+
+
 def tune_finetune_rate(s: Study, args) -> dict:
     """The tuned arms' fine-tuning rate: global and uniform at the distill target fine-tuned for the longest
     length at each of args.rates, on a tuning model (the first search seed's: never a held-out one); the rate of
@@ -110,10 +117,8 @@ def tune_finetune_rate(s: Study, args) -> dict:
     target = f"{args.distill_target:g}"
 
     def prune(rate: float) -> dict:
-        folder = s.run_script(f"tune_{rate:g}", "prune.py", "--run", run, "--dataset", DATASET, "--seed", 0,
-                              "--method", "global,uniform", "--flops_target", target, "--finetune_iters",
-                              args.longest, "--finetune_lr", rate, "--notes", "off", done="final_info.json",
-                              again=["--resume"], beside=True)
+        folder = prune_folder(s, f"tune_{rate:g}", run, 0, "--method", "global,uniform", "--flops_target", target,
+                              "--finetune_iters", args.longest, "--finetune_lr", rate)
         return json.loads((folder / "final_info.json").read_text())
 
     finals = dict(zip(args.rates, s.side_by_side(prune, args.rates)))
@@ -155,10 +160,8 @@ def prune_all(s: Study, args, models: dict) -> tuple[dict, dict]:
     def prune(job) -> tuple[dict, dict]:
         name, (methods, episodes, flags), seed, search_seed = job
         run, index = models[seed]
-        folder = s.run_script(f"prune_{seed}_{search_seed}_{name}", "prune.py", "--run", run, "--dataset", DATASET,
-                              "--seed", index, "--method", ",".join(methods), "--episodes", episodes,
-                              "--search_seed", search_seed, *flags, "--notes", "off", done="final_info.json",
-                              again=["--resume"], beside=True)
+        folder = prune_folder(s, f"prune_{seed}_{search_seed}_{name}", run, index, "--method", ",".join(methods),
+                              "--episodes", episodes, "--search_seed", search_seed, *flags)
         return (json.loads((folder / "final_info.json").read_text()),
                 json.loads((folder / "run.json").read_text())["search"])
 
@@ -252,12 +255,16 @@ def present(entries: list, metric: str) -> list:
     return [number(e, metric) for e in entries if number(e, metric) is not None]
 
 
-def cell(entries: list, metric: str, digits: int) -> str:
-    values = present(entries, metric)
+def mean_text(values: list, digits: int = 4) -> str:
+    """'mean ± stderr' of values ('–' where there are none; the mean alone where there is one)."""
     if not values:
         return "–"
     mean, se = stats.mean_and_stderr(values)
     return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def cell(entries: list, metric: str, digits: int) -> str:
+    return mean_text(present(entries, metric), digits)
 
 
 def metric_lines(pruned: dict, models: dict, args) -> list[str]:
@@ -338,9 +345,8 @@ def grid_lines(arms: dict) -> list[str]:
     grid: dict = {}
     for name, a in arms.items():
         column = next((c for c in columns[1:] if f"_{c} " in f"{name} " or f"_{c}_" in name), "1")
-        mean, se = stats.mean_and_stderr(list(a.values.values())) if a.values else (None, None)
-        text = "–" if mean is None else f"{mean:.4f}" + (f" ± {se:.4f}" if se is not None else "")
-        grid.setdefault(name.replace(f"_{column}", "", 1) if column != "1" else name, {})[column] = text
+        row = name.replace(f"_{column}", "", 1) if column != "1" else name
+        grid.setdefault(row, {})[column] = mean_text(list(a.values.values()))
     lines = ["full_val_loss by FLOPs target, mean ± stderr over the source models:", "",
              "| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {row} | " + " | ".join(cells.get(c, "") for c in columns) + " |" for row, cells in grid.items()]
