@@ -109,6 +109,13 @@ def prune_folder(s: Study, name: str, run: Path, index: int, *flags) -> Path:
                         "--notes", "off", done="final_info.json", again=["--resume"], beside=True)
 
 
+def own_steps(final: dict, key: str) -> int:
+    """The optimizer steps behind one key of a prune folder beyond its source model's: a pruned or fine-tuned model's
+    steps_trained include its source's; a from-scratch model's are all its own."""
+    trained = number(final[key], "steps_trained") or 0
+    return trained if key.endswith("_scratch") else trained - number(final["unpruned"], "steps_trained")
+
+
 def tune_finetune_rate(s: Study, args) -> dict:
     """The tuned arms' fine-tuning rate: global and uniform at the distill target fine-tuned for the longest
     length at each of args.rates, on a tuning model (the first search seed's: never a held-out one); the rate of
@@ -124,9 +131,14 @@ def tune_finetune_rate(s: Study, args) -> dict:
     finals = dict(zip(args.rates, s.side_by_side(prune, args.rates)))
     loss = {rate: sum(number(f[f"{m}_{target}"], "full_val_loss") for m in ("global", "uniform")) / 2
             for rate, f in finals.items()}
-    steps = sum(number(f[key], "steps_trained") - number(f["unpruned"], "steps_trained")
-                for f in finals.values() for key in f if key != "unpruned")
+    steps = sum(own_steps(f, key) for f in finals.values() for key in f if key != "unpruned")
     return {"model": str(run), "rate": min(loss, key=loss.get), "loss_by_rate": loss, "steps": steps}
+
+
+def has_tuned_arms(args) -> bool:
+    """Whether these args hold the tuned_<longest> folders: once the rate's sweep has run, and where the longest
+    length is summarised (an interim summary has no tuned arms)."""
+    return bool(args.tuning) and args.longest in args.lengths
 
 
 def folders(args) -> dict:
@@ -145,7 +157,7 @@ def folders(args) -> dict:
         if iters == first and args.long_episodes:
             plan[f"long_{iters}"] = (METHODS[:2], args.long_episodes, ["--flops_target", target, "--finetune_iters",
                                                                        iters])
-        if iters == args.longest and args.tuning:
+        if iters == args.longest and has_tuned_arms(args):
             plan[f"tuned_{iters}"] = (METHODS, args.episodes, ["--flops_target", target, "--finetune_iters", iters,
                                                                "--finetune_lr", args.tuning["rate"]])
     return plan
@@ -184,8 +196,7 @@ def arm(name: str, pruned: dict, folder: str, key: str, metric: str = "full_val_
     for (name_, seed, _), final in pruned.items():
         if name_ == folder and key in final and number(final[key], metric) is not None:
             per_model.setdefault(seed, []).append(number(final[key], metric))
-            trained = number(final[key], "steps_trained") or 0  # a pruned model's include its source's
-            run_steps += trained if key.endswith("_scratch") else trained - number(final["unpruned"], "steps_trained")
+            run_steps += own_steps(final, key)
             extra_steps += math.ceil(number(final[key], "search_steps") or 0)
     values = {seed: sum(v) / len(v) for seed, v in per_model.items()}
     return Arm(name, seeds=sorted(values), values=values, run_steps=run_steps if charged else 0,
@@ -213,7 +224,7 @@ def arms_of(pruned: dict, args) -> dict:
             for suffix, metric in ((f" @{first}", "full_val_loss"), (BEFORE, "full_val_loss_before")):
                 name = f"{m}_{t} x{args.long_episodes}{suffix}"
                 arms[name] = arm(name, pruned, f"long_{first}", f"{m}_{t}", metric, charged=suffix != BEFORE)
-    if f"tuned_{longest}" in folders(args):  # fine-tuned at the tuned rate, its sweep charged to each
+    if has_tuned_arms(args):  # fine-tuned at the tuned rate, its sweep charged to each
         for key in ("unpruned_finetuned", *(f"{m}_{t}" for m in METHODS)):
             name = f"{key} tuned @{longest}"
             arms[name] = arm(name, pruned, f"tuned_{longest}", key, tuning_steps=args.tuning["steps"])
@@ -239,7 +250,7 @@ def comparisons(arms: dict, args) -> list[tuple[Arm, Arm]]:
                   (arms[f"{rl} @{first}"], arms[f"rl_{t} @{first}"]),
                   (arms[f"{rs} @{first}"], arms[f"random_search_{t} @{first}"]),
                   (arms[f"{rl} @{first}"], arms[f"global_{t} @{first}"])]
-    if f"tuned_{longest}" in folders(args):  # at the tuned rate: against the default's, each other, from scratch
+    if has_tuned_arms(args):  # at the tuned rate: against the default's, each other, from scratch
         tuned = {m: arms[f"{m}_{t} tuned @{longest}"] for m in METHODS}
         pairs += [(tuned[m], arms[f"{m}_{t} @{longest}"]) for m in METHODS]
         pairs += [(tuned[a], tuned[b]) for a, b in PAIRS]
@@ -355,7 +366,7 @@ def grid_lines(arms: dict) -> list[str]:
 
 def tuning_notes(args) -> list[str]:
     """The fine-tuning rate's sweep, where the summary holds its tuned arms."""
-    if not (args.tuning and args.longest in args.lengths):
+    if not has_tuned_arms(args):
         return []
     losses = ", ".join(f"{rate:g}: {loss:.4f}" for rate, loss in args.tuning["loss_by_rate"].items())
     rate = args.tuning["rate"]
